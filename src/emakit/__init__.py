@@ -1,0 +1,23 @@
+"""emakit: exponential moving averages of model weights for PyTorch training."""
+
+from emakit import functional
+from emakit.algorithms import EMA
+from emakit.core import Algorithm, Callback, Event, State
+from emakit.models import Classifier
+from emakit.time import Time, Timestamp, TimeUnit
+from emakit.trainer import Trainer
+
+__all__ = [
+    "EMA",
+    "Algorithm",
+    "Callback",
+    "Classifier",
+    "Event",
+    "State",
+    "Time",
+    "TimeUnit",
+    "Timestamp",
+    "Trainer",
+    "functional",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,257 @@
+"""EMA, the algorithm: when to start, update and swap an exponential moving average of the weights.
+
+Storage, arithmetic and swaps live in :class:`emakit.shadow.ShadowWeights`; this module only
+decides *when*. Each update event (a batch end for ``ba`` units, an epoch end for ``ep``)
+whose count is a multiple of ``update_interval`` and at or after ``ema_start``::
+
+    first event:  ema = param                                   (the average starts at the weights)
+    later events: ema = smoothing * ema + (1 - smoothing) * param
+                  smoothing = 2 ** (-(update_interval / half_life))
+
+With ``train_with_ema_weights=True`` the training weights are then set to ``ema``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from emakit.core.algorithm import Algorithm
+from emakit.core.event import Event
+from emakit.core.state import State
+from emakit.functional import check_smoothing, smoothing_from_half_life
+from emakit.loggers import Logger
+from emakit.shadow import ShadowWeights
+from emakit.time import Time, TimeUnit, as_time
+
+__all__ = ["EMA"]
+
+_STATE_VERSION = 1
+
+
+class _DefaultHalfLife(str):
+    """The default half-life: distinguishable from a half-life passed explicitly alongside ``smoothing``."""
+
+
+_DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
+
+
+class EMA(Algorithm):
+    """An exponential moving average of a model's weights, for evaluation with smoother metrics.
+
+    Args:
+        half_life: time for a term's weight in the average to halve, ``"Nba"`` or ``"Nep"``.
+        smoothing: the per-update factor instead of ``half_life``, in (0, 1).
+        ema_start: when the average starts (initialised from the weights at the first update
+            event at or after it); any unit, ``"0.3dur"`` meaning 30% of ``max_duration``.
+        update_interval: how often to update, in ``half_life``'s unit; default ``1`` of it
+            (``"1ba"`` with ``smoothing``).
+        train_with_ema_weights: after each update, set the training weights to the average.
+        ema_dtype: ``"auto"`` (fp32 average of bf16/fp16 weights), ``"same"``, or a dtype.
+        ema_device: where the average lives (``"cpu"`` offloads it); default: with the weights.
+
+    In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]``: it updates at batch (or
+    epoch) ends and evaluation uses the average. By hand, in any loop::
+
+        ema = EMA(half_life="100ba")
+        for x, y in loader:
+            loss_fn(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update(model)                 # once per optimizer step
+        with ema.ema_weights(model):          # model holds the average inside
+            evaluate(model)
+    """
+
+    def __init__(
+        self,
+        half_life: str | Time | None = _DEFAULT_HALF_LIFE,
+        smoothing: float | None = None,
+        ema_start: str | Time = "0.0dur",
+        update_interval: str | Time | None = None,
+        train_with_ema_weights: bool = False,
+        ema_dtype: str | torch.dtype = "auto",
+        ema_device: str | torch.device | None = None,
+    ) -> None:
+        if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
+            raise ValueError(
+                f"pass exactly one of half_life={half_life!r} and smoothing={smoothing!r}, not both"
+            )
+        if smoothing is None and half_life is None:
+            raise ValueError("pass one of half_life (e.g. '100ba') or smoothing (e.g. 0.999)")
+        if smoothing is not None:
+            interval = self._check_interval(update_interval if update_interval is not None else "1ba")
+            self.half_life = None
+            self.smoothing = check_smoothing(smoothing, low_inclusive=False, high_inclusive=False)
+        else:
+            self.half_life = as_time(half_life, name="half_life")
+            if self.half_life.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or self.half_life.value <= 0:
+                raise ValueError(f"half_life={half_life!r} must be > 0 and in 'ba' or 'ep', e.g. '100ba'")
+            interval = self._check_interval(
+                update_interval if update_interval is not None else Time(1, self.half_life.unit)
+            )
+            if interval.unit is not self.half_life.unit:
+                raise ValueError(
+                    f"update_interval={update_interval!r} and half_life={half_life!r} must share a unit"
+                )
+            self.smoothing = smoothing_from_half_life(self.half_life.value, interval.value)
+            if not 0 < self.smoothing < 1:
+                raise ValueError(
+                    f"update_interval={update_interval!r} over half_life={half_life!r} gives smoothing "
+                    f"{self.smoothing!r}, outside (0, 1)"
+                )
+        self.update_interval = interval
+        self.ema_start = as_time(ema_start, name="ema_start")
+        if not isinstance(train_with_ema_weights, bool):
+            raise ValueError(f"train_with_ema_weights={train_with_ema_weights!r} must be True or False")
+        self.train_with_ema_weights = train_with_ema_weights
+        self.shadow = ShadowWeights(ema_dtype=ema_dtype, ema_device=ema_device)
+        self.started = False
+        self.num_updates = 0  # update events applied, the starting one included
+        self.batches_seen = 0  # counted by update(model), in loops without a trainer
+
+    @staticmethod
+    def _check_interval(update_interval: str | Time) -> Time:
+        interval = as_time(update_interval, name="update_interval")
+        if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
+            raise ValueError(f"update_interval={update_interval!r} must be > 0 and in 'ba' or 'ep', e.g. '1ba'")
+        return interval
+
+    def __repr__(self) -> str:
+        rate = f"half_life='{self.half_life}'" if self.half_life is not None else f"smoothing={self.smoothing}"
+        return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
+
+    # ------------------------------------------------------------ the schedule
+    def _on_update_event(self, model: nn.Module, count: int, start_reached: bool) -> bool:
+        """Apply the update event number ``count`` (batches or epochs done); True when the average changed."""
+        if count % self.update_interval.value != 0 or not start_reached:
+            return False
+        if self.started:
+            self.shadow.update(model, 1.0 - self.smoothing)
+        else:
+            self.shadow.copy_from_model(model)
+            self.started = True
+        self.num_updates += 1
+        if self.train_with_ema_weights:
+            self.shadow.copy_to_model(model)
+        return True
+
+    def update(self, model: nn.Module) -> bool:
+        """Count one batch (one optimizer step) of ``model``; update the average when one is due.
+
+        Returns whether the average was updated. For loops without a trainer, where only
+        ``ba`` units are meaningful.
+        """
+        if self.update_interval.unit is not TimeUnit.BATCH:
+            raise ValueError(
+                f"update(model) counts batches, but update_interval is {self.update_interval}: "
+                "use 'ba' units by hand, or run the EMA in an emakit Trainer"
+            )
+        if self.ema_start.unit is not TimeUnit.BATCH and self.ema_start.value != 0:
+            raise ValueError(
+                f"ema_start='{self.ema_start}' needs a Trainer's clock; by hand use 'ba' units, e.g. '100ba'"
+            )
+        self.batches_seen += 1
+        return self._on_update_event(model, self.batches_seen, self.batches_seen >= self.ema_start.value)
+
+    # -------------------------------------------------------------- swapping
+    def _require_average(self) -> None:
+        if not self.started:
+            raise RuntimeError(
+                "the EMA has not started: no update event has reached ema_start "
+                f"('{self.ema_start}') yet, so there are no EMA weights"
+            )
+
+    def get_ema_model(self, model: nn.Module) -> nn.Module:
+        """Put the EMA weights into ``model`` (swapping, not copying, where dtypes agree) and return it."""
+        self._require_average()
+        if not self.shadow.swapped:
+            self.shadow.swap_in(model)
+        return model
+
+    def get_training_model(self, model: nn.Module) -> nn.Module:
+        """Put ``model``'s training weights back (bit for bit) and return it."""
+        if self.shadow.swapped:
+            self.shadow.swap_out(model)
+        return model
+
+    @contextlib.contextmanager
+    def ema_weights(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block ``model`` holds the EMA weights; on exit, even by exception, its own again.
+
+        Treat the weights as read-only inside: where dtypes agree the model's tensors *are*
+        the average there.
+        """
+        already_in = self.shadow.swapped
+        self.get_ema_model(model)
+        try:
+            yield model
+        finally:
+            if not already_in:
+                self.get_training_model(model)
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """A module of the model's type holding the EMA weights (shares their memory: no copy)."""
+        self._require_average()
+        model = self.shadow.attached_model()
+        if model is None:
+            raise RuntimeError("the EMA has not seen its model yet: call get_ema_model(model) instead")
+        return self.shadow.module(model)
+
+    # --------------------------------------------------------------- trainer
+    def match(self, event: Event, state: State) -> bool:
+        if event in (Event.EVAL_START, Event.EVAL_END):
+            return self.started
+        update_event = Event.BATCH_END if self.update_interval.unit is TimeUnit.BATCH else Event.EPOCH_END
+        return event in (update_event, Event.FIT_START)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event is Event.FIT_START:
+            self._check_start(state)
+        elif event is Event.EVAL_START:
+            self.get_ema_model(state.model)
+        elif event is Event.EVAL_END:
+            self.get_training_model(state.model)
+        else:
+            count = state.timestamp.get(self.update_interval.unit)
+            if self._on_update_event(state.model, count, state.reached(self.ema_start)):
+                logger.log_metrics({"ema/num_updates": self.num_updates})
+
+    def _check_start(self, state: State) -> None:
+        start, end = state.in_batches(self.ema_start), state.in_batches(state.max_duration)
+        if start is not None and end is not None and start > end:
+            warnings.warn(
+                f"EMA ema_start='{self.ema_start}' lies beyond max_duration='{state.max_duration}': "
+                "the average will never start",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "smoothing": self.smoothing,
+            "update_interval": str(self.update_interval),
+            "started": self.started,
+            "num_updates": self.num_updates,
+            "batches_seen": self.batches_seen,
+            "weights": self.shadow.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"EMA state has version {found!r}; this emakit reads version {_STATE_VERSION}")
+        missing = {"started", "num_updates", "batches_seen", "weights"} - state.keys()
+        if missing:
+            raise ValueError(f"EMA state lacks {sorted(missing)}")
+        self.shadow.load_state_dict(state["weights"])
+        self.started = bool(state["started"])
+        self.num_updates = int(state["num_updates"])
+        self.batches_seen = int(state["batches_seen"])

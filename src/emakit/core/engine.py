@@ -1,0 +1,38 @@
+"""The engine: at each event, run the matching algorithms, then every callback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from emakit.core.algorithm import Algorithm
+from emakit.core.callback import Callback
+from emakit.core.event import Event
+from emakit.core.state import State
+from emakit.loggers import Logger
+
+__all__ = ["Engine"]
+
+
+class Engine:
+    """Runs algorithms (in the order given, when they match) and then callbacks at each event."""
+
+    def __init__(
+        self, state: State, algorithms: Sequence[Algorithm], callbacks: Sequence[Callback], logger: Logger
+    ) -> None:
+        for algorithm in algorithms:
+            if not isinstance(algorithm, Algorithm):
+                raise ValueError(f"algorithms must be emakit.Algorithm instances, got {algorithm!r}")
+        for callback in callbacks:
+            if not isinstance(callback, Callback):
+                raise ValueError(f"callbacks must be emakit.Callback instances, got {callback!r}")
+        self.state = state
+        self.algorithms = list(algorithms)
+        self.callbacks = list(callbacks)
+        self.logger = logger
+
+    def run_event(self, event: Event) -> None:
+        for algorithm in self.algorithms:
+            if algorithm.match(event, self.state):
+                algorithm.apply(event, self.state, self.logger)
+        for callback in self.callbacks:
+            callback.run_event(event, self.state, self.logger)

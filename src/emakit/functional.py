@@ -1,0 +1,160 @@
+"""The EMA math as plain functions: the functional form of the algorithm.
+
+One EMA update, for every floating-point parameter and buffer::
+
+    ema = smoothing * ema + (1 - smoothing) * param   ==   ema.lerp_(param, 1 - smoothing)
+
+Integer buffers (BatchNorm's ``num_batches_tracked``) are copied, never averaged.
+
+Example, in any training loop::
+
+    ema_model = copy.deepcopy(model)
+    for x, y in loader:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        compute_ema(model, ema_model, smoothing=0.99)
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from emakit.tracked import describe_mismatch, is_averaged, structure_generation, tracked_tensors, unwrap
+
+__all__ = ["check_smoothing", "compute_ema", "smoothing_from_half_life"]
+
+
+def smoothing_from_half_life(half_life: float, update_interval: float = 1) -> float:
+    """The smoothing that halves a term's weight every ``half_life`` time, updating every ``update_interval``.
+
+    ``smoothing = 2 ** (-(update_interval / half_life))``, both in the same unit.
+
+    Example::
+
+        >>> smoothing_from_half_life(1)      # the weight of a term halves at every update
+        0.5
+        >>> smoothing_from_half_life(100)    # update every batch, half-life of 100 batches
+        0.9930924954370359
+    """
+    for name, value in (("half_life", half_life), ("update_interval", update_interval)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a finite number > 0")
+    return 2.0 ** (-(update_interval / half_life))
+
+
+def check_smoothing(smoothing: float, *, low_inclusive: bool = True, high_inclusive: bool = True) -> float:
+    """``smoothing`` as a float after checking that it lies in [0, 1] (or the open ends asked for)."""
+    low, high = ("[" if low_inclusive else "("), ("]" if high_inclusive else ")")
+    is_number = isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
+    if not is_number or math.isnan(smoothing):
+        raise ValueError(f"smoothing={smoothing!r} must be a number in {low}0, 1{high}")
+    inside = (0 <= smoothing if low_inclusive else 0 < smoothing) and (
+        smoothing <= 1 if high_inclusive else smoothing < 1
+    )
+    if not inside:
+        raise ValueError(f"smoothing={smoothing!r} must lie in {low}0, 1{high}")
+    return float(smoothing)
+
+
+@dataclass
+class _TensorPairs:
+    """EMA tensors and their sources that share (device, dtype) on both sides."""
+
+    ema: list[torch.Tensor] = field(default_factory=list)
+    source: list[torch.Tensor] = field(default_factory=list)
+
+    def source_unchanged(self) -> bool:
+        dtype, device = self.source[0].dtype, self.source[0].device
+        return all(t.dtype == dtype and t.device == device for t in self.source) and all(
+            t.dtype == self.ema[0].dtype and t.device == self.ema[0].device for t in self.ema
+        )
+
+    def source_like_ema(self) -> list[torch.Tensor]:
+        ema = self.ema[0]
+        if self.source[0].dtype == ema.dtype and self.source[0].device == ema.device:
+            return self.source
+        return [t.to(device=ema.device, dtype=ema.dtype) for t in self.source]
+
+
+@dataclass
+class _Plan:
+    """What one ``compute_ema(model, ema_model)`` call does, cached per ``ema_model``."""
+
+    model: weakref.ref
+    generation: int
+    averaged: list[_TensorPairs]
+    copied: list[_TensorPairs]
+
+    def still_valid(self, model: nn.Module) -> bool:
+        return (
+            self.model() is model
+            and self.generation == structure_generation()
+            and all(pairs.source_unchanged() for pairs in self.averaged + self.copied)
+        )
+
+
+_plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _make_plan(model: nn.Module, ema_model: nn.Module) -> _Plan:
+    generation = structure_generation()
+    sources = dict(tracked_tensors(unwrap(model)))
+    targets = dict(tracked_tensors(unwrap(ema_model)))
+    mismatch = describe_mismatch(targets, sources, "model") or describe_mismatch(sources, targets, "ema_model")
+    if mismatch is not None:
+        raise ValueError(f"compute_ema: model and ema_model differ in structure: {mismatch}")
+    groups: dict[tuple, _TensorPairs] = {}
+    for name, target in targets.items():
+        source = sources[name]
+        if is_averaged(target) != is_averaged(source):
+            raise ValueError(
+                f"compute_ema: tensor {name!r} is {source.dtype} in model but {target.dtype} in ema_model"
+            )
+        key = (is_averaged(target), target.device, target.dtype, source.device, source.dtype)
+        pairs = groups.setdefault(key, _TensorPairs())
+        pairs.ema.append(target)
+        pairs.source.append(source)
+    return _Plan(
+        model=weakref.ref(model),
+        generation=generation,
+        averaged=[pairs for key, pairs in groups.items() if key[0]],
+        copied=[pairs for key, pairs in groups.items() if not key[0]],
+    )
+
+
+@torch.no_grad()
+def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99) -> None:
+    """Update ``ema_model`` in place towards ``model``: ``ema = smoothing * ema + (1 - smoothing) * param``.
+
+    Applies to every floating-point parameter and buffer of ``ema_model``, matched to
+    ``model``'s by name; integer buffers are copied. ``smoothing=1`` leaves the average
+    unchanged, ``smoothing=0`` copies the model. The two models may differ in dtype or
+    device (an fp32 average of a bf16 model). Work is one ``torch._foreach_lerp_`` per
+    (device, dtype) group; the matching is cached and redone only when either model's
+    structure, dtypes or devices change.
+
+    Raises:
+        ValueError: ``smoothing`` outside [0, 1]; or the models differ in structure (the
+            message names the first missing or differently shaped tensor).
+
+    Example::
+
+        >>> model, ema_model = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> compute_ema(model, ema_model, smoothing=0.0)
+        >>> torch.equal(ema_model.weight, model.weight)
+        True
+    """
+    weight = 1.0 - check_smoothing(smoothing)
+    plan = _plans.get(ema_model)
+    if plan is None or not plan.still_valid(model):
+        plan = _plans[ema_model] = _make_plan(model, ema_model)
+    for pairs in plan.averaged:
+        torch._foreach_lerp_(pairs.ema, pairs.source_like_ema(), weight)
+    for pairs in plan.copied:
+        torch._foreach_copy_(pairs.ema, pairs.source)

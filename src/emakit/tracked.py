@@ -1,0 +1,90 @@
+"""Which tensors of a model an EMA tracks, by name, and a cheap signal that a model's structure changed.
+
+An EMA averages every floating-point parameter and buffer and copies every other buffer
+(BatchNorm's ``num_batches_tracked``). Tensors are named as in ``model.state_dict()``; a
+tensor shared by several modules (tied weights) is tracked once, under its first name.
+
+Python-level walks over a model cost more than averaging a model of many small tensors, so
+callers cache what they find here and re-walk only when :func:`structure_generation`
+changes: it counts every parameter, buffer and submodule registration in the process (a
+replaced ``Parameter``, ``load_state_dict(assign=True)``, a new layer).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["describe_mismatch", "is_averaged", "structure_generation", "tracked_tensors", "unwrap"]
+
+_generation = itertools.count()
+_current_generation = next(_generation)
+
+
+def _bump(*_args: object) -> None:
+    global _current_generation
+    _current_generation = next(_generation)
+
+
+nn.modules.module.register_module_parameter_registration_hook(_bump)
+nn.modules.module.register_module_buffer_registration_hook(_bump)
+nn.modules.module.register_module_module_registration_hook(_bump)
+
+
+def structure_generation() -> int:
+    """A number that changes whenever any module in the process registers a parameter, buffer or submodule."""
+    return _current_generation
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile`` and ``DistributedDataParallel`` wrappers.
+
+    Their names differ from the wrapped module's only by an ``_orig_mod.`` or ``module.``
+    prefix; averaging the wrapped module keeps the EMA's names those of the plain model.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def is_averaged(tensor: torch.Tensor) -> bool:
+    """Whether an EMA averages ``tensor`` (floating point or complex) or copies it (integer, bool)."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def tracked_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every parameter and buffer of ``model``, each tensor once.
+
+    Example::
+
+        >>> net = nn.BatchNorm1d(3)
+        >>> [name for name, _ in tracked_tensors(net)]
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+    """
+    seen: set[int] = set()
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield name, tensor
+
+
+def describe_mismatch(
+    expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], what: str
+) -> str | None:
+    """The first difference of names or shapes between two name->tensor maps, or None when they match."""
+    for name, tensor in expected.items():
+        if name not in actual:
+            return f"{what} has no tensor {name!r}"
+        if actual[name].shape != tensor.shape:
+            return f"tensor {name!r} has shape {tuple(actual[name].shape)} in {what}, expected {tuple(tensor.shape)}"
+    for name in actual:
+        if name not in expected:
+            return f"{what} has an unexpected tensor {name!r}"
+    return None

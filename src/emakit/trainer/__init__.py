@@ -1,0 +1,5 @@
+"""The trainer and its checkpoint files."""
+
+from emakit.trainer.trainer import Trainer
+
+__all__ = ["Trainer"]

@@ -1,0 +1,80 @@
+"""Checkpoint files: written atomically, read without running code.
+
+A checkpoint is a dict of tensors and plain Python values saved with ``torch.save``; it is
+read with ``torch.load(weights_only=True)``, which refuses anything that would execute code
+while unpickling. Writes go to a temporary file in the same folder, are flushed to disk,
+and are then renamed into place, so a crash never leaves a partial file under a
+checkpoint's name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FORMAT_VERSION", "checkpoint_name", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
+
+
+def checkpoint_name(epoch: int, batch: int) -> str:
+    """The file name of the checkpoint taken after ``epoch`` epochs and ``batch`` batches."""
+    return f"ep{epoch}-ba{batch}.pt"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("wb") as file:
+            torch.save({"format_version": FORMAT_VERSION, **state}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, refusing pickled code and unknown formats."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was refused: it holds objects other than tensors and plain values "
+            f"(loading it could run code): {str(error).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt: {error}") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format version {version!r}; this emakit reads version {FORMAT_VERSION}"
+        )
+    return state
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint in ``folder`` taken after the most batches, or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(2)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return max(found)[1] if found else None

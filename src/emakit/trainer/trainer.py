@@ -1,0 +1,405 @@
+"""A small event-driven trainer: it runs the loop and fires events; algorithms and callbacks do the rest.
+
+The trainer knows nothing of EMA. An :class:`~emakit.EMA` in ``algorithms`` updates itself at
+batch or epoch ends and swaps its weights in for evaluation through the events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import RandomSampler
+from tqdm.auto import tqdm
+
+from emakit.core import Algorithm, Callback, Engine, Event, State
+from emakit.loggers import Logger, LoggerDestination
+from emakit.time import Time, TimeUnit, as_time
+from emakit.trainer.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["Trainer"]
+
+_PRECISIONS = ("fp32", "amp_bf16")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_size(next(iter(batch.values())))
+    raise ValueError(f"cannot tell the number of samples in a batch of type {type(batch).__name__}")
+
+
+def _interval(value: str | int | Time, name: str) -> Time:
+    interval = as_time(value, name=name, int_unit=TimeUnit.EPOCH)
+    if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
+        raise ValueError(f"{name}={value!r} must be > 0 and in 'ba' or 'ep', e.g. '1ep' or '100ba'")
+    return interval
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_dataloader`` for ``max_duration``, firing events for algorithms and callbacks.
+
+    Args:
+        model: an ``nn.Module`` with ``loss(outputs, batch)`` (and optionally ``metrics``), such
+            as :class:`~emakit.Classifier`; ``model(batch)`` gives the outputs.
+        train_dataloader: an iterable of batches, usually a ``DataLoader``.
+        max_duration: when to stop: ``"10ep"``, ``"500ba"``, ``"1e5sp"``, ``"1e6tok"``, or an int of epochs.
+        eval_dataloader: batches for :meth:`eval`, run every ``eval_interval`` and at the end.
+        optimizers: one optimizer or a list (default: SGD with lr 0.1), stepped every batch.
+        schedulers: LR schedulers, stepped after every optimizer step.
+        algorithms, callbacks, loggers: see :class:`~emakit.Algorithm`, :class:`~emakit.Callback`,
+            :mod:`emakit.loggers`. At each event algorithms run first, then callbacks.
+        eval_interval: ``"1ep"``, ``"100ba"``, or an int of epochs.
+        device: default CUDA when available, else CPU.
+        precision: ``"fp32"`` or ``"amp_bf16"`` (autocast to bfloat16 for forward and loss).
+        seed: seeds Python, NumPy and torch, and the shuffling order of each epoch.
+        save_folder, save_interval: write a checkpoint every ``save_interval`` (``"1ep"``, ``"5ba"``).
+        load_path: a checkpoint to resume from.
+        autoresume: resume from the newest checkpoint in ``save_folder`` when there is one.
+        progress_bar: a tqdm bar while training, shown only on a terminal.
+
+    Example::
+
+        trainer = Trainer(model=Classifier(net), train_dataloader=train, eval_dataloader=test,
+                          max_duration="5ep", algorithms=[EMA(half_life="50ba")])
+        trainer.fit()
+        print(trainer.eval())        # metrics of the EMA weights
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataloader: Iterable,
+        max_duration: str | int | Time,
+        eval_dataloader: Iterable | None = None,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        schedulers: Any | Sequence[Any] | None = None,
+        algorithms: Sequence[Algorithm] = (),
+        callbacks: Sequence[Callback] = (),
+        loggers: Sequence[LoggerDestination] = (),
+        eval_interval: str | int | Time = "1ep",
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        seed: int | None = None,
+        save_folder: str | os.PathLike | None = None,
+        save_interval: str | int | Time = "1ep",
+        load_path: str | os.PathLike | None = None,
+        autoresume: bool = False,
+        progress_bar: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module) or not callable(getattr(model, "loss", None)):
+            raise ValueError(
+                f"model must be an nn.Module with a loss(outputs, batch) method, got {type(model).__name__}; "
+                "wrap a plain module as emakit.Classifier(module)"
+            )
+        if not isinstance(train_dataloader, Iterable):
+            raise ValueError(f"train_dataloader must be iterable, got {type(train_dataloader).__name__}")
+        duration = as_time(max_duration, name="max_duration", int_unit=TimeUnit.EPOCH)
+        if duration.unit is TimeUnit.DURATION or duration.value <= 0:
+            raise ValueError(f"max_duration={max_duration!r} must be > 0 in 'ba', 'ep', 'sp' or 'tok'")
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not supported: use one of {_PRECISIONS}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed={seed!r} must be a non-negative int")
+        if autoresume and save_folder is None:
+            raise ValueError("autoresume=True needs a save_folder to look for checkpoints in")
+        self.eval_interval = _interval(eval_interval, "eval_interval")
+        self.save_interval = _interval(save_interval, "save_interval")
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        _seed_everything(self.seed)
+
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
+        if optimizers is None:
+            optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
+        elif isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        if schedulers is None:
+            schedulers = []
+        elif not isinstance(schedulers, (list, tuple)):
+            schedulers = [schedulers]
+        try:
+            batches_per_epoch = len(train_dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            batches_per_epoch = None
+        if batches_per_epoch == 0:
+            raise ValueError("train_dataloader yields no batches")
+
+        self.train_dataloader = train_dataloader
+        self.eval_dataloader = eval_dataloader
+        self.save_folder = Path(save_folder) if save_folder is not None else None
+        self.load_path = Path(load_path) if load_path is not None else None
+        self.autoresume = autoresume
+        self.progress_bar = progress_bar
+        self.state = State(
+            model=model,
+            max_duration=duration,
+            optimizers=list(optimizers),
+            schedulers=list(schedulers),
+            batches_per_epoch=batches_per_epoch,
+            device=device,
+            precision=precision,
+        )
+        self.logger = Logger(loggers, self.state.timestamp)
+        self.engine = Engine(self.state, algorithms, callbacks, self.logger)
+        self._epoch_rng: torch.Tensor | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self.engine.run_event(Event.INIT)
+
+    # ---------------------------------------------------------------- training
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.state.precision == "amp_bf16":
+            return torch.autocast(self.state.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def fit(self) -> None:
+        """Train until ``max_duration``, evaluating every ``eval_interval`` and once more at the end."""
+        self._resume()
+        state, run = self.state, self.engine.run_event
+        run(Event.FIT_START)
+        while not state.is_done():
+            self._train_epoch()
+        if self.eval_dataloader is not None and (
+            not state.eval_history or state.eval_history[-1]["batch"] != state.timestamp.batch
+        ):
+            self.eval()
+        run(Event.FIT_END)
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """This epoch's batches, in an order fixed by (seed, epoch), after those already trained on."""
+        timestamp = self.state.timestamp
+        sampler = getattr(self.train_dataloader, "sampler", None)
+        if isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + timestamp.epoch)
+        if self._epoch_rng is not None and self._resume_rng is not None:
+            torch.set_rng_state(self._epoch_rng)  # as when this epoch's iterator was first made
+        else:
+            self._epoch_rng = torch.get_rng_state()
+        batches = iter(self.train_dataloader)
+        for _ in range(timestamp.batch_in_epoch):  # resuming mid-epoch: pass over what was trained on
+            next(batches)
+        if self._resume_rng is not None:
+            _set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        return batches
+
+    def _train_epoch(self) -> None:
+        state, run = self.state, self.engine.run_event
+        timestamp = state.timestamp
+        if timestamp.batch_in_epoch == 0:
+            run(Event.EPOCH_START)
+        show = self.progress_bar and sys.stderr.isatty()
+        with tqdm(
+            total=state.batches_per_epoch, initial=timestamp.batch_in_epoch, disable=not show,
+            desc=f"epoch {timestamp.epoch}", leave=False,
+        ) as bar:
+            for batch in self._epoch_batches():
+                loss = self._train_batch(batch)
+                bar.update(1)
+                if show:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if state.is_done() and timestamp.batch_in_epoch != state.batches_per_epoch:
+                    return
+        if timestamp.batch_in_epoch == 0:
+            raise ValueError("train_dataloader yielded no batches in an epoch")
+        timestamp.epoch += 1
+        timestamp.batch_in_epoch = 0
+        run(Event.EPOCH_END)
+        if self.eval_interval.unit is TimeUnit.EPOCH and timestamp.epoch % self.eval_interval.value == 0:
+            self._eval_if_possible()
+        run(Event.EPOCH_CHECKPOINT)
+        if self.save_interval.unit is TimeUnit.EPOCH and timestamp.epoch % self.save_interval.value == 0:
+            self.save_checkpoint()
+
+    def _train_batch(self, batch: Any) -> float:
+        state, run = self.state, self.engine.run_event
+        state.batch = _to_device(batch, state.device)
+        run(Event.BATCH_START)
+        with self._autocast():
+            state.outputs = state.model(state.batch)
+            run(Event.AFTER_FORWARD)
+            state.loss = state.model.loss(state.outputs, state.batch)
+            run(Event.AFTER_LOSS)
+        state.loss.backward()
+        run(Event.AFTER_BACKWARD)
+        for optimizer in state.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for scheduler in state.schedulers:
+            scheduler.step()
+        loss = float(state.loss.detach())
+        timestamp = state.timestamp
+        timestamp.batch += 1
+        timestamp.batch_in_epoch += 1
+        timestamp.sample += _batch_size(state.batch)
+        num_tokens = getattr(state.model, "num_tokens", None)
+        timestamp.token += int(num_tokens(state.batch)) if callable(num_tokens) else 0
+        self.logger.log_metrics({"loss/train": loss})
+        run(Event.BATCH_END)
+        if self.eval_interval.unit is TimeUnit.BATCH and timestamp.batch % self.eval_interval.value == 0:
+            self._eval_if_possible()
+        run(Event.BATCH_CHECKPOINT)
+        if self.save_interval.unit is TimeUnit.BATCH and timestamp.batch % self.save_interval.value == 0:
+            self.save_checkpoint()
+        state.batch = state.outputs = state.loss = None
+        return loss
+
+    # -------------------------------------------------------------- evaluation
+    def _eval_if_possible(self) -> None:
+        if self.eval_dataloader is not None:
+            self.eval()
+
+    @torch.no_grad()
+    def eval(self, dataloader: Iterable | None = None) -> dict[str, float]:
+        """Metrics over ``dataloader`` (default: ``eval_dataloader``): loss and the model's metrics.
+
+        With an EMA among the algorithms, these are the EMA weights' metrics; the training
+        weights are back when this returns, also if evaluation raises.
+        """
+        dataloader = dataloader if dataloader is not None else self.eval_dataloader
+        if dataloader is None:
+            raise ValueError("no eval_dataloader: pass one to Trainer(...) or to eval(dataloader)")
+        state, run = self.state, self.engine.run_event
+        model = state.model
+        was_training = model.training
+        model.eval()
+        run(Event.EVAL_START)
+        try:
+            totals: dict[str, list[float]] = {}
+            for batch in dataloader:
+                batch = _to_device(batch, state.device)
+                with self._autocast():
+                    outputs = model(batch)
+                    count = _batch_size(batch)
+                    sums = {"loss": (model.loss(outputs, batch) * count, count)}
+                    metrics = getattr(model, "metrics", None)
+                    if callable(metrics):
+                        sums.update(metrics(outputs, batch))
+                for name, (total, n) in sums.items():
+                    entry = totals.setdefault(name, [0.0, 0])
+                    entry[0] += float(total)
+                    entry[1] += int(n)
+                state.batch, state.outputs = batch, outputs
+                run(Event.EVAL_BATCH_END)
+            if not totals:
+                raise ValueError("the eval dataloader yielded no batches")
+            state.eval_metrics = {name: total / max(n, 1) for name, (total, n) in totals.items()}
+        except BaseException:
+            run(Event.EVAL_END)
+            model.train(was_training)
+            raise
+        state.batch = state.outputs = None
+        timestamp = state.timestamp
+        state.eval_history.append({"batch": timestamp.batch, "epoch": timestamp.epoch, **state.eval_metrics})
+        self.logger.log_metrics({f"eval/{k}": v for k, v in state.eval_metrics.items()})
+        run(Event.EVAL_END)
+        model.train(was_training)
+        return dict(state.eval_metrics)
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly (training weights, never swapped-in EMA weights)."""
+        state = self.state
+        return {
+            "model": state.model.state_dict(),
+            "optimizers": [o.state_dict() for o in state.optimizers],
+            "schedulers": [s.state_dict() for s in state.schedulers],
+            "algorithms": [a.state_dict() for a in self.engine.algorithms],
+            "callbacks": [c.state_dict() for c in self.engine.callbacks],
+            "timestamp": state.timestamp.state_dict(),
+            "eval_history": list(state.eval_history),
+            "seed": self.seed,
+            "rng": _rng_state(),
+            "epoch_rng": self._epoch_rng,
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        state = self.state
+        for key, items in (("optimizers", state.optimizers), ("schedulers", state.schedulers),
+                           ("algorithms", self.engine.algorithms), ("callbacks", self.engine.callbacks)):
+            if len(checkpoint[key]) != len(items):
+                raise ValueError(f"the checkpoint has {len(checkpoint[key])} {key}, this trainer {len(items)}")
+        state.model.load_state_dict(checkpoint["model"])
+        for item, saved in zip(state.optimizers + state.schedulers + self.engine.algorithms + self.engine.callbacks,
+                               checkpoint["optimizers"] + checkpoint["schedulers"] + checkpoint["algorithms"]
+                               + checkpoint["callbacks"]):
+            item.load_state_dict(saved)
+        state.timestamp.load_state_dict(checkpoint["timestamp"])
+        state.eval_history = list(checkpoint["eval_history"])
+        self.seed = int(checkpoint["seed"])
+        self._epoch_rng = checkpoint["epoch_rng"]
+        self._resume_rng = checkpoint["rng"]
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint to ``save_folder`` (none without one); returns its path."""
+        if self.save_folder is None:
+            return None
+        timestamp = self.state.timestamp
+        path = self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch)
+        return save_checkpoint(path, self.state_dict())
+
+    def _resume(self) -> None:
+        path = self.load_path
+        if self.autoresume and self.save_folder is not None:
+            path = latest_checkpoint(self.save_folder) or path
+        if path is None:
+            return
+        checkpoint = load_checkpoint(path)
+        try:
+            self.load_state_dict(checkpoint)
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {error}") from error
+        self.load_path, self.autoresume = None, False
