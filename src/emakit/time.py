@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import math
 import re
+from fractions import Fraction
 
 __all__ = ["Time", "TimeUnit", "Timestamp", "as_time"]
 
@@ -62,7 +63,9 @@ class Time:
             unit = TimeUnit(unit)
         except ValueError:
             raise ValueError(f"unknown time unit {unit!r}: allowed units are {_ALLOWED}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"time value {value!r} must be a number")
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"time value {value!r} must be a finite number")
         if value < 0:
             raise ValueError(f"time value {value!r}{unit.value} must not be negative")
@@ -71,7 +74,7 @@ class Time:
                 raise ValueError(f"time value {value!r}dur must lie in [0, 1] (a fraction of max_duration)")
             value = float(value)
         else:
-            if not float(value).is_integer():
+            if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"time value {value!r}{unit.value} must be a whole number of '{unit.value}'")
             value = int(value)
         object.__setattr__(self, "value", value)
@@ -86,7 +89,9 @@ class Time:
                 the value is not allowed for the unit (fractional batches, ``dur`` above 1).
         """
         if not isinstance(timestring, str):
-            raise ValueError(f"time string must be a str such as '50ba', got {timestring!r}")
+            raise ValueError(
+                f"time string must be a str such as '50ba' (units {_ALLOWED}), got {timestring!r}"
+            )
         match = _TIMESTRING.match(timestring)
         if match is None or match.group(2) not in {u.value for u in TimeUnit}:
             raise ValueError(
@@ -94,10 +99,13 @@ class Time:
                 f"{_ALLOWED}, e.g. '50ba', '1ep', '0.5dur'"
             )
         number, unit = match.groups()
+        exact = Fraction(number)  # exact for '9007199254740993tok' and '3e4tok' alike
+        whole = exact.denominator == 1 and unit != TimeUnit.DURATION.value
+        value = int(exact) if whole else float(number)
         try:
-            return cls(float(number), unit)
+            return cls(value, unit)
         except ValueError as error:
-            raise ValueError(f"invalid time string {timestring!r}: {error}") from None
+            raise ValueError(f"invalid time string {timestring!r} (units {_ALLOWED}): {error}") from None
 
     def __repr__(self) -> str:
         return f"Time({self.value!r}, {self.unit!r})"
@@ -137,7 +145,10 @@ def as_time(value: str | int | Time, *, name: str, int_unit: TimeUnit | None = N
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
     if int_unit is not None and isinstance(value, int) and not isinstance(value, bool):
-        return Time(value, int_unit)
+        try:
+            return Time(value, int_unit)
+        except ValueError as error:
+            raise ValueError(f"{name}={value!r}: {error}") from None
     allowed = "a time string such as '50ba' or a Time" + (f", or an int of '{int_unit.value}'" if int_unit else "")
     raise ValueError(f"{name}={value!r} is not a time: expected {allowed}")
 

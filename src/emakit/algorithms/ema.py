@@ -156,8 +156,15 @@ class EMA(Algorithm):
             raise ValueError(
                 f"ema_start='{self.ema_start}' needs a Trainer's clock; by hand use 'ba' units, e.g. '100ba'"
             )
-        self.batches_seen += 1
-        return self._on_update_event(model, self.batches_seen, self.batches_seen >= self.ema_start.value)
+        if self.shadow.swapped:
+            raise RuntimeError(
+                "cannot update the EMA: its weights are swapped into the model; "
+                "leave ema_weights(...) or call get_training_model(model) first"
+            )
+        count = self.batches_seen + 1
+        updated = self._on_update_event(model, count, count >= self.ema_start.value)
+        self.batches_seen = count  # counted only once the update event went through
+        return updated
 
     # -------------------------------------------------------------- swapping
     def _require_average(self) -> None:

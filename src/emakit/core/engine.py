@@ -19,16 +19,21 @@ class Engine:
     def __init__(
         self, state: State, algorithms: Sequence[Algorithm], callbacks: Sequence[Callback], logger: Logger
     ) -> None:
+        self.check(algorithms, callbacks)
+        self.state = state
+        self.algorithms = list(algorithms)
+        self.callbacks = list(callbacks)
+        self.logger = logger
+
+    @staticmethod
+    def check(algorithms: Sequence[Algorithm], callbacks: Sequence[Callback]) -> None:
+        """Raise ValueError naming the first entry that is not an Algorithm (or Callback)."""
         for algorithm in algorithms:
             if not isinstance(algorithm, Algorithm):
                 raise ValueError(f"algorithms must be emakit.Algorithm instances, got {algorithm!r}")
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise ValueError(f"callbacks must be emakit.Callback instances, got {callback!r}")
-        self.state = state
-        self.algorithms = list(algorithms)
-        self.callbacks = list(callbacks)
-        self.logger = logger
 
     def run_event(self, event: Event) -> None:
         for algorithm in self.algorithms:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from emakit.core import Algorithm, Callback, Engine, Event, State
 from emakit.loggers import Logger, LoggerDestination
-from emakit.time import Time, TimeUnit, as_time
+from emakit.time import Time, Timestamp, TimeUnit, as_time
 from emakit.trainer.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["Trainer"]
@@ -158,10 +158,23 @@ class Trainer:
             raise ValueError("autoresume=True needs a save_folder to look for checkpoints in")
         self.eval_interval = _interval(eval_interval, "eval_interval")
         self.save_interval = _interval(save_interval, "save_interval")
+        Engine.check(algorithms, callbacks)
+        timestamp = Timestamp()
+        self.logger = Logger(loggers, timestamp)
+        try:
+            batches_per_epoch = len(train_dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            batches_per_epoch = None
+        if batches_per_epoch == 0:
+            raise ValueError("train_dataloader yields no batches")
+        try:
+            device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as error:
+            raise ValueError(f"device={device!r} is not a torch device: {error}") from None
+
+        # Every argument is valid: from here on the trainer changes things.
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         _seed_everything(self.seed)
-
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device)
         if optimizers is None:
             optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
@@ -171,13 +184,6 @@ class Trainer:
             schedulers = []
         elif not isinstance(schedulers, (list, tuple)):
             schedulers = [schedulers]
-        try:
-            batches_per_epoch = len(train_dataloader)  # type: ignore[arg-type]
-        except TypeError:
-            batches_per_epoch = None
-        if batches_per_epoch == 0:
-            raise ValueError("train_dataloader yields no batches")
-
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
         self.save_folder = Path(save_folder) if save_folder is not None else None
@@ -192,8 +198,8 @@ class Trainer:
             batches_per_epoch=batches_per_epoch,
             device=device,
             precision=precision,
+            timestamp=timestamp,
         )
-        self.logger = Logger(loggers, self.state.timestamp)
         self.engine = Engine(self.state, algorithms, callbacks, self.logger)
         self._epoch_rng: torch.Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None
