@@ -17,7 +17,11 @@ def make_model() -> nn.Module:
 def perturb(model: nn.Module, step: int) -> None:
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
-            p.add_(torch.sin(torch.arange(p.numel(), dtype=torch.float64) + 7 * step + i).reshape(p.shape).to(p.dtype))
+            p.add_(
+                torch.sin(torch.arange(p.numel(), dtype=torch.float64) + 7 * step + i)
+                .reshape(p.shape)
+                .to(p.dtype)
+            )
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -276,3 +280,14 @@ def test_compiled_model_is_averaged_under_its_plain_names():
     optimizer.step()
     shadow.update(compiled, 1.0)
     assert torch.equal(shadow.state_dict()["0.weight"], model[0].weight.detach())
+
+
+def test_async_update_without_cuda_warns_and_updates_synchronously():
+    model = make_model()
+    shadow = ShadowWeights(async_update=True)
+    shadow.copy_from_model(model)
+    perturb(model, 1)
+    with pytest.warns(UserWarning, match="async_update=True needs a model on one CUDA device"):
+        shadow.update(model, 1.0)
+    assert torch.equal(shadow.state_dict()["0.weight"], model[0].weight.detach())
+    assert shadow.async_update is False

@@ -43,7 +43,12 @@ def smoothing_from_half_life(half_life: float, update_interval: float = 1) -> fl
         0.9930924954370359
     """
     for name, value in (("half_life", half_life), ("update_interval", update_interval)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             raise ValueError(f"{name}={value!r} must be a finite number > 0")
     return 2.0 ** (-(update_interval / half_life))
 
@@ -54,9 +59,9 @@ def check_smoothing(smoothing: float, *, low_inclusive: bool = True, high_inclus
     is_number = isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
     if not is_number or math.isnan(smoothing):
         raise ValueError(f"smoothing={smoothing!r} must be a number in {low}0, 1{high}")
-    inside = (0 <= smoothing if low_inclusive else 0 < smoothing) and (
-        smoothing <= 1 if high_inclusive else smoothing < 1
-    )
+    above_low = smoothing >= 0 if low_inclusive else smoothing > 0
+    below_high = smoothing <= 1 if high_inclusive else smoothing < 1
+    inside = above_low and below_high
     if not inside:
         raise ValueError(f"smoothing={smoothing!r} must lie in {low}0, 1{high}")
     return float(smoothing)
@@ -106,7 +111,9 @@ def _make_plan(model: nn.Module, ema_model: nn.Module) -> _Plan:
     generation = structure_generation()
     sources = dict(tracked_tensors(unwrap(model)))
     targets = dict(tracked_tensors(unwrap(ema_model)))
-    mismatch = describe_mismatch(targets, sources, "model") or describe_mismatch(sources, targets, "ema_model")
+    mismatch = describe_mismatch(targets, sources, "model") or describe_mismatch(
+        sources, targets, "ema_model"
+    )
     if mismatch is not None:
         raise ValueError(f"compute_ema: model and ema_model differ in structure: {mismatch}")
     groups: dict[tuple, _TensorPairs] = {}

@@ -149,7 +149,9 @@ def as_time(value: str | int | Time, *, name: str, int_unit: TimeUnit | None = N
             return Time(value, int_unit)
         except ValueError as error:
             raise ValueError(f"{name}={value!r}: {error}") from None
-    allowed = "a time string such as '50ba' or a Time" + (f", or an int of '{int_unit.value}'" if int_unit else "")
+    allowed = "a time string such as '50ba' or a Time" + (
+        f", or an int of '{int_unit.value}'" if int_unit else ""
+    )
     raise ValueError(f"{name}={value!r} is not a time: expected {allowed}")
 
 

@@ -54,6 +54,8 @@ class EMA(Algorithm):
         train_with_ema_weights: after each update, set the training weights to the average.
         ema_dtype: ``"auto"`` (fp32 average of bf16/fp16 weights), ``"same"``, or a dtype.
         ema_device: where the average lives (``"cpu"`` offloads it); default: with the weights.
+        async_update: on CUDA, run updates on a side stream, overlapping the next forward pass
+            (ordered before the next optimizer step and before any swap or state read).
 
     In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]``: it updates at batch (or
     epoch) ends and evaluation uses the average. By hand, in any loop::
@@ -77,6 +79,7 @@ class EMA(Algorithm):
         train_with_ema_weights: bool = False,
         ema_dtype: str | torch.dtype = "auto",
         ema_device: str | torch.device | None = None,
+        async_update: bool = False,
     ) -> None:
         if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
             raise ValueError(
@@ -110,7 +113,7 @@ class EMA(Algorithm):
         if not isinstance(train_with_ema_weights, bool):
             raise ValueError(f"train_with_ema_weights={train_with_ema_weights!r} must be True or False")
         self.train_with_ema_weights = train_with_ema_weights
-        self.shadow = ShadowWeights(ema_dtype=ema_dtype, ema_device=ema_device)
+        self.shadow = ShadowWeights(ema_dtype=ema_dtype, ema_device=ema_device, async_update=async_update)
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
@@ -119,11 +122,15 @@ class EMA(Algorithm):
     def _check_interval(update_interval: str | Time) -> Time:
         interval = as_time(update_interval, name="update_interval")
         if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
-            raise ValueError(f"update_interval={update_interval!r} must be > 0 and in 'ba' or 'ep', e.g. '1ba'")
+            raise ValueError(
+                f"update_interval={update_interval!r} must be > 0 and in 'ba' or 'ep', e.g. '1ba'"
+            )
         return interval
 
     def __repr__(self) -> str:
-        rate = f"half_life='{self.half_life}'" if self.half_life is not None else f"smoothing={self.smoothing}"
+        rate = (
+            f"half_life='{self.half_life}'" if self.half_life is not None else f"smoothing={self.smoothing}"
+        )
         return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
 
     # ------------------------------------------------------------ the schedule

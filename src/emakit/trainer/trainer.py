@@ -168,7 +168,9 @@ class Trainer:
         if batches_per_epoch == 0:
             raise ValueError("train_dataloader yields no batches")
         try:
-            device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = torch.device(
+                device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+            )
         except RuntimeError as error:
             raise ValueError(f"device={device!r} is not a torch device: {error}") from None
 
@@ -249,8 +251,11 @@ class Trainer:
             run(Event.EPOCH_START)
         show = self.progress_bar and sys.stderr.isatty()
         with tqdm(
-            total=state.batches_per_epoch, initial=timestamp.batch_in_epoch, disable=not show,
-            desc=f"epoch {timestamp.epoch}", leave=False,
+            total=state.batches_per_epoch,
+            initial=timestamp.batch_in_epoch,
+            disable=not show,
+            desc=f"epoch {timestamp.epoch}",
+            leave=False,
         ) as bar:
             for batch in self._epoch_batches():
                 loss = self._train_batch(batch)
@@ -374,14 +379,24 @@ class Trainer:
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         state = self.state
-        for key, items in (("optimizers", state.optimizers), ("schedulers", state.schedulers),
-                           ("algorithms", self.engine.algorithms), ("callbacks", self.engine.callbacks)):
+        for key, items in (
+            ("optimizers", state.optimizers),
+            ("schedulers", state.schedulers),
+            ("algorithms", self.engine.algorithms),
+            ("callbacks", self.engine.callbacks),
+        ):
             if len(checkpoint[key]) != len(items):
-                raise ValueError(f"the checkpoint has {len(checkpoint[key])} {key}, this trainer {len(items)}")
+                raise ValueError(
+                    f"the checkpoint has {len(checkpoint[key])} {key}, this trainer {len(items)}"
+                )
         state.model.load_state_dict(checkpoint["model"])
-        for item, saved in zip(state.optimizers + state.schedulers + self.engine.algorithms + self.engine.callbacks,
-                               checkpoint["optimizers"] + checkpoint["schedulers"] + checkpoint["algorithms"]
-                               + checkpoint["callbacks"]):
+        for item, saved in zip(
+            state.optimizers + state.schedulers + self.engine.algorithms + self.engine.callbacks,
+            checkpoint["optimizers"]
+            + checkpoint["schedulers"]
+            + checkpoint["algorithms"]
+            + checkpoint["callbacks"],
+        ):
             item.load_state_dict(saved)
         state.timestamp.load_state_dict(checkpoint["timestamp"])
         state.eval_history = list(checkpoint["eval_history"])
