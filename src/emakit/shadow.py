@@ -261,8 +261,10 @@ class ShadowWeights:
         if bad is not None:
             raise ValueError(f"EMA state must map tensor names to tensors; entry {bad!r} does not")
         self._settle()
+        if not state:  # the state of an average that has not started: nothing to restore
+            return
         if not self._groups:
-            self._pending = dict(state)
+            self._pending = {name: tensor.detach().clone() for name, tensor in state.items()}
             return
         if self._swapped:
             raise RuntimeError("cannot load EMA state while the EMA weights are swapped in")

@@ -211,12 +211,17 @@ class EMA(Algorithm):
 
     @property
     def ema_model(self) -> nn.Module:
-        """A module of the model's type holding the EMA weights (shares their memory: no copy)."""
+        """A module of the model's type holding the EMA weights.
+
+        It shares their memory (no copy) and so follows every update. While the EMA weights
+        are swapped into the model (inside :meth:`ema_weights`, during a trainer's
+        evaluation) the memory is the model's, and this returns the model itself.
+        """
         self._require_average()
         model = self.shadow.attached_model()
         if model is None:
             raise RuntimeError("the EMA has not seen its model yet: call get_ema_model(model) instead")
-        return self.shadow.module(model)
+        return model if self.shadow.swapped else self.shadow.module(model)
 
     # --------------------------------------------------------------- trainer
     def match(self, event: Event, state: State) -> bool:
@@ -265,6 +270,8 @@ class EMA(Algorithm):
         missing = {"started", "num_updates", "batches_seen", "weights"} - state.keys()
         if missing:
             raise ValueError(f"EMA state lacks {sorted(missing)}")
+        if state["started"] and not state["weights"]:
+            raise ValueError("EMA state says the average started but holds no weights")
         self.shadow.load_state_dict(state["weights"])
         self.started = bool(state["started"])
         self.num_updates = int(state["num_updates"])
