@@ -1,4 +1,4 @@
-"""The ``emakit`` command: ``emakit demo`` (the main job) and ``emakit bench`` (update-speed benchmarks)."""
+"""The ``emakit`` command: ``demo`` (the main job), ``bench`` (update speed), ``export`` (EMA weights)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emakit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from emakit import bench, demo
+    from emakit import bench, demo, export
 
-    demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
-    bench.add_arguments(commands.add_parser("bench", help=bench.__doc__.splitlines()[0]))
+    subcommands = {"demo": demo, "bench": bench, "export": export}
+    for name, module in subcommands.items():
+        module.add_arguments(commands.add_parser(name, help=module.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    runner = {"demo": demo.run, "bench": bench.run}[args.command]
+    runner = subcommands[args.command].run
     return int(runner(args) or 0)
 
 

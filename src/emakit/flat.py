@@ -154,6 +154,12 @@ class FlatGroup:
             return True
         return False
 
+    def all_finite(self) -> torch.Tensor:
+        """Whether no tensor of the model holds NaN or Inf (a bool tensor on the model's device)."""
+        if self.model_flat is not None:
+            return torch.isfinite(self.model_flat).all()
+        return torch.stack([torch.isfinite(t).all() for t in self.tensors]).all()
+
     def update(self, weight: float) -> None:
         if not self.averaged:
             self.copy_from_model()

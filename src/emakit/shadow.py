@@ -38,7 +38,14 @@ from torch import nn
 
 from emakit.flat import FlatGroup, is_dense, storage_id
 from emakit.side_stream import SideStream
-from emakit.tracked import describe_mismatch, is_averaged, structure_generation, tracked_tensors, unwrap
+from emakit.tracked import (
+    describe_mismatch,
+    is_averaged,
+    match_wrapped_names,
+    structure_generation,
+    tracked_tensors,
+    unwrap,
+)
 
 __all__ = ["ShadowWeights", "resolve_ema_dtype"]
 
@@ -96,6 +103,7 @@ class ShadowWeights:
         self._pending: dict[str, torch.Tensor] | None = None  # loaded before any model was seen
         self._swapped = False
         self._module: nn.Module | None = None
+        self.state_dict_keys: dict[str, str] = {}  # the model's state_dict key -> tracked name (tied: several)
 
     # ----------------------------------------------------------------- layout
     @property
@@ -136,6 +144,7 @@ class ShadowWeights:
         if not any(is_averaged(t) for t in named.values()):
             raise ValueError(f"{type(model).__name__} has no floating-point parameters or buffers to average")
         if carried is not None:
+            carried = match_wrapped_names(carried, named)
             mismatch = describe_mismatch(carried, named, "the model") or describe_mismatch(
                 named, carried, "the EMA"
             )
@@ -166,6 +175,10 @@ class ShadowWeights:
         self._model = weakref.ref(model)
         self._generation = generation
         self._module = None
+        name_of = {id(t): name for name, t in named.items()}
+        self.state_dict_keys = {
+            key: name_of[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in name_of
+        }
 
     # ------------------------------------------------------------- operations
     def _settle(self) -> None:
@@ -204,6 +217,12 @@ class ShadowWeights:
         if self._side_stream is None:
             self._side_stream = SideStream()
         self._side_stream.run(device, lambda: [group.update(weight) for group in self._groups])
+
+    @torch.no_grad()
+    def model_is_finite(self, model: nn.Module) -> bool:
+        """Whether every averaged tensor of the model is free of NaN and Inf (one read of the weights)."""
+        self._checked(model, "check the model's weights")
+        return all(bool(group.all_finite()) for group in self._groups if group.averaged)
 
     @torch.no_grad()
     def copy_from_model(self, model: nn.Module) -> None:
@@ -269,6 +288,7 @@ class ShadowWeights:
         if self._swapped:
             raise RuntimeError("cannot load EMA state while the EMA weights are swapped in")
         current = dict(self._iter_current())
+        state = match_wrapped_names(state, current)
         mismatch = describe_mismatch(current, state, "the loaded EMA state") or describe_mismatch(
             state, current, "the model"
         )

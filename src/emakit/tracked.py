@@ -13,12 +13,19 @@ replaced ``Parameter``, ``load_state_dict(assign=True)``, a new layer).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["describe_mismatch", "is_averaged", "structure_generation", "tracked_tensors", "unwrap"]
+__all__ = [
+    "describe_mismatch",
+    "is_averaged",
+    "match_wrapped_names",
+    "structure_generation",
+    "tracked_tensors",
+    "unwrap",
+]
 
 _generation = itertools.count()
 _current_generation = next(_generation)
@@ -88,3 +95,32 @@ def describe_mismatch(
         if name not in expected:
             return f"{what} has an unexpected tensor {name!r}"
     return None
+
+
+def _without_wrapper_prefixes(name: str) -> str:
+    parts = [part for part in name.split(".") if part != "_orig_mod"]
+    while parts and parts[0] == "module":
+        parts.pop(0)
+    return ".".join(parts)
+
+
+def match_wrapped_names(state: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``state`` keyed by ``names`` where its keys differ from them only by wrapper prefixes, else unchanged.
+
+    ``torch.compile`` adds ``_orig_mod.`` and ``DistributedDataParallel`` adds ``module.`` to
+    every name; a state saved from a wrapped model then loads into the plain one and back.
+
+    Example::
+
+        >>> w = torch.zeros(1)
+        >>> list(match_wrapped_names({"module._orig_mod.fc.weight": w}, ["fc.weight"]))
+        ['fc.weight']
+    """
+    names = list(names)
+    if set(state) == set(names):
+        return state
+    wanted = {_without_wrapper_prefixes(name): name for name in names}
+    renamed = {_without_wrapper_prefixes(key): tensor for key, tensor in state.items()}
+    if len(wanted) != len(names) or len(renamed) != len(state) or set(wanted) != set(renamed):
+        return state
+    return {wanted[key]: tensor for key, tensor in renamed.items()}

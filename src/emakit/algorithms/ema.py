@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.core.state import State
+from emakit.export import save_ema_state
 from emakit.functional import check_smoothing, smoothing_from_half_life
 from emakit.loggers import Logger
 from emakit.shadow import ShadowWeights
@@ -56,6 +58,8 @@ class EMA(Algorithm):
         ema_device: where the average lives (``"cpu"`` offloads it); default: with the weights.
         async_update: on CUDA, run updates on a side stream, overlapping the next forward pass
             (ordered before the next optimizer step and before any swap or state read).
+        skip_nonfinite: skip (with a warning) updates whose weights hold NaN or Inf, instead of
+            poisoning the average forever; costs one extra read of the weights per update.
 
     In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]``: it updates at batch (or
     epoch) ends and evaluation uses the average. By hand, in any loop::
@@ -80,6 +84,7 @@ class EMA(Algorithm):
         ema_dtype: str | torch.dtype = "auto",
         ema_device: str | torch.device | None = None,
         async_update: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
             raise ValueError(
@@ -110,9 +115,12 @@ class EMA(Algorithm):
                 )
         self.update_interval = interval
         self.ema_start = as_time(ema_start, name="ema_start")
-        if not isinstance(train_with_ema_weights, bool):
-            raise ValueError(f"train_with_ema_weights={train_with_ema_weights!r} must be True or False")
+        for name, flag in (("train_with_ema_weights", train_with_ema_weights), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False")
         self.train_with_ema_weights = train_with_ema_weights
+        self.skip_nonfinite = skip_nonfinite
+        self.num_skipped = 0  # update events skipped because the weights held NaN or Inf
         self.shadow = ShadowWeights(ema_dtype=ema_dtype, ema_device=ema_device, async_update=async_update)
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
@@ -137,6 +145,15 @@ class EMA(Algorithm):
     def _on_update_event(self, model: nn.Module, count: int, start_reached: bool) -> bool:
         """Apply the update event number ``count`` (batches or epochs done); True when the average changed."""
         if count % self.update_interval.value != 0 or not start_reached:
+            return False
+        if self.skip_nonfinite and not self.shadow.model_is_finite(model):
+            self.num_skipped += 1
+            warnings.warn(
+                f"EMA: the model's weights hold NaN or Inf at update event {count}: update skipped "
+                f"({self.num_skipped} so far), the average keeps its last finite value",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return False
         if self.started:
             self.shadow.update(model, 1.0 - self.smoothing)
@@ -260,8 +277,17 @@ class EMA(Algorithm):
             "started": self.started,
             "num_updates": self.num_updates,
             "batches_seen": self.batches_seen,
+            "num_skipped": self.num_skipped,
             "weights": self.shadow.state_dict(),
+            "state_dict_keys": dict(self.shadow.state_dict_keys),
         }
+
+    def save_ema_weights(self, path: str | Path) -> Path:
+        """Write the EMA weights to ``path`` as safetensors, keyed like the model's ``state_dict``.
+
+        The file loads into a plain model: ``model.load_state_dict(safetensors.torch.load_file(path))``.
+        """
+        return save_ema_state(self.state_dict(), path)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
@@ -276,3 +302,4 @@ class EMA(Algorithm):
         self.started = bool(state["started"])
         self.num_updates = int(state["num_updates"])
         self.batches_seen = int(state["batches_seen"])
+        self.num_skipped = int(state.get("num_skipped", 0))

@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT_VERSION", "checkpoint_name", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "checkpoint_name",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
@@ -71,10 +78,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The checkpoint in ``folder`` taken after the most batches, or None."""
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoints in ``folder``, oldest (fewest batches) first."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
+        return []
     found = [(int(m.group(2)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint in ``folder`` taken after the most batches, or None."""
+    checkpoints = list_checkpoints(folder)
+    return checkpoints[-1] if checkpoints else None

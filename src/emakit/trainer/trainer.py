@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from tqdm.auto import tqdm
 from emakit.core import Algorithm, Callback, Engine, Event, State
 from emakit.loggers import Logger, LoggerDestination
 from emakit.time import Time, Timestamp, TimeUnit, as_time
-from emakit.trainer.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from emakit.tracked import describe_mismatch
+from emakit.trainer.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = ["Trainer"]
 
@@ -107,6 +114,7 @@ class Trainer:
         precision: ``"fp32"`` or ``"amp_bf16"`` (autocast to bfloat16 for forward and loss).
         seed: seeds Python, NumPy and torch, and the shuffling order of each epoch.
         save_folder, save_interval: write a checkpoint every ``save_interval`` (``"1ep"``, ``"5ba"``).
+        save_num_checkpoints_to_keep: delete all but the newest N checkpoints (-1: keep all).
         load_path: a checkpoint to resume from.
         autoresume: resume from the newest checkpoint in ``save_folder`` when there is one.
         progress_bar: a tqdm bar while training, shown only on a terminal.
@@ -136,6 +144,7 @@ class Trainer:
         seed: int | None = None,
         save_folder: str | os.PathLike | None = None,
         save_interval: str | int | Time = "1ep",
+        save_num_checkpoints_to_keep: int = -1,
         load_path: str | os.PathLike | None = None,
         autoresume: bool = False,
         progress_bar: bool = True,
@@ -154,6 +163,9 @@ class Trainer:
             raise ValueError(f"precision={precision!r} is not supported: use one of {_PRECISIONS}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed={seed!r} must be a non-negative int")
+        keep = save_num_checkpoints_to_keep
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep == 0 or keep < -1:
+            raise ValueError(f"save_num_checkpoints_to_keep={keep!r} must be a positive int, or -1 to keep all")
         if autoresume and save_folder is None:
             raise ValueError("autoresume=True needs a save_folder to look for checkpoints in")
         self.eval_interval = _interval(eval_interval, "eval_interval")
@@ -189,6 +201,7 @@ class Trainer:
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
         self.save_folder = Path(save_folder) if save_folder is not None else None
+        self.save_num_checkpoints_to_keep = keep
         self.load_path = Path(load_path) if load_path is not None else None
         self.autoresume = autoresume
         self.progress_bar = progress_bar
@@ -378,26 +391,30 @@ class Trainer:
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``checkpoint`` (as :meth:`state_dict` gives it); checks everything before changing anything."""
         state = self.state
-        for key, items in (
-            ("optimizers", state.optimizers),
-            ("schedulers", state.schedulers),
-            ("algorithms", self.engine.algorithms),
-            ("callbacks", self.engine.callbacks),
-        ):
+        missing = {"model", "optimizers", "schedulers", "algorithms", "callbacks", "timestamp", "rng"} - set(checkpoint)
+        if missing:
+            raise ValueError(f"the checkpoint lacks {sorted(missing)}")
+        stateful = {
+            "optimizers": state.optimizers,
+            "schedulers": state.schedulers,
+            "algorithms": self.engine.algorithms,
+            "callbacks": self.engine.callbacks,
+        }
+        for key, items in stateful.items():
             if len(checkpoint[key]) != len(items):
-                raise ValueError(
-                    f"the checkpoint has {len(checkpoint[key])} {key}, this trainer {len(items)}"
-                )
+                raise ValueError(f"the checkpoint has {len(checkpoint[key])} {key}, this trainer {len(items)}")
+        model_state = state.model.state_dict()
+        mismatch = describe_mismatch(model_state, checkpoint["model"], "the checkpoint") or describe_mismatch(
+            checkpoint["model"], model_state, "the model"
+        )
+        if mismatch is not None:
+            raise ValueError(f"the checkpoint is of another model: {mismatch}")
         state.model.load_state_dict(checkpoint["model"])
-        for item, saved in zip(
-            state.optimizers + state.schedulers + self.engine.algorithms + self.engine.callbacks,
-            checkpoint["optimizers"]
-            + checkpoint["schedulers"]
-            + checkpoint["algorithms"]
-            + checkpoint["callbacks"],
-        ):
-            item.load_state_dict(saved)
+        for key, items in stateful.items():
+            for item, saved in zip(items, checkpoint[key]):
+                item.load_state_dict(saved)
         state.timestamp.load_state_dict(checkpoint["timestamp"])
         state.eval_history = list(checkpoint["eval_history"])
         self.seed = int(checkpoint["seed"])
@@ -409,18 +426,28 @@ class Trainer:
         if self.save_folder is None:
             return None
         timestamp = self.state.timestamp
-        path = self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch)
-        return save_checkpoint(path, self.state_dict())
+        path = save_checkpoint(self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch), self.state_dict())
+        if self.save_num_checkpoints_to_keep > 0:
+            for old in list_checkpoints(self.save_folder)[: -self.save_num_checkpoints_to_keep]:
+                old.unlink()
+        return path
 
     def _resume(self) -> None:
-        path = self.load_path
+        """Load ``load_path``, or with ``autoresume`` the newest readable checkpoint in ``save_folder``."""
+        candidates = [self.load_path] if self.load_path is not None else []
         if self.autoresume and self.save_folder is not None:
-            path = latest_checkpoint(self.save_folder) or path
-        if path is None:
-            return
-        checkpoint = load_checkpoint(path)
-        try:
-            self.load_state_dict(checkpoint)
-        except (KeyError, RuntimeError, ValueError) as error:
-            raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {error}") from error
+            candidates = list(reversed(list_checkpoints(self.save_folder))) or candidates
         self.load_path, self.autoresume = None, False
+        for path in candidates:
+            try:
+                checkpoint = load_checkpoint(path)
+            except ValueError as error:
+                if len(candidates) == 1 or path == candidates[-1]:
+                    raise
+                warnings.warn(f"autoresume: skipping an unreadable checkpoint: {error}", stacklevel=3)
+                continue
+            try:
+                self.load_state_dict(checkpoint)
+            except (KeyError, RuntimeError, ValueError) as error:
+                raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {error}") from error
+            return

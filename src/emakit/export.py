@@ -1,0 +1,52 @@
+"""EMA weights as a safetensors file that loads into a plain model with ``load_state_dict``.
+
+The file's keys are the model's ``state_dict`` keys (tied weights under each of their
+names), its tensors the average's. ``EMA.save_ema_weights(path)`` writes it from a live EMA;
+``emakit export CHECKPOINT OUT.safetensors`` writes it from a trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state"]
+
+
+def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
+    """Write the weights of an ``EMA.state_dict()`` to ``path`` as safetensors; returns the path."""
+    from safetensors.torch import save_file
+
+    weights, keys = state.get("weights") or {}, state.get("state_dict_keys") or {}
+    if not state.get("started") or not weights:
+        raise ValueError("the EMA has not started: there are no EMA weights to save")
+    tensors = {key: weights[name].detach().to("cpu").contiguous().clone() for key, name in keys.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt", "producer": "emakit"})
+    return path
+
+
+def ema_states_in_checkpoint(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The states of the EMA algorithms saved in a trainer checkpoint, in the trainer's order."""
+    return [a for a in checkpoint.get("algorithms", []) if isinstance(a, dict) and "state_dict_keys" in a]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by emakit's Trainer")
+    parser.add_argument("output", type=Path, help="the safetensors file to write")
+    parser.add_argument("--index", type=int, default=0, help="which EMA, when the run had several (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emakit.trainer.checkpoint import load_checkpoint
+
+    states = ema_states_in_checkpoint(load_checkpoint(args.checkpoint))
+    if not states:
+        raise SystemExit(f"emakit export: checkpoint {str(args.checkpoint)!r} holds no EMA state")
+    if not 0 <= args.index < len(states):
+        raise SystemExit(f"emakit export: --index {args.index} is out of range: {len(states)} EMA(s) saved")
+    path = save_ema_state(states[args.index], args.output)
+    print(f"wrote {len(states[args.index]['state_dict_keys'])} EMA tensors to {path}")
+    return 0
