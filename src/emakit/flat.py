@@ -198,7 +198,8 @@ class FlatGroup:
             self.model_flat.copy_(self.ema_flat)
         else:
             self.parked = [t.detach().clone() for t in self.tensors]
-            self.copy_to_model()
+            with torch.no_grad():
+                self.copy_to_model()
 
     def swap_out(self) -> None:
         if self.exchangeable:
@@ -206,8 +207,9 @@ class FlatGroup:
         elif self.model_flat is not None:
             _exchange_data(self.model_flat, self.parked)
         else:
-            for tensor, parked in zip(self.tensors, self.parked):
-                tensor.copy_(parked)
+            with torch.no_grad():
+                for tensor, parked in zip(self.tensors, self.parked):
+                    tensor.copy_(parked)
         self.parked = None
 
     def current_ema(self, swapped: bool) -> Iterator[tuple[str, torch.Tensor]]:

@@ -238,7 +238,6 @@ class ShadowWeights:
         for group in self._groups:
             group.copy_to_model()
 
-    @torch.no_grad()
     def swap_in(self, model: nn.Module) -> None:
         """Put the average into the model; its training weights are parked, not copied, where dtypes agree."""
         self._checked(model, "swap the EMA weights in")
@@ -246,7 +245,6 @@ class ShadowWeights:
             group.swap_in()
         self._swapped = True
 
-    @torch.no_grad()
     def swap_out(self, model: nn.Module) -> None:
         """Give the model back its training weights, bit for bit."""
         if not self._swapped:

@@ -13,7 +13,7 @@ replaced ``Parameter``, ``load_state_dict(assign=True)``, a new layer).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,18 +31,22 @@ _generation = itertools.count()
 _current_generation = next(_generation)
 
 
-def _bump(*_args: object) -> None:
-    global _current_generation
-    _current_generation = next(_generation)
+def _on_registration(registry: str) -> Callable[[nn.Module, str, object], None]:
+    def hook(module: nn.Module, name: str, value: object) -> None:
+        global _current_generation
+        if module.__dict__.get(registry, {}).get(name) is not value:  # `self.buf += 1` re-registers the same tensor
+            _current_generation = next(_generation)
+
+    return hook
 
 
-nn.modules.module.register_module_parameter_registration_hook(_bump)
-nn.modules.module.register_module_buffer_registration_hook(_bump)
-nn.modules.module.register_module_module_registration_hook(_bump)
+nn.modules.module.register_module_parameter_registration_hook(_on_registration("_parameters"))
+nn.modules.module.register_module_buffer_registration_hook(_on_registration("_buffers"))
+nn.modules.module.register_module_module_registration_hook(_on_registration("_modules"))
 
 
 def structure_generation() -> int:
-    """A number that changes whenever any module in the process registers a parameter, buffer or submodule."""
+    """A number that changes whenever any module in the process registers a new parameter, buffer or submodule."""
     return _current_generation
 
 

@@ -240,6 +240,18 @@ class EMA(Algorithm):
             raise RuntimeError("the EMA has not seen its model yet: call get_ema_model(model) instead")
         return model if self.shadow.swapped else self.shadow.module(model)
 
+    @contextlib.contextmanager
+    def training_weights(self, state: State) -> Iterator[None]:
+        """Inside, ``state.model`` holds its training weights, even during an evaluation."""
+        swapped = self.shadow.swapped
+        if swapped:
+            self.shadow.swap_out(state.model)
+        try:
+            yield
+        finally:
+            if swapped:
+                self.shadow.swap_in(state.model)
+
     # --------------------------------------------------------------- trainer
     def match(self, event: Event, state: State) -> bool:
         if event in (Event.EVAL_START, Event.EVAL_END):
@@ -250,6 +262,8 @@ class EMA(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.FIT_START:
             self._check_start(state)
+            if self.started:  # resumed: bind the model now, so ema_model and exports work before the next update
+                self.shadow.attach(state.model)
         elif event is Event.EVAL_START:
             self.get_ema_model(state.model)
         elif event is Event.EVAL_END:
@@ -299,6 +313,8 @@ class EMA(Algorithm):
         if state["started"] and not state["weights"]:
             raise ValueError("EMA state says the average started but holds no weights")
         self.shadow.load_state_dict(state["weights"])
+        if self.shadow.attached_model() is None:
+            self.shadow.state_dict_keys = dict(state.get("state_dict_keys") or {})
         self.started = bool(state["started"])
         self.num_updates = int(state["num_updates"])
         self.batches_seen = int(state["batches_seen"])

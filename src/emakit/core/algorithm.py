@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,6 +37,14 @@ class Algorithm:
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         """Run the algorithm at ``event``."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply(event, state, logger)")
+
+    def training_weights(self, state: State) -> contextlib.AbstractContextManager:
+        """A context inside which ``state.model`` holds its training weights.
+
+        Algorithms that swap other weights into the model (an EMA during evaluation) put the
+        training weights back for the block, so a checkpoint written then is of the training run.
+        """
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to resume this algorithm exactly."""

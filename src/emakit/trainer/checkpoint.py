@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "remove_partial_files",
     "save_checkpoint",
 ]
 
@@ -56,26 +58,52 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def _check_integrity(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a zip archive whose every record matches its CRC-32.
+
+    ``torch.save`` writes a zip with checksums but ``torch.load`` does not verify them: a
+    flipped byte in tensor data would load silently.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt: {error}") from None
+    if broken is not None:
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt: record {broken!r} fails its CRC-32 check")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, refusing pickled code and unknown formats."""
+    """Read a checkpoint written by :func:`save_checkpoint`, refusing pickled code, corruption and unknown formats."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    _check_integrity(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt: {error}") from None
         raise ValueError(
             f"checkpoint {str(path)!r} was refused: it holds objects other than tensors and plain values "
             f"(loading it could run code): {str(error).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt: {error}") from None
+    except Exception as error:  # torch.load raises many types on damaged input
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt: {type(error).__name__}: {error}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         version = state.get("format_version") if isinstance(state, dict) else None
         raise ValueError(
             f"checkpoint {str(path)!r} has format version {version!r}; this emakit reads version {FORMAT_VERSION}"
         )
     return state
+
+
+def remove_partial_files(folder: str | Path) -> None:
+    """Delete what a save killed mid-write left behind (never mistaken for a checkpoint, but it takes space)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for leftover in folder.glob(".*.partial-*"):
+            leftover.unlink(missing_ok=True)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

@@ -7,6 +7,7 @@ batch or epoch ends and swaps its weights in for evaluation through the events.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import sys
@@ -28,6 +29,7 @@ from emakit.trainer.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
+    remove_partial_files,
     save_checkpoint,
 )
 
@@ -377,8 +379,12 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly (training weights, never swapped-in EMA weights)."""
         state = self.state
+        with contextlib.ExitStack() as stack:
+            for algorithm in self.engine.algorithms:
+                stack.enter_context(algorithm.training_weights(state))
+            model = {name: tensor.clone() for name, tensor in state.model.state_dict().items()}
         return {
-            "model": state.model.state_dict(),
+            "model": model,
             "optimizers": [o.state_dict() for o in state.optimizers],
             "schedulers": [s.state_dict() for s in state.schedulers],
             "algorithms": [a.state_dict() for a in self.engine.algorithms],
@@ -411,15 +417,25 @@ class Trainer:
         )
         if mismatch is not None:
             raise ValueError(f"the checkpoint is of another model: {mismatch}")
-        state.model.load_state_dict(checkpoint["model"])
-        for key, items in stateful.items():
-            for item, saved in zip(items, checkpoint[key]):
-                item.load_state_dict(saved)
+        before = copy.deepcopy(
+            {"model": model_state, **{key: [item.state_dict() for item in items] for key, items in stateful.items()}}
+        )
+        try:
+            self._load_stateful(checkpoint, stateful)
+        except BaseException:
+            self._load_stateful(before, stateful)  # a checkpoint refused half-way changes nothing
+            raise
         state.timestamp.load_state_dict(checkpoint["timestamp"])
         state.eval_history = list(checkpoint["eval_history"])
         self.seed = int(checkpoint["seed"])
         self._epoch_rng = checkpoint["epoch_rng"]
         self._resume_rng = checkpoint["rng"]
+
+    def _load_stateful(self, checkpoint: dict[str, Any], stateful: dict[str, list[Any]]) -> None:
+        self.state.model.load_state_dict(checkpoint["model"])
+        for key, items in stateful.items():
+            for item, saved in zip(items, checkpoint[key]):
+                item.load_state_dict(saved)
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint to ``save_folder`` (none without one); returns its path."""
@@ -434,6 +450,8 @@ class Trainer:
 
     def _resume(self) -> None:
         """Load ``load_path``, or with ``autoresume`` the newest readable checkpoint in ``save_folder``."""
+        if self.save_folder is not None:
+            remove_partial_files(self.save_folder)
         candidates = [self.load_path] if self.load_path is not None else []
         if self.autoresume and self.save_folder is not None:
             candidates = list(reversed(list_checkpoints(self.save_folder))) or candidates

@@ -1,0 +1,99 @@
+"""Benchmark EMA updates against the memory-bandwidth roofline and peers; swap, eval memory, trainer overhead.
+
+Per layout (``convnet`` and ``many_small`` as DESIGN.md defines them, ``resnet18`` a ResNet-18-shaped
+module built in-package) and per implementation (emakit's ``EMA.update`` and ``compute_ema``, the
+original per-tensor arithmetic, torch's ``AveragedModel``, ``torch_ema``, ``ema_pytorch``, diffusers'
+``EMAModel``, timm's ``ModelEmaV3``; peers where importable) it prints the median time of one update,
+its ratio to the roofline (``roofline time / time``, 1.0 = at the limit) and its speedup over every
+other implementation. The roofline is a flat ``ema.lerp_(param, w)`` over as many elements, timed in
+the same run; on CUDA also a device-to-device copy moving as many bytes. Then per layout the time of
+an ``ema_weights`` swap in and out against one copy of the weights, and the tensor bytes an EMA adds
+during evaluation; and the wall time of a short Trainer run with an EMA every batch against one without.
+
+Every implementation is checked against the closed form of one step before it is timed. Ratios are
+measured in one run; absolute times depend on the machine (``--json`` records it).
+
+    emakit bench                        # all layouts, CPU, 2 threads
+    emakit bench --json bench.json      # also write every number
+    python benchmarks/run.py --quick    # tiny layouts, a few repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from emakit.bench.layouts import LAYOUTS
+from emakit.bench.measure import bench_eval_memory, bench_swap, bench_trainer, bench_updates
+from emakit.bench.peers import IMPLEMENTATIONS, import_error
+from emakit.bench.report import layout_table, machine, summary_tables
+
+__all__ = ["IMPLEMENTATIONS", "LAYOUTS", "add_arguments", "import_error", "main", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``emakit bench``."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                        help="layouts to benchmark (default: all)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per implementation (default: 30, 3 with --quick)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every number to PATH")
+    parser.add_argument("--quick", action="store_true", help="tiny layouts and few repeats, for tests")
+    parser.add_argument("--no-trainer", dest="trainer", action="store_false",
+                        help="skip the trainer-overhead runs")
+
+
+def _bench_layout(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Update speed, swap time and eval memory on one layout."""
+    torch.manual_seed(0)
+    template = LAYOUTS[name](args.quick).to(args.device)
+    layout, emakit_ema = bench_updates(template, args)
+    layout["swap"] = bench_swap(emakit_ema, args)
+    del emakit_ema  # free its copy of the model before the memory census
+    layout["eval_memory"] = bench_eval_memory(template, args.device)
+    return layout
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run what ``args`` asks for, print the tables, write the JSON if asked; returns the exit code."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("emakit bench: --device cuda, but torch sees no CUDA device")
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit(f"emakit bench: --repeats {args.repeats} must be >= 1")
+    args.device = torch.device(args.device)
+    args.repeats = args.repeats or (3 if args.quick else 30)
+    args.warmup = 1 if args.quick else 3
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"meta": machine(args), "layouts": {}}
+    for _, _, module, _ in IMPLEMENTATIONS:
+        import_error(module)  # import the peers now, so that the freeze below covers their objects
+    gc.collect()
+    gc.freeze()  # the CPU memory census walks only objects made from here on: much faster
+    try:
+        for name in args.layouts:
+            results["layouts"][name] = _bench_layout(name, args)
+            print(layout_table(name, results["layouts"][name], args) + "\n", flush=True)
+        if args.trainer:
+            results["trainer"] = bench_trainer(args)
+    finally:
+        gc.unfreeze()
+    print(summary_tables(results), flush=True)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``emakit bench`` as a function: parse ``argv`` and run."""
+    parser = argparse.ArgumentParser(prog="emakit bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
