@@ -547,3 +547,24 @@ def test_channels_last_weights_keep_their_memory_format_and_the_forward_is_uncha
         assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
         assert_close_to(snapshot(model), reference.ema)
     assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ema_model_outlives_the_trainer_and_the_training_model() -> None:
+    import gc
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from emakit import Classifier, Trainer
+
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+
+    def train() -> EMA:
+        ema = EMA(half_life="10ba")
+        Trainer(Classifier(nn.Linear(4, 3)), DataLoader(data, batch_size=8), "1ep", algorithms=[ema],
+                progress_bar=False).fit()
+        return ema
+
+    ema = train()
+    gc.collect()
+    assert isinstance(ema.ema_model, Classifier)
+    assert torch.equal(ema.ema_model.module.weight, ema.state_dict()["weights"]["module.weight"])

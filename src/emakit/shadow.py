@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import copy
 import warnings
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -98,7 +97,7 @@ class ShadowWeights:
         self.async_update = async_update
         self._side_stream: SideStream | None = None
         self._groups: list[FlatGroup] = []
-        self._model: weakref.ref | None = None
+        self._model: nn.Module | None = None  # held: its memory is the bound flat buffers anyway
         self._generation = -1
         self._pending: dict[str, torch.Tensor] | None = None  # loaded before any model was seen
         self._swapped = False
@@ -113,12 +112,12 @@ class ShadowWeights:
 
     def attached_model(self) -> nn.Module | None:
         """The (unwrapped) model the groups are laid out for, if it is still alive."""
-        return None if self._model is None else self._model()
+        return self._model
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Lay the groups out for ``model`` unless they are current; returns the unwrapped model."""
         model = unwrap(model)
-        if self._model is not None and self._model() is model and self._current(model):
+        if self._model is model and self._current(model):
             return model
         if self._swapped:
             raise RuntimeError(
@@ -172,7 +171,7 @@ class ShadowWeights:
             )
             for (averaged, device, dtype, bind), entries in keyed.items()
         ]
-        self._model = weakref.ref(model)
+        self._model = model
         self._generation = generation
         self._module = None
         name_of = {id(t): name for name, t in named.items()}
@@ -249,7 +248,7 @@ class ShadowWeights:
         """Give the model back its training weights, bit for bit."""
         if not self._swapped:
             raise RuntimeError("the EMA weights are not swapped in")
-        if self._model is None or self._model() is not unwrap(model):
+        if self._model is not unwrap(model):
             raise RuntimeError("swap_out got another model than swap_in")
         for group in self._groups:
             group.swap_out()

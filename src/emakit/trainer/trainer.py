@@ -269,7 +269,7 @@ class Trainer:
             total=state.batches_per_epoch,
             initial=timestamp.batch_in_epoch,
             disable=not show,
-            desc=f"epoch {timestamp.epoch}",
+            desc=f"epoch {timestamp.epoch + 1}",
             leave=False,
         ) as bar:
             for batch in self._epoch_batches():
