@@ -24,22 +24,27 @@ ALIGN_BYTES = 64  # each tensor starts on a 64-byte boundary of its flat buffer
 _CAST_CHUNK = 1 << 22  # elements per cast-and-lerp step when dtypes differ: bounds the temporary
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: guarded
+
+
 def use_count(tensor: torch.Tensor) -> int | None:
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if use_count is None else use_count(tensor.untyped_storage()._cdata)
+    """How many tensors share ``tensor``'s storage (None where torch does not tell)."""
+    return None if _storage_use_count is None else _storage_use_count(tensor.untyped_storage()._cdata)
 
 
 def storage_id(tensor: torch.Tensor) -> int:
+    """An identity of ``tensor``'s storage, the same for all its views, unchanged by data-pointer exchanges."""
     return tensor.untyped_storage()._cdata
+
+
+_HAS_POINTER_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
 
 
 def _exchange_data(a: torch.Tensor, b: torch.Tensor) -> None:
     """Exchange the memory behind the storages of ``a`` and ``b`` (equal size): views follow, nothing moves."""
     sa, sb = a.untyped_storage(), b.untyped_storage()
-    if sa.nbytes() != sb.nbytes() or a.device != b.device:
-        raise RuntimeError("internal error: exchanging storages of different sizes or devices")
-    if hasattr(sa, "_swap_data_ptr_"):
-        sa._swap_data_ptr_(sb)
+    if _HAS_POINTER_EXCHANGE:
+        sa._swap_data_ptr_(sb)  # checks itself that both storages are alike
     else:  # torch without the pointer exchange: three copies, same result
         parked = a.clone()
         a.copy_(b)
@@ -100,6 +105,7 @@ class FlatGroup:
     use_count: int | None = None
     parked: list[torch.Tensor] | torch.Tensor | None = None  # training weights during a swap
     staging: torch.Tensor | None = None  # pinned host copy of model_flat, for an average kept on the CPU
+    exchangeable: bool = False  # bound, with the average's dtype and device: swaps exchange memory
 
     @classmethod
     @torch.no_grad()
@@ -129,14 +135,11 @@ class FlatGroup:
                 view.copy_(t)
                 t.data = view  # the Parameter object stays; its memory is now a slice of model_flat
             group.use_count = use_count(group.model_flat)
+            group.exchangeable = dtype == ema_dtype and device == ema_device
             if pin:
                 group.staging = torch.empty(total, dtype=dtype, pin_memory=True)
         return group
 
-    @property
-    def exchangeable(self) -> bool:
-        flat = self.model_flat
-        return flat is not None and flat.dtype == self.ema_flat.dtype and flat.device == self.ema_flat.device
 
     def intact(self) -> bool:
         """Whether the model's tensors are still where the group expects them."""

@@ -57,10 +57,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     prefix; averaging the wrapped module keeps the EMA's names those of the plain model.
     """
     while True:
-        inner = getattr(model, "_orig_mod", None)
+        inner = model._modules.get("_orig_mod")  # a dict lookup: cheaper than Module.__getattr__ misses
         if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
             inner = model.module
-        if not isinstance(inner, nn.Module):
+        if inner is None:
             return model
         model = inner
 

@@ -211,20 +211,13 @@ class EMA(Algorithm):
             self.shadow.swap_out(model)
         return model
 
-    @contextlib.contextmanager
-    def ema_weights(self, model: nn.Module) -> Iterator[nn.Module]:
+    def ema_weights(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         """Inside the block ``model`` holds the EMA weights; on exit, even by exception, its own again.
 
         Treat the weights as read-only inside: where dtypes agree the model's tensors *are*
         the average there.
         """
-        already_in = self.shadow.swapped
-        self.get_ema_model(model)
-        try:
-            yield model
-        finally:
-            if not already_in:
-                self.get_training_model(model)
+        return _EMAWeights(self, model)
 
     @property
     def ema_model(self) -> nn.Module:
@@ -319,3 +312,18 @@ class EMA(Algorithm):
         self.num_updates = int(state["num_updates"])
         self.batches_seen = int(state["batches_seen"])
         self.num_skipped = int(state.get("num_skipped", 0))
+
+
+class _EMAWeights(contextlib.AbstractContextManager):
+    """``with ema.ema_weights(model):`` — a plain class: swaps are O(1), so the context's own cost shows."""
+
+    def __init__(self, ema: EMA, model: nn.Module) -> None:
+        self.ema, self.model = ema, model
+
+    def __enter__(self) -> nn.Module:
+        self.already_in = self.ema.shadow.swapped
+        return self.ema.get_ema_model(self.model)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.already_in:
+            self.ema.get_training_model(self.model)
