@@ -11,6 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
 __all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state"]
 
 
@@ -21,8 +24,12 @@ def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
     weights, keys = state.get("weights") or {}, state.get("state_dict_keys") or {}
     if not state.get("started") or not weights:
         raise ValueError("the EMA has not started: there are no EMA weights to save")
-    tensors = {key: weights[name].detach().to("cpu").contiguous().clone() for key, name in keys.items()}
+    # Sharded (DTensor) averages are gathered here: every rank must call, rank 0 writes.
+    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in weights.items()}
+    tensors = {key: full[name].detach().to("cpu").contiguous().clone() for key, name in keys.items()}
     path = Path(path)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt", "producer": "emakit"})
     return path

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
-__all__ = ["ALIGN_BYTES", "FlatGroup", "flat_views", "is_dense", "storage_id", "use_count"]
+__all__ = ["ALIGN_BYTES", "FlatGroup", "flat_views", "is_dense", "like_model", "local", "storage_id", "use_count"]
 
 ALIGN_BYTES = 64  # each tensor starts on a 64-byte boundary of its flat buffer
 _CAST_CHUNK = 1 << 22  # elements per cast-and-lerp step when dtypes differ: bounds the temporary
@@ -35,6 +36,25 @@ def use_count(tensor: torch.Tensor) -> int | None:
 def storage_id(tensor: torch.Tensor) -> int:
     """An identity of ``tensor``'s storage, the same for all its views, unchanged by data-pointer exchanges."""
     return tensor.untyped_storage()._cdata
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's data of ``tensor``: the local shard of a DTensor (FSDP2), else the tensor itself."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def like_model(model_tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (local data) presented like ``model_tensor``: a DTensor with its mesh and placements, or as is."""
+    if not isinstance(model_tensor, DTensor):
+        return value
+    return DTensor.from_local(
+        value,
+        model_tensor.device_mesh,
+        model_tensor.placements,
+        run_check=False,
+        shape=model_tensor.shape,
+        stride=model_tensor.stride(),
+    )
 
 
 _HAS_POINTER_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
@@ -121,14 +141,15 @@ class FlatGroup:
         """Allocate the average (from ``start`` by name, else from the tensors); bind the tensors if ``bind``."""
         names = [name for name, _ in named]
         tensors = [t for _, t in named]
+        data = [local(t) for t in tensors]  # what this process holds: a shard of a DTensor
         dtype, device = tensors[0].dtype, tensors[0].device
         widest = max(torch.empty((), dtype=d).element_size() for d in (dtype, ema_dtype))
-        offsets, total = _aligned_offsets(tensors, max(1, ALIGN_BYTES // widest))
+        offsets, total = _aligned_offsets(data, max(1, ALIGN_BYTES // widest))
         pin = ema_device.type == "cpu" and device.type == "cuda"
         ema_flat = torch.zeros(total, dtype=ema_dtype, device=ema_device, pin_memory=pin)
-        group = cls(averaged, names, tensors, ema_flat, flat_views(ema_flat, tensors, offsets), offsets)
-        for name, view, t in zip(names, group.ema_views, tensors):
-            view.copy_(start[name] if start is not None else t)
+        group = cls(averaged, names, tensors, ema_flat, flat_views(ema_flat, data, offsets), offsets)
+        for name, view, t in zip(names, group.ema_views, data):
+            view.copy_(local(start[name]) if start is not None else t)
         if bind:
             group.model_flat = torch.zeros(total, dtype=dtype, device=device)
             for t, view in zip(tensors, flat_views(group.model_flat, tensors, offsets)):
@@ -161,7 +182,7 @@ class FlatGroup:
         """Whether no tensor of the model holds NaN or Inf (a bool tensor on the model's device)."""
         if self.model_flat is not None:
             return torch.isfinite(self.model_flat).all()
-        return torch.stack([torch.isfinite(t).all() for t in self.tensors]).all()
+        return torch.stack([torch.isfinite(local(t)).all() for t in self.tensors]).all()
 
     def update(self, weight: float) -> None:
         if not self.averaged:
@@ -174,7 +195,7 @@ class FlatGroup:
             _cast_lerp_(self.ema_flat, self.model_flat, weight)
         else:
             sources = [
-                t.detach().to(device=self.ema_flat.device, dtype=self.ema_flat.dtype) for t in self.tensors
+                local(t).detach().to(device=self.ema_flat.device, dtype=self.ema_flat.dtype) for t in self.tensors
             ]
             torch._foreach_lerp_(self.ema_views, sources, weight)
 
@@ -183,14 +204,14 @@ class FlatGroup:
             self.ema_flat.copy_(self.model_flat)
         else:
             for view, tensor in zip(self.ema_views, self.tensors):
-                view.copy_(tensor)
+                view.copy_(local(tensor))
 
     def copy_to_model(self) -> None:
         if self.model_flat is not None:
             self.model_flat.copy_(self.ema_flat)
         else:
             for view, tensor in zip(self.ema_views, self.tensors):
-                tensor.copy_(view)
+                local(tensor).copy_(view)
 
     def swap_in(self) -> None:
         if self.exchangeable:
@@ -200,7 +221,7 @@ class FlatGroup:
             _exchange_data(self.model_flat, self.parked)
             self.model_flat.copy_(self.ema_flat)
         else:
-            self.parked = [t.detach().clone() for t in self.tensors]
+            self.parked = [local(t).detach().clone() for t in self.tensors]
             with torch.no_grad():
                 self.copy_to_model()
 
@@ -212,10 +233,11 @@ class FlatGroup:
         else:
             with torch.no_grad():
                 for tensor, parked in zip(self.tensors, self.parked):
-                    tensor.copy_(parked)
+                    local(tensor).copy_(parked)
         self.parked = None
 
     def current_ema(self, swapped: bool) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` holding the average now: in the model's tensors while exchanged in."""
         holders = self.tensors if swapped and self.exchangeable else self.ema_views
-        yield from zip(self.names, holders)
+        for name, tensor, holder in zip(self.names, self.tensors, holders):
+            yield name, like_model(tensor, holder)

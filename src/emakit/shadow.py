@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from emakit.flat import FlatGroup, is_dense, storage_id
+from emakit.flat import FlatGroup, is_dense, local, storage_id
 from emakit.side_stream import SideStream
 from emakit.tracked import (
     describe_mismatch,
@@ -149,13 +149,14 @@ class ShadowWeights:
             )
             if mismatch is not None:
                 raise ValueError(f"the model does not match the EMA's tensors: {mismatch}")
-        storages = collections.Counter(storage_id(t) for t in named.values())
+        storages = collections.Counter(storage_id(local(t)) for t in named.values())
         own_flats = {storage_id(g.model_flat) for g in self._groups if g.model_flat is not None}
 
         def bindable(t: torch.Tensor) -> bool:
-            plain = type(t) in (torch.Tensor, nn.Parameter, nn.Buffer)
+            if type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):  # DTensor shards and other subclasses
+                return False
             alone = storages[storage_id(t)] == 1 or storage_id(t) in own_flats
-            return plain and alone and is_dense(t)
+            return alone and is_dense(t)
 
         keyed: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for name, t in named.items():
@@ -305,6 +306,12 @@ class ShadowWeights:
         While the EMA weights are swapped in, it holds the training weights instead.
         """
         model = self.attach(model)
+        if any(local(t) is not t for group in self._groups for t in group.tensors):
+            raise ValueError(
+                "ema_model needs a copy of the module, which FSDP-sharded models do not allow: use "
+                "`with ema.ema_weights(model):` (the EMA shards swapped in) or ema.save_ema_weights(path) "
+                "(the full EMA weights gathered)"
+            )
         if self._module is None:
             memo: dict[int, object] = {}
             for group in self._groups:
