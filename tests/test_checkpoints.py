@@ -25,14 +25,6 @@ from emakit.trainer.checkpoint import FORMAT_VERSION, list_checkpoints, load_che
 BATCHES_PER_EPOCH = 4  # 16 samples in batches of 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tensors here are tiny, and a busy machine makes every extra thread wait (0.1 s an op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- helpers
 def make_model(seed: int = 0, hidden: int = 5, batchnorm: bool = True) -> Classifier:

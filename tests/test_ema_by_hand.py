@@ -14,6 +14,7 @@ import io
 
 import pytest
 import torch
+from closed_form import ClosedForm
 from torch import nn
 
 from emakit import EMA, Classifier
@@ -55,19 +56,6 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-class ClosedForm:
-    """The EMA recurrence in float64."""
-
-    def __init__(self, smoothing: float) -> None:
-        self.smoothing = smoothing
-        self.ema: dict[str, torch.Tensor] | None = None
-
-    def update(self, weights: dict[str, torch.Tensor]) -> None:
-        s = self.smoothing
-        if self.ema is None:
-            self.ema = dict(weights)
-        else:
-            self.ema = {k: s * self.ema[k] + (1 - s) * weights[k] for k in weights}
 
 
 def assert_close_to(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], **tol) -> None:

@@ -20,15 +20,6 @@ from emakit.cli import main as emakit_main
 from emakit.trainer.checkpoint import list_checkpoints
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tensors here are tiny, and a busy machine makes every extra thread wait (0.1 s an op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- helpers
 class TiedNet(nn.Module):
     """Tied weights (the head is the embedding), BatchNorm buffers, and an integer buffer."""

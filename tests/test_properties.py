@@ -21,14 +21,6 @@ SETTINGS = settings(max_examples=60, deadline=None)
 SIZE = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tensors here are tiny, and a busy machine makes every extra thread wait (0.1 s an op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Holder(nn.Module):
     """One parameter of ``SIZE`` values, and a float buffer that follows it (averaged like a parameter)."""

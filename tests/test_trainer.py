@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from closed_form import ClosedForm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -66,19 +67,6 @@ def ema_snapshot(ema: EMA) -> dict[str, torch.Tensor] | None:
         return None
 
 
-class ClosedForm:
-    """The EMA recurrence in float64: the first event copies, later ones ``s * ema + (1 - s) * w``."""
-
-    def __init__(self, smoothing: float) -> None:
-        self.smoothing = smoothing
-        self.ema: dict[str, torch.Tensor] | None = None
-
-    def update(self, weights: dict[str, torch.Tensor]) -> None:
-        s = self.smoothing
-        if self.ema is None:
-            self.ema = dict(weights)
-        else:
-            self.ema = {k: s * self.ema[k] + (1 - s) * weights[k] for k in weights}
 
 
 def assert_close_to(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
