@@ -58,12 +58,19 @@ def _data(shuffle: bool, batch_size: int) -> tuple[DataLoader, DataLoader]:
     generator = torch.Generator().manual_seed(1)
     inputs, targets = torch.randn(48, 6, generator=generator), torch.randint(0, 3, (48,), generator=generator)
     train = DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, shuffle=shuffle)
-    held_out = torch.randn(21, 6, generator=generator), torch.randint(0, 3, (21,), generator=generator)
-    evaluation = DataLoader(TensorDataset(*held_out), batch_size=4)  # 21: not divisible by the 2 ranks
+    held_out = torch.randn(17, 6, generator=generator), torch.randint(0, 3, (17,), generator=generator)
+    evaluation = DataLoader(TensorDataset(*held_out), batch_size=4)  # 17: rank 0 gets 3 batches, rank 1 two
     return train, evaluation
 
 
-def run(parallelism: str | None, shuffle: bool, batch_size: int, callbacks: list[Callback]) -> dict:
+def run(
+    parallelism: str | None,
+    shuffle: bool,
+    batch_size: int,
+    callbacks: list[Callback],
+    max_duration: str = "2ep",
+    save_folder: Path | None = None,
+) -> dict:
     train, evaluation = _data(shuffle, batch_size)
     torch.manual_seed(0)
     model = Classifier(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)))
@@ -72,13 +79,15 @@ def run(parallelism: str | None, shuffle: bool, batch_size: int, callbacks: list
         model=model,
         train_dataloader=train,
         eval_dataloader=evaluation,
-        max_duration="2ep",
+        max_duration=max_duration,
         optimizers=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         algorithms=[ema],
         callbacks=callbacks,
         seed=5,
         progress_bar=False,
         parallelism=parallelism,
+        save_folder=save_folder,
+        autoresume=save_folder is not None,
     )
     trainer.fit()
     ema_state = ema.state_dict()
@@ -104,6 +113,17 @@ def main(mode: str | None, out_dir: str, batch_size: int = PER_RANK_BATCH) -> No
     for name, shuffle in RUNS.items():
         result = run(mode, shuffle, batch_size, [])
         torch.save(result, out / f"{name}-{mode or 'single'}-rank{distributed.rank()}.pt")
+    if mode == "ddp":  # one epoch, a checkpoint written by rank 0, then a resumed run to the end
+        run(mode, False, batch_size, [], max_duration="1ep", save_folder=out / "checkpoints")
+        result = run(mode, False, batch_size, [], save_folder=out / "checkpoints")
+        torch.save(result, out / f"resumed-{mode}-rank{distributed.rank()}.pt")
+    if mode == "fsdp":
+        try:
+            run(mode, False, batch_size, [], save_folder=out / "checkpoints")
+            error = None
+        except ValueError as refused:
+            error = str(refused)
+        torch.save({"error": error}, out / f"checkpoint-{mode}-rank{distributed.rank()}.pt")
 
 
 if __name__ == "__main__":

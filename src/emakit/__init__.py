@@ -1,6 +1,6 @@
 """emakit: exponential moving averages of model weights for PyTorch training."""
 
-from emakit import functional
+from emakit import distributed, functional
 from emakit.algorithms import EMA
 from emakit.core import Algorithm, Callback, Event, State
 from emakit.models import Classifier
@@ -18,6 +18,7 @@ __all__ = [
     "TimeUnit",
     "Timestamp",
     "Trainer",
+    "distributed",
     "functional",
 ]
 __version__ = "0.1.0"

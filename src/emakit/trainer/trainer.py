@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from emakit import distributed
 from emakit.core import Algorithm, Callback, Engine, Event, State
 from emakit.loggers import Logger, LoggerDestination
 from emakit.time import Time, Timestamp, TimeUnit, as_time
-from emakit.tracked import describe_mismatch
+from emakit.tracked import describe_mismatch, unwrap
 from emakit.trainer.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -36,6 +37,11 @@ from emakit.trainer.checkpoint import (
 __all__ = ["Trainer"]
 
 _PRECISIONS = ("fp32", "amp_bf16")
+_SEED_STRIDE = 1_000_003  # epoch e of a run seeded s shuffles with the permutation seeded s * _SEED_STRIDE + e
+_FSDP_CHECKPOINTS = (
+    "FSDP checkpoints (DCP) are not implemented yet: with parallelism='fsdp' leave save_folder and load_path "
+    "unset, or use parallelism='ddp'"
+)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -119,7 +125,17 @@ class Trainer:
         save_num_checkpoints_to_keep: delete all but the newest N checkpoints (-1: keep all).
         load_path: a checkpoint to resume from.
         autoresume: resume from the newest checkpoint in ``save_folder`` when there is one.
-        progress_bar: a tqdm bar while training, shown only on a terminal.
+        progress_bar: a tqdm bar while training, shown only on a terminal (and only by rank 0).
+        parallelism: with several processes (``torchrun``): ``"ddp"`` (DistributedDataParallel), ``"fsdp"``
+            (FSDP2 ``fully_shard``, in place), or ``None``: DDP, or the model as it is when you wrapped it
+            yourself. No effect in one process. See :mod:`emakit.distributed`.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer starts the process group (``gloo`` on CPU, ``nccl`` on
+    CUDA, one GPU per process: ``cuda:LOCAL_RANK``), gives each rank its share of a ``DataLoader`` with a default
+    sampler, sums eval metrics over all ranks (each eval sample counted once), counts samples and tokens over all
+    ranks, and lets only rank 0 show progress, log (other ranks' loggers get no records) and write checkpoints.
+    ``state.model`` stays the model passed in; ``fit``, ``eval`` and ``save_checkpoint`` are collective: call
+    them on every rank.
 
     Example::
 
@@ -150,8 +166,9 @@ class Trainer:
         load_path: str | os.PathLike | None = None,
         autoresume: bool = False,
         progress_bar: bool = True,
+        parallelism: str | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module) or not callable(getattr(model, "loss", None)):
+        if not isinstance(model, nn.Module) or not callable(getattr(unwrap(model), "loss", None)):
             raise ValueError(
                 f"model must be an nn.Module with a loss(outputs, batch) method, got {type(model).__name__}; "
                 "wrap a plain module as emakit.Classifier(module)"
@@ -170,6 +187,11 @@ class Trainer:
             raise ValueError(f"save_num_checkpoints_to_keep={keep!r} must be a positive int, or -1 to keep all")
         if autoresume and save_folder is None:
             raise ValueError("autoresume=True needs a save_folder to look for checkpoints in")
+        distributed.check_parallelism(parallelism)
+        kind = distributed.check_wrapping(model, parallelism)
+        self._fsdp = kind == "fsdp" or (parallelism == "fsdp" and distributed.world_size() > 1)
+        if self._fsdp and (save_folder is not None or load_path is not None):
+            raise ValueError(_FSDP_CHECKPOINTS)
         self.eval_interval = _interval(eval_interval, "eval_interval")
         self.save_interval = _interval(save_interval, "save_interval")
         Engine.check(algorithms, callbacks)
@@ -182,26 +204,35 @@ class Trainer:
         if batches_per_epoch == 0:
             raise ValueError("train_dataloader yields no batches")
         try:
-            device = torch.device(
-                device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-            )
+            device = torch.device(device) if device is not None else distributed.default_device()
         except RuntimeError as error:
             raise ValueError(f"device={device!r} is not a torch device: {error}") from None
+        if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
+            device = torch.device("cuda", distributed.local_rank())
 
         # Every argument is valid: from here on the trainer changes things.
-        self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        distributed.initialize(device)
+        if not distributed.is_main():
+            self.logger.destinations = []  # only rank 0 logs
+        self.seed = distributed.from_rank0(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
         _seed_everything(self.seed)
         model.to(device)
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        before = dict(unwrap(model).named_parameters())
+        self._train_module = distributed.wrap_model(model, parallelism, device)
         if optimizers is None:
             optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
-        elif isinstance(optimizers, torch.optim.Optimizer):
-            optimizers = [optimizers]
+        elif self._fsdp and kind is None:
+            distributed.repoint_optimizers(optimizers, before, model)
         if schedulers is None:
             schedulers = []
         elif not isinstance(schedulers, (list, tuple)):
             schedulers = [schedulers]
-        self.train_dataloader = train_dataloader
-        self.eval_dataloader = eval_dataloader
+        self.train_dataloader = distributed.shard_train_loader(train_dataloader, self.seed * _SEED_STRIDE)
+        self.eval_dataloader = distributed.shard_eval_loader(eval_dataloader)
+        if self.train_dataloader is not train_dataloader:
+            batches_per_epoch = len(self.train_dataloader)  # type: ignore[arg-type]
         self.save_folder = Path(save_folder) if save_folder is not None else None
         self.save_num_checkpoints_to_keep = keep
         self.load_path = Path(load_path) if load_path is not None else None
@@ -218,6 +249,7 @@ class Trainer:
             timestamp=timestamp,
         )
         self.engine = Engine(self.state, algorithms, callbacks, self.logger)
+        self._user_sampler = getattr(train_dataloader, "sampler", None)
         self._epoch_rng: torch.Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None
         self.engine.run_event(Event.INIT)
@@ -230,6 +262,10 @@ class Trainer:
 
     def fit(self) -> None:
         """Train until ``max_duration``, evaluating every ``eval_interval`` and once more at the end."""
+        with distributed.explain_failures():
+            self._fit()
+
+    def _fit(self) -> None:
         self._resume()
         state, run = self.state, self.engine.run_event
         run(Event.FIT_START)
@@ -246,7 +282,11 @@ class Trainer:
         timestamp = self.state.timestamp
         sampler = getattr(self.train_dataloader, "sampler", None)
         if isinstance(sampler, RandomSampler):
-            sampler.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + timestamp.epoch)
+            sampler.generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + timestamp.epoch)
+        elif isinstance(sampler, DistributedSampler):
+            if sampler is not self._user_sampler:
+                sampler.seed = self.seed * _SEED_STRIDE  # the trainer's own: follows a seed loaded from a checkpoint
+            sampler.set_epoch(timestamp.epoch)
         if self._epoch_rng is not None and self._resume_rng is not None:
             torch.set_rng_state(self._epoch_rng)  # as when this epoch's iterator was first made
         else:
@@ -264,7 +304,7 @@ class Trainer:
         timestamp = state.timestamp
         if timestamp.batch_in_epoch == 0:
             run(Event.EPOCH_START)
-        show = self.progress_bar and sys.stderr.isatty()
+        show = self.progress_bar and sys.stderr.isatty() and distributed.is_main()
         with tqdm(
             total=state.batches_per_epoch,
             initial=timestamp.batch_in_epoch,
@@ -294,10 +334,11 @@ class Trainer:
         state, run = self.state, self.engine.run_event
         state.batch = _to_device(batch, state.device)
         run(Event.BATCH_START)
+        module = unwrap(state.model)
         with self._autocast():
-            state.outputs = state.model(state.batch)
+            state.outputs = self._train_module(state.batch)  # the DDP wrapper, where there is one
             run(Event.AFTER_FORWARD)
-            state.loss = state.model.loss(state.outputs, state.batch)
+            state.loss = module.loss(state.outputs, state.batch)
             run(Event.AFTER_LOSS)
         state.loss.backward()
         run(Event.AFTER_BACKWARD)
@@ -310,9 +351,11 @@ class Trainer:
         timestamp = state.timestamp
         timestamp.batch += 1
         timestamp.batch_in_epoch += 1
-        timestamp.sample += _batch_size(state.batch)
-        num_tokens = getattr(state.model, "num_tokens", None)
-        timestamp.token += int(num_tokens(state.batch)) if callable(num_tokens) else 0
+        num_tokens = getattr(module, "num_tokens", None)
+        counts = [_batch_size(state.batch), int(num_tokens(state.batch)) if callable(num_tokens) else 0]
+        samples, tokens = distributed.sum_over_ranks(counts, state.device)  # every rank's, so all stop together
+        timestamp.sample += int(samples)
+        timestamp.token += int(tokens)
         self.logger.log_metrics({"loss/train": loss})
         run(Event.BATCH_END)
         if self.eval_interval.unit is TimeUnit.BATCH and timestamp.batch % self.eval_interval.value == 0:
@@ -328,30 +371,42 @@ class Trainer:
         if self.eval_dataloader is not None:
             self.eval()
 
-    @torch.no_grad()
     def eval(self, dataloader: Iterable | None = None) -> dict[str, float]:
         """Metrics over ``dataloader`` (default: ``eval_dataloader``): loss and the model's metrics.
 
         With an EMA among the algorithms, these are the EMA weights' metrics; the training
         weights are back when this returns, also if evaluation raises.
+
+        With several processes every rank evaluates its share (a ``DataLoader`` with a default sampler is split
+        so that each sample is evaluated exactly once) and the sums are reduced over the ranks, so the metrics
+        are those of one process over the whole set. Call it on every rank.
         """
-        dataloader = dataloader if dataloader is not None else self.eval_dataloader
+        with distributed.explain_failures(), torch.no_grad():
+            return self._eval(dataloader)
+
+    def _eval(self, dataloader: Iterable | None) -> dict[str, float]:
+        dataloader = self.eval_dataloader if dataloader is None else distributed.shard_eval_loader(dataloader)
         if dataloader is None:
             raise ValueError("no eval_dataloader: pass one to Trainer(...) or to eval(dataloader)")
         state, run = self.state, self.engine.run_event
         model = state.model
+        forward = distributed.forward_module(model)  # not through DDP: ranks may run different numbers of batches
+        module = unwrap(model)
         was_training = model.training
         model.eval()
         run(Event.EVAL_START)
         try:
+            # FSDP's forward gathers weights from every rank: all ranks run as many forwards as the busiest one.
+            forwards = self._fsdp_forwards(dataloader) if self._fsdp else 0
             totals: dict[str, list[float]] = {}
+            batch = None
             for batch in dataloader:
                 batch = _to_device(batch, state.device)
                 with self._autocast():
-                    outputs = model(batch)
+                    outputs = forward(batch)
                     count = _batch_size(batch)
-                    sums = {"loss": (model.loss(outputs, batch) * count, count)}
-                    metrics = getattr(model, "metrics", None)
+                    sums = {"loss": (module.loss(outputs, batch) * count, count)}
+                    metrics = getattr(module, "metrics", None)
                     if callable(metrics):
                         sums.update(metrics(outputs, batch))
                 for name, (total, n) in sums.items():
@@ -360,6 +415,11 @@ class Trainer:
                     entry[1] += int(n)
                 state.batch, state.outputs = batch, outputs
                 run(Event.EVAL_BATCH_END)
+                forwards -= 1
+            for _ in range(max(forwards, 0)):  # results unused: they only keep this rank in FSDP's collectives
+                with self._autocast():
+                    forward(batch)
+            totals = distributed.all_reduce_sums(totals, state.device)
             if not totals:
                 raise ValueError("the eval dataloader yielded no batches")
             state.eval_metrics = {name: total / max(n, 1) for name, (total, n) in totals.items()}
@@ -375,14 +435,36 @@ class Trainer:
         model.train(was_training)
         return dict(state.eval_metrics)
 
+    def _fsdp_forwards(self, dataloader: Iterable) -> int:
+        """How many eval forwards every rank runs under FSDP: the most batches any rank has."""
+        try:
+            batches = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(
+                f"with FSDP the eval dataloader needs a len() (every rank must run as many forwards), "
+                f"got a {type(dataloader).__name__}"
+            ) from None
+        forwards = distributed.max_over_ranks(batches, self.state.device)
+        if batches == 0 and forwards > 0:
+            raise ValueError(
+                f"rank {distributed.rank()} has no eval batches while others have {forwards}: with FSDP every "
+                "rank needs at least one (give the eval set at least as many samples as there are ranks)"
+            )
+        return forwards
+
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly (training weights, never swapped-in EMA weights)."""
+        """Everything needed to continue this run exactly (training weights, never swapped-in EMA weights).
+
+        The model's tensors are named as in the plain model's ``state_dict`` (no DDP ``module.`` prefix).
+        """
+        if self._fsdp:
+            raise ValueError(_FSDP_CHECKPOINTS)
         state = self.state
         with contextlib.ExitStack() as stack:
             for algorithm in self.engine.algorithms:
                 stack.enter_context(algorithm.training_weights(state))
-            model = {name: tensor.clone() for name, tensor in state.model.state_dict().items()}
+            model = {name: tensor.clone() for name, tensor in unwrap(state.model).state_dict().items()}
         return {
             "model": model,
             "optimizers": [o.state_dict() for o in state.optimizers],
@@ -398,6 +480,8 @@ class Trainer:
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``checkpoint`` (as :meth:`state_dict` gives it); checks everything before changing anything."""
+        if self._fsdp:
+            raise ValueError(_FSDP_CHECKPOINTS)
         state = self.state
         missing = {"model", "optimizers", "schedulers", "algorithms", "callbacks", "timestamp", "rng"} - set(checkpoint)
         if missing:
@@ -411,7 +495,7 @@ class Trainer:
         for key, items in stateful.items():
             if len(checkpoint[key]) != len(items):
                 raise ValueError(f"the checkpoint has {len(checkpoint[key])} {key}, this trainer {len(items)}")
-        model_state = state.model.state_dict()
+        model_state = unwrap(state.model).state_dict()
         mismatch = describe_mismatch(model_state, checkpoint["model"], "the checkpoint") or describe_mismatch(
             checkpoint["model"], model_state, "the model"
         )
@@ -432,26 +516,36 @@ class Trainer:
         self._resume_rng = checkpoint["rng"]
 
     def _load_stateful(self, checkpoint: dict[str, Any], stateful: dict[str, list[Any]]) -> None:
-        self.state.model.load_state_dict(checkpoint["model"])
+        unwrap(self.state.model).load_state_dict(checkpoint["model"])
         for key, items in stateful.items():
             for item, saved in zip(items, checkpoint[key]):
                 item.load_state_dict(saved)
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint to ``save_folder`` (none without one); returns its path."""
+        """Write a checkpoint to ``save_folder`` (none without one); returns its path.
+
+        With several processes (DDP) rank 0 writes it and every rank waits until it is written; every rank
+        holds the same state, and every rank reads the file on resume (a folder all of them can read).
+        """
         if self.save_folder is None:
             return None
+        if self._fsdp:
+            raise ValueError(_FSDP_CHECKPOINTS)
         timestamp = self.state.timestamp
-        path = save_checkpoint(self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch), self.state_dict())
-        if self.save_num_checkpoints_to_keep > 0:
-            for old in list_checkpoints(self.save_folder)[: -self.save_num_checkpoints_to_keep]:
-                old.unlink()
+        path = self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch)
+        if distributed.is_main():
+            save_checkpoint(path, self.state_dict())
+            if self.save_num_checkpoints_to_keep > 0:
+                for old in list_checkpoints(self.save_folder)[: -self.save_num_checkpoints_to_keep]:
+                    old.unlink()
+        distributed.barrier()
         return path
 
     def _resume(self) -> None:
         """Load ``load_path``, or with ``autoresume`` the newest readable checkpoint in ``save_folder``."""
-        if self.save_folder is not None:
+        if self.save_folder is not None and distributed.is_main():
             remove_partial_files(self.save_folder)
+        distributed.barrier()  # every rank sees the same checkpoints
         candidates = [self.load_path] if self.load_path is not None else []
         if self.autoresume and self.save_folder is not None:
             candidates = list(reversed(list_checkpoints(self.save_folder))) or candidates
