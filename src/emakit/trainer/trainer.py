@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import random
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +25,7 @@ from emakit.core import Algorithm, Callback, Engine, Event, State
 from emakit.loggers import Logger, LoggerDestination
 from emakit.time import Time, Timestamp, TimeUnit, as_time
 from emakit.tracked import describe_mismatch, unwrap
+from emakit.trainer.batches import batch_size, to_device
 from emakit.trainer.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -33,6 +33,8 @@ from emakit.trainer.checkpoint import (
     remove_partial_files,
     save_checkpoint,
 )
+from emakit.trainer.evaluation import fsdp_eval_forwards, sum_metrics
+from emakit.trainer.rng import rng_state, seed_everything, set_rng_state
 
 __all__ = ["Trainer"]
 
@@ -44,64 +46,11 @@ _FSDP_CHECKPOINTS = (
 )
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    raise ValueError(f"cannot tell the number of samples in a batch of type {type(batch).__name__}")
-
-
 def _interval(value: str | int | Time, name: str) -> Time:
     interval = as_time(value, name=name, int_unit=TimeUnit.EPOCH)
     if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
         raise ValueError(f"{name}={value!r} must be > 0 and in 'ba' or 'ep', e.g. '1ep' or '100ba'")
     return interval
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
 
 
 class Trainer:
@@ -215,7 +164,7 @@ class Trainer:
         if not distributed.is_main():
             self.logger.destinations = []  # only rank 0 logs
         self.seed = distributed.from_rank0(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-        _seed_everything(self.seed)
+        seed_everything(self.seed)
         model.to(device)
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
@@ -295,7 +244,7 @@ class Trainer:
         for _ in range(timestamp.batch_in_epoch):  # resuming mid-epoch: pass over what was trained on
             next(batches)
         if self._resume_rng is not None:
-            _set_rng_state(self._resume_rng)
+            set_rng_state(self._resume_rng)
             self._resume_rng = None
         return batches
 
@@ -332,7 +281,7 @@ class Trainer:
 
     def _train_batch(self, batch: Any) -> float:
         state, run = self.state, self.engine.run_event
-        state.batch = _to_device(batch, state.device)
+        state.batch = to_device(batch, state.device)
         run(Event.BATCH_START)
         module = unwrap(state.model)
         with self._autocast():
@@ -352,7 +301,7 @@ class Trainer:
         timestamp.batch += 1
         timestamp.batch_in_epoch += 1
         num_tokens = getattr(module, "num_tokens", None)
-        counts = [_batch_size(state.batch), int(num_tokens(state.batch)) if callable(num_tokens) else 0]
+        counts = [batch_size(state.batch), int(num_tokens(state.batch)) if callable(num_tokens) else 0]
         samples, tokens = distributed.sum_over_ranks(counts, state.device)  # every rank's, so all stop together
         timestamp.sample += int(samples)
         timestamp.token += int(tokens)
@@ -390,38 +339,18 @@ class Trainer:
             raise ValueError("no eval_dataloader: pass one to Trainer(...) or to eval(dataloader)")
         state, run = self.state, self.engine.run_event
         model = state.model
-        forward = distributed.forward_module(model)  # not through DDP: ranks may run different numbers of batches
-        module = unwrap(model)
         was_training = model.training
         model.eval()
         run(Event.EVAL_START)
         try:
             # FSDP's forward gathers weights from every rank: all ranks run as many forwards as the busiest one.
-            forwards = self._fsdp_forwards(dataloader) if self._fsdp else 0
-            totals: dict[str, list[float]] = {}
-            batch = None
-            for batch in dataloader:
-                batch = _to_device(batch, state.device)
-                with self._autocast():
-                    outputs = forward(batch)
-                    count = _batch_size(batch)
-                    sums = {"loss": (module.loss(outputs, batch) * count, count)}
-                    metrics = getattr(module, "metrics", None)
-                    if callable(metrics):
-                        sums.update(metrics(outputs, batch))
-                for name, (total, n) in sums.items():
-                    entry = totals.setdefault(name, [0.0, 0])
-                    entry[0] += float(total)
-                    entry[1] += int(n)
+            forwards = fsdp_eval_forwards(dataloader, state.device) if self._fsdp else 0
+
+            def after_batch(batch: Any, outputs: Any) -> None:
                 state.batch, state.outputs = batch, outputs
                 run(Event.EVAL_BATCH_END)
-                forwards -= 1
-            for _ in range(max(forwards, 0)):  # results unused: they only keep this rank in FSDP's collectives
-                with self._autocast():
-                    forward(batch)
-            totals = distributed.all_reduce_sums(totals, state.device)
-            if not totals:
-                raise ValueError("the eval dataloader yielded no batches")
+
+            totals = sum_metrics(model, dataloader, state.device, self._autocast, after_batch, forwards)
             state.eval_metrics = {name: total / max(n, 1) for name, (total, n) in totals.items()}
         except BaseException:
             run(Event.EVAL_END)
@@ -434,23 +363,6 @@ class Trainer:
         run(Event.EVAL_END)
         model.train(was_training)
         return dict(state.eval_metrics)
-
-    def _fsdp_forwards(self, dataloader: Iterable) -> int:
-        """How many eval forwards every rank runs under FSDP: the most batches any rank has."""
-        try:
-            batches = len(dataloader)  # type: ignore[arg-type]
-        except TypeError:
-            raise ValueError(
-                f"with FSDP the eval dataloader needs a len() (every rank must run as many forwards), "
-                f"got a {type(dataloader).__name__}"
-            ) from None
-        forwards = distributed.max_over_ranks(batches, self.state.device)
-        if batches == 0 and forwards > 0:
-            raise ValueError(
-                f"rank {distributed.rank()} has no eval batches while others have {forwards}: with FSDP every "
-                "rank needs at least one (give the eval set at least as many samples as there are ranks)"
-            )
-        return forwards
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -474,7 +386,7 @@ class Trainer:
             "timestamp": state.timestamp.state_dict(),
             "eval_history": list(state.eval_history),
             "seed": self.seed,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "epoch_rng": self._epoch_rng,
         }
 
