@@ -101,9 +101,7 @@ def test_ema_half_life_not_a_time_string_raises(half_life: str) -> None:
 @pytest.mark.parametrize(
     ("half_life", "update_interval"), [("10ba", "1ep"), ("10ep", "1ba"), ("10ba", "5sp"), ("10ba", "0.1dur")]
 )
-def test_ema_update_interval_in_another_unit_than_half_life_raises(
-    half_life: str, update_interval: str
-) -> None:
+def test_ema_update_interval_in_another_unit_than_half_life_raises(half_life: str, update_interval: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"update_interval={update_interval!r}")):
         EMA(half_life=half_life, update_interval=update_interval)
 
@@ -171,9 +169,7 @@ def test_ema_bad_ema_dtype_raises(ema_dtype: object) -> None:
         ({"half_life": "10ba", "ema_start": "100sp"}, "ema_start='100sp'"),
     ],
 )
-def test_update_by_hand_with_units_needing_a_trainer_raises_and_counts_nothing(
-    kwargs: dict, fragment: str
-) -> None:
+def test_update_by_hand_with_units_needing_a_trainer_raises_and_counts_nothing(kwargs: dict, fragment: str) -> None:
     model = make_model()
     before_model = snapshot(model)
     ema = EMA(**kwargs)
@@ -399,9 +395,7 @@ def test_fresh_ema_loading_a_mismatching_state_raises_at_first_use_naming_the_te
 
 def loader(size: int = 16) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.randn(size, 4, generator=generator), torch.randint(0, 3, (size,), generator=generator)
-    )
+    data = TensorDataset(torch.randn(size, 4, generator=generator), torch.randint(0, 3, (size,), generator=generator))
     return DataLoader(data, batch_size=4)
 
 
@@ -470,9 +464,7 @@ def test_trainer_bad_eval_interval_raises(eval_interval: object) -> None:
 def test_trainer_bad_save_interval_raises(save_interval: str) -> None:
     tracked = Tracked()
     with pytest.raises(ValueError, match=re.escape(f"save_interval={save_interval!r}")):
-        Trainer(
-            model=tracked.model, train_dataloader=loader(), max_duration="1ep", save_interval=save_interval
-        )
+        Trainer(model=tracked.model, train_dataloader=loader(), max_duration="1ep", save_interval=save_interval)
     tracked.assert_unchanged()
 
 
@@ -494,9 +486,7 @@ def test_trainer_autoresume_without_save_folder_raises() -> None:
 @pytest.mark.parametrize("train_dataloader", [5, None, object()], ids=lambda v: type(v).__name__)
 def test_trainer_non_iterable_train_dataloader_raises(train_dataloader: object) -> None:
     tracked = Tracked()
-    with pytest.raises(
-        ValueError, match=r"train_dataloader must be iterable.*" + type(train_dataloader).__name__
-    ):
+    with pytest.raises(ValueError, match=r"train_dataloader must be iterable.*" + type(train_dataloader).__name__):
         Trainer(model=tracked.model, train_dataloader=train_dataloader, max_duration="1ep")
     tracked.assert_unchanged()
 

@@ -64,8 +64,9 @@ def test_quick_bench_reports_swap_eval_memory_and_trainer_overhead(results: dict
 def test_closed_form_check_rejects_an_implementation_that_does_not_average() -> None:
     model = nn.Linear(3, 2)
     with pytest.raises(RuntimeError, match=r"lazy: parameter 0 is .* off the closed form"):
-        check_closed_form(Impl("lazy", model, step=lambda: None,
-                               averages=lambda: [p.detach().clone() for p in model.parameters()]))
+        check_closed_form(
+            Impl("lazy", model, step=lambda: None, averages=lambda: [p.detach().clone() for p in model.parameters()])
+        )
 
 
 def test_layouts_are_those_of_the_design() -> None:

@@ -25,7 +25,6 @@ from emakit.trainer.checkpoint import FORMAT_VERSION, list_checkpoints, load_che
 BATCHES_PER_EPOCH = 4  # 16 samples in batches of 4
 
 
-
 # ----------------------------------------------------------------------------- helpers
 def make_model(seed: int = 0, hidden: int = 5, batchnorm: bool = True) -> Classifier:
     torch.manual_seed(seed)

@@ -80,9 +80,7 @@ def test_table_shows_both_runs(demo_run: tuple[str, dict[str, Any], bytes]) -> N
 @pytest.mark.parametrize(
     ("option", "value"), [("--epochs", "0"), ("--seed", "-1"), ("--half-life", "0ba"), ("--half-life", "5sp")]
 )
-def test_bad_options_are_refused_before_training(
-    option: str, value: str, capsys: pytest.CaptureFixture
-) -> None:
+def test_bad_options_are_refused_before_training(option: str, value: str, capsys: pytest.CaptureFixture) -> None:
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     with pytest.raises(SystemExit) as exit_info:

@@ -41,8 +41,18 @@ def _free_port() -> int:
 
 def _torchrun(mode: str, out: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(SCRIPT), mode, str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(SCRIPT),
+        mode,
+        str(out),
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -136,15 +146,17 @@ def test_a_hanging_rank_times_out_with_a_clear_error(tmp_path):
 # ------------------------------------------------------------------ in this process
 def _tiny_trainer(model: nn.Module, **kwargs) -> Trainer:
     data = TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
-    return Trainer(model=model, train_dataloader=DataLoader(data, batch_size=4), max_duration="1ba",
-                   progress_bar=False, **kwargs)
+    return Trainer(
+        model=model, train_dataloader=DataLoader(data, batch_size=4), max_duration="1ba", progress_bar=False, **kwargs
+    )
 
 
 @pytest.mark.parametrize("parallelism", [None, "ddp", "fsdp"])
 def test_parallelism_in_one_process_is_a_no_op(parallelism, tmp_path):
     model = Classifier(nn.Linear(3, 2))
-    trainer = _tiny_trainer(model, parallelism=parallelism, algorithms=[EMA(half_life="1ba")],
-                            save_folder=tmp_path, save_interval="1ba")
+    trainer = _tiny_trainer(
+        model, parallelism=parallelism, algorithms=[EMA(half_life="1ba")], save_folder=tmp_path, save_interval="1ba"
+    )
     trainer.fit()
     assert trainer.state.model is model and type(model) is Classifier
     assert list_checkpoints(tmp_path)
@@ -192,8 +204,9 @@ def test_loaders_are_rebuilt_with_their_settings(monkeypatch):
         return torch.stack([x for x, _ in batch])
 
     data = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.zeros(10))
-    train = distributed.shard_train_loader(DataLoader(data, batch_size=2, shuffle=True, collate_fn=collate,
-                                                      drop_last=True), seed=7)
+    train = distributed.shard_train_loader(
+        DataLoader(data, batch_size=2, shuffle=True, collate_fn=collate, drop_last=True), seed=7
+    )
     assert isinstance(train.sampler, DistributedSampler) and train.sampler.shuffle and train.sampler.seed == 7
     assert (train.batch_size, train.drop_last, train.collate_fn) == (2, True, collate)
     assert train.sampler.rank == 1 and train.sampler.num_replicas == 2

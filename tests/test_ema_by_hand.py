@@ -34,10 +34,7 @@ def make_model(seed: int = 0, batchnorm: bool = False) -> Classifier:
 
 def make_batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, ...]]:
     gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(8, 4, generator=gen).to(dtype), torch.randint(0, 3, (8,), generator=gen))
-        for _ in range(n)
-    ]
+    return [(torch.randn(8, 4, generator=gen).to(dtype), torch.randint(0, 3, (8,), generator=gen)) for _ in range(n)]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> None:
@@ -54,8 +51,6 @@ def weights64(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 
 
 def assert_close_to(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], **tol) -> None:
@@ -548,8 +543,9 @@ def test_ema_model_outlives_the_trainer_and_the_training_model() -> None:
 
     def train() -> EMA:
         ema = EMA(half_life="10ba")
-        Trainer(Classifier(nn.Linear(4, 3)), DataLoader(data, batch_size=8), "1ep", algorithms=[ema],
-                progress_bar=False).fit()
+        Trainer(
+            Classifier(nn.Linear(4, 3)), DataLoader(data, batch_size=8), "1ep", algorithms=[ema], progress_bar=False
+        ).fit()
         return ema
 
     ema = train()

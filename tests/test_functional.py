@@ -249,8 +249,7 @@ def test_load_state_dict_assign_after_first_call_is_used() -> None:
     compute_ema(model, ema_model, smoothing=0.5)
     torch.manual_seed(11)
     new_state = {
-        name: (torch.randn_like(t) * 4 if t.is_floating_point() else t + 3)
-        for name, t in model.state_dict().items()
+        name: (torch.randn_like(t) * 4 if t.is_floating_point() else t + 3) for name, t in model.state_dict().items()
     }
     model.load_state_dict(new_state, assign=True)
     assert model.fc.weight.data_ptr() == new_state["fc.weight"].data_ptr()

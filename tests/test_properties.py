@@ -21,7 +21,6 @@ SETTINGS = settings(max_examples=60, deadline=None)
 SIZE = 5
 
 
-
 class Holder(nn.Module):
     """One parameter of ``SIZE`` values, and a float buffer that follows it (averaged like a parameter)."""
 

@@ -17,11 +17,7 @@ def make_model() -> nn.Module:
 def perturb(model: nn.Module, step: int) -> None:
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
-            p.add_(
-                torch.sin(torch.arange(p.numel(), dtype=torch.float64) + 7 * step + i)
-                .reshape(p.shape)
-                .to(p.dtype)
-            )
+            p.add_(torch.sin(torch.arange(p.numel(), dtype=torch.float64) + 7 * step + i).reshape(p.shape).to(p.dtype))
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -16,8 +16,15 @@ def free_port() -> int:
 
 def test_fsdp2_ema_holds_local_shards_that_gather_to_the_unsharded_ema(tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
-        str(SCRIPT), str(tmp_path / "ema.safetensors"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(SCRIPT),
+        str(tmp_path / "ema.safetensors"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

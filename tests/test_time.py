@@ -120,9 +120,7 @@ def test_unparseable_timestrings_raise_value_error_naming_string_and_units(text:
         ("1e400dur", "finite"),  # overflows to inf
     ],
 )
-def test_values_not_allowed_for_the_unit_raise_value_error_naming_string_and_units(
-    text: str, problem: str
-) -> None:
+def test_values_not_allowed_for_the_unit_raise_value_error_naming_string_and_units(text: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem) as error:
         Time.from_timestring(text)
     assert_names_string_and_units(error, text)

@@ -67,8 +67,6 @@ def ema_snapshot(ema: EMA) -> dict[str, torch.Tensor] | None:
         return None
 
 
-
-
 def assert_close_to(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert expected, "nothing to compare"
     for name, value in expected.items():
@@ -140,9 +138,7 @@ def test_ema_follows_the_closed_form_at_batch_ends(ema_start, interval, max_dura
     ema = EMA(half_life="10ba", ema_start=ema_start, update_interval=interval)
     every = int(interval[:-2])
     recorder = Recorder(ema)
-    trainer = make_trainer(
-        model, max_duration, eval_dataloader=eval_loader(), algorithms=[ema], callbacks=[recorder]
-    )
+    trainer = make_trainer(model, max_duration, eval_dataloader=eval_loader(), algorithms=[ema], callbacks=[recorder])
     trainer.fit()
     total = int(max_duration[:-2]) * BATCHES_PER_EPOCH
     assert sorted(recorder.batch_weights) == list(range(1, total + 1))
@@ -253,9 +249,7 @@ def test_evaluations_during_fit_use_training_weights_before_the_ema_starts_and_t
                 with ema.ema_weights(state.model):
                     expected.append(manual_eval(state.model, loader))
 
-    trainer = make_trainer(
-        make_model(), "4ep", eval_dataloader=loader, algorithms=[ema], callbacks=[ManualEval()]
-    )
+    trainer = make_trainer(make_model(), "4ep", eval_dataloader=loader, algorithms=[ema], callbacks=[ManualEval()])
     trainer.fit()
     history = trainer.state.eval_history
     assert len(history) == len(expected) == 4
@@ -534,9 +528,7 @@ def resumable_run(
         ("load_path", "4ba", 7, "0.5dur"),  # the checkpoint (batch 4) is from before the EMA starts (batch 9)
     ],
 )
-def test_resuming_from_a_checkpoint_matches_the_uninterrupted_run(
-    tmp_path, how, save_interval, crash_at, ema_start
-):
+def test_resuming_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, how, save_interval, crash_at, ema_start):
     full, full_model, full_ema = resumable_run(tmp_path / "full", save_interval, ema_start)
     full.fit()
 
@@ -548,9 +540,7 @@ def test_resuming_from_a_checkpoint_matches_the_uninterrupted_run(
         options = {"folder": tmp_path / "resumed", "load_path": checkpoint}
     else:
         options = {"folder": tmp_path / "crashed", "autoresume": True}
-    resumed, model, ema = resumable_run(
-        save_interval=save_interval, ema_start=ema_start, model_seed=7, **options
-    )
+    resumed, model, ema = resumable_run(save_interval=save_interval, ema_start=ema_start, model_seed=7, **options)
     resumed.fit()
 
     assert resumed.state.timestamp == full.state.timestamp

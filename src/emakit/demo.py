@@ -63,9 +63,15 @@ def load_data() -> tuple[TensorDataset, TensorDataset]:
 def make_model() -> nn.Module:
     """A small CNN for 1x8x8 inputs and 10 classes."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # 32x4x4
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 32x4x4
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     )
 
 
@@ -118,8 +124,7 @@ def format_table(summaries: dict[str, dict[str, float]]) -> str:
     n = next(iter(summaries.values()))["tail_evals"]
     header = f"{'run':<12} {'final acc':>10} {f'mean last {n}':>13} {f'std last {n}':>12}"
     rows = [
-        f"{name:<12} {s['final_accuracy']:>10.4f} {s['tail_mean_accuracy']:>13.4f} "
-        f"{s['tail_std_accuracy']:>12.4f}"
+        f"{name:<12} {s['final_accuracy']:>10.4f} {s['tail_mean_accuracy']:>13.4f} {s['tail_std_accuracy']:>12.4f}"
         for name, s in summaries.items()
     ]
     return "\n".join([header, "-" * len(header), *rows])
@@ -176,13 +181,17 @@ def _half_life(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``emakit demo`` options."""
     parser.add_argument("--epochs", type=_int_at_least(1), default=40, help="epochs per run (default: 40)")
-    parser.add_argument("--half-life", type=_half_life, default="100ba",
-                        help="the EMA's half_life, e.g. 100ba or 2ep (default: 100ba)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"),
-                        help="output folder (default: runs/demo)")
+    parser.add_argument(
+        "--half-life", type=_half_life, default="100ba", help="the EMA's half_life, e.g. 100ba or 2ep (default: 100ba)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of both runs (default: 0)")
-    parser.add_argument("--no-progress-bar", dest="progress_bar", action="store_false",
-                        help="no progress bar (shown only on a terminal anyway)")
+    parser.add_argument(
+        "--no-progress-bar",
+        dest="progress_bar",
+        action="store_false",
+        help="no progress bar (shown only on a terminal anyway)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,9 +211,17 @@ def run(args: argparse.Namespace) -> int:
     summaries = {name: summarize(history) for name, history in histories.items()}
     settings = {
         "dataset": "sklearn.datasets.load_digits, stratified split, random_state=0",
-        "epochs": args.epochs, "half_life": str(ema.half_life), "smoothing": ema.smoothing, "seed": args.seed,
-        "optimizer": "SGD", "lr": LR, "label_smoothing": LABEL_SMOOTHING, "batch_size": BATCH_SIZE,
-        "train_size": len(data[0]), "test_size": len(data[1]), "train_seconds": round(seconds, 2),
+        "epochs": args.epochs,
+        "half_life": str(ema.half_life),
+        "smoothing": ema.smoothing,
+        "seed": args.seed,
+        "optimizer": "SGD",
+        "lr": LR,
+        "label_smoothing": LABEL_SMOOTHING,
+        "batch_size": BATCH_SIZE,
+        "train_size": len(data[0]),
+        "test_size": len(data[1]),
+        "train_seconds": round(seconds, 2),
     }
     runs = {name: {"eval": histories[name], "summary": summaries[name]} for name in histories}
     metrics = {"settings": settings, "runs": runs}

@@ -268,14 +268,15 @@ def wrap_model(model: nn.Module, parallelism: str | None, device: torch.device) 
     if parallelism == "fsdp":
         _fully_shard(model, device)
         return model
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if (
-        device.type == "cuda"
-    ) else None
+    device_ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if (device.type == "cuda") else None
+    )
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def repoint_optimizers(optimizers: Sequence[torch.optim.Optimizer], before: dict[str, nn.Parameter],
-                       model: nn.Module) -> None:
+def repoint_optimizers(
+    optimizers: Sequence[torch.optim.Optimizer], before: dict[str, nn.Parameter], model: nn.Module
+) -> None:
     """Point optimizers built on ``model``'s parameters ``before`` FSDP replaced them at the new ones, by name.
 
     Raises ValueError for an optimizer that already has state (it would be of the unsharded parameters) or

@@ -95,9 +95,7 @@ def _cast_lerp_(ema: torch.Tensor, source: torch.Tensor, weight: float) -> None:
 def flat_views(flat: torch.Tensor, like: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
     """Views of ``flat`` shaped like ``like``, at ``offsets``; in their memory format where they are dense."""
     return [
-        flat.as_strided(
-            t.shape, t.stride() if is_dense(t) else torch.empty(t.shape, device="meta").stride(), o
-        )
+        flat.as_strided(t.shape, t.stride() if is_dense(t) else torch.empty(t.shape, device="meta").stride(), o)
         for t, o in zip(like, offsets)
     ]
 
@@ -161,7 +159,6 @@ class FlatGroup:
                 group.staging = torch.empty(total, dtype=dtype, pin_memory=True)
         return group
 
-
     def intact(self) -> bool:
         """Whether the model's tensors are still where the group expects them."""
         if self.model_flat is None:
@@ -171,9 +168,7 @@ class FlatGroup:
         if count is not None and count == self.use_count:
             return True
         storage = storage_id(self.model_flat)
-        if all(
-            storage_id(t) == storage and t.storage_offset() == o for t, o in zip(self.tensors, self.offsets)
-        ):
+        if all(storage_id(t) == storage and t.storage_offset() == o for t, o in zip(self.tensors, self.offsets)):
             self.use_count = use_count(self.model_flat)
             return True
         return False

@@ -43,12 +43,7 @@ def smoothing_from_half_life(half_life: float, update_interval: float = 1) -> fl
         0.9930924954370359
     """
     for name, value in (("half_life", half_life), ("update_interval", update_interval)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a finite number > 0")
     return 2.0 ** (-(update_interval / half_life))
 
@@ -111,18 +106,14 @@ def _make_plan(model: nn.Module, ema_model: nn.Module) -> _Plan:
     generation = structure_generation()
     sources = dict(tracked_tensors(unwrap(model)))
     targets = dict(tracked_tensors(unwrap(ema_model)))
-    mismatch = describe_mismatch(targets, sources, "model") or describe_mismatch(
-        sources, targets, "ema_model"
-    )
+    mismatch = describe_mismatch(targets, sources, "model") or describe_mismatch(sources, targets, "ema_model")
     if mismatch is not None:
         raise ValueError(f"compute_ema: model and ema_model differ in structure: {mismatch}")
     groups: dict[tuple, _TensorPairs] = {}
     for name, target in targets.items():
         source = sources[name]
         if is_averaged(target) != is_averaged(source):
-            raise ValueError(
-                f"compute_ema: tensor {name!r} is {source.dtype} in model but {target.dtype} in ema_model"
-            )
+            raise ValueError(f"compute_ema: tensor {name!r} is {source.dtype} in model but {target.dtype} in ema_model")
         key = (is_averaged(target), target.device, target.dtype, source.device, source.dtype)
         pairs = groups.setdefault(key, _TensorPairs())
         pairs.ema.append(target)

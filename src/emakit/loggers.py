@@ -61,9 +61,7 @@ class Logger:
     def __init__(self, destinations: Sequence[LoggerDestination], timestamp: Timestamp) -> None:
         for destination in destinations:
             if not isinstance(destination, LoggerDestination):
-                raise ValueError(
-                    f"loggers must be emakit.loggers.LoggerDestination instances, got {destination!r}"
-                )
+                raise ValueError(f"loggers must be emakit.loggers.LoggerDestination instances, got {destination!r}")
         self.destinations = list(destinations)
         self._timestamp = timestamp
 

@@ -120,9 +120,7 @@ class ShadowWeights:
         if self._model is model and self._current(model):
             return model
         if self._swapped:
-            raise RuntimeError(
-                "the model's tensors changed while the EMA weights were swapped in; swap them out first"
-            )
+            raise RuntimeError("the model's tensors changed while the EMA weights were swapped in; swap them out first")
         carried = self._pending if not self._groups else dict(self._iter_current())
         self._layout(model, carried)
         self._pending = None
@@ -144,9 +142,7 @@ class ShadowWeights:
             raise ValueError(f"{type(model).__name__} has no floating-point parameters or buffers to average")
         if carried is not None:
             carried = match_wrapped_names(carried, named)
-            mismatch = describe_mismatch(carried, named, "the model") or describe_mismatch(
-                named, carried, "the EMA"
-            )
+            mismatch = describe_mismatch(carried, named, "the model") or describe_mismatch(named, carried, "the EMA")
             if mismatch is not None:
                 raise ValueError(f"the model does not match the EMA's tensors: {mismatch}")
         storages = collections.Counter(storage_id(local(t)) for t in named.values())
@@ -272,9 +268,7 @@ class ShadowWeights:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Set the average from ``state`` (as :meth:`state_dict` gives it), now or at the next attach."""
-        bad = next(
-            (k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None
-        )
+        bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
         if bad is not None:
             raise ValueError(f"EMA state must map tensor names to tensors; entry {bad!r} does not")
         self._settle()

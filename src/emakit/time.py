@@ -89,9 +89,7 @@ class Time:
                 the value is not allowed for the unit (fractional batches, ``dur`` above 1).
         """
         if not isinstance(timestring, str):
-            raise ValueError(
-                f"time string must be a str such as '50ba' (units {_ALLOWED}), got {timestring!r}"
-            )
+            raise ValueError(f"time string must be a str such as '50ba' (units {_ALLOWED}), got {timestring!r}")
         match = _TIMESTRING.match(timestring)
         if match is None or match.group(2) not in {u.value for u in TimeUnit}:
             raise ValueError(
@@ -149,9 +147,7 @@ def as_time(value: str | int | Time, *, name: str, int_unit: TimeUnit | None = N
             return Time(value, int_unit)
         except ValueError as error:
             raise ValueError(f"{name}={value!r}: {error}") from None
-    allowed = "a time string such as '50ba' or a Time" + (
-        f", or an int of '{int_unit.value}'" if int_unit else ""
-    )
+    allowed = "a time string such as '50ba' or a Time" + (f", or an int of '{int_unit.value}'" if int_unit else "")
     raise ValueError(f"{name}={value!r} is not a time: expected {allowed}")
 
 

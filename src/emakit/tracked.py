@@ -86,9 +86,7 @@ def tracked_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
-def describe_mismatch(
-    expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], what: str
-) -> str | None:
+def describe_mismatch(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], what: str) -> str | None:
     """The first difference of names or shapes between two name->tensor maps, or None when they match."""
     for name, tensor in expected.items():
         if name not in actual:

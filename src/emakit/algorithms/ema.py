@@ -87,9 +87,7 @@ class EMA(Algorithm):
         skip_nonfinite: bool = False,
     ) -> None:
         if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
-            raise ValueError(
-                f"pass exactly one of half_life={half_life!r} and smoothing={smoothing!r}, not both"
-            )
+            raise ValueError(f"pass exactly one of half_life={half_life!r} and smoothing={smoothing!r}, not both")
         if smoothing is None and half_life is None:
             raise ValueError("pass one of half_life (e.g. '100ba') or smoothing (e.g. 0.999)")
         if smoothing is not None:
@@ -104,9 +102,7 @@ class EMA(Algorithm):
                 update_interval if update_interval is not None else Time(1, self.half_life.unit)
             )
             if interval.unit is not self.half_life.unit:
-                raise ValueError(
-                    f"update_interval={update_interval!r} and half_life={half_life!r} must share a unit"
-                )
+                raise ValueError(f"update_interval={update_interval!r} and half_life={half_life!r} must share a unit")
             self.smoothing = smoothing_from_half_life(self.half_life.value, interval.value)
             if not 0 < self.smoothing < 1:
                 raise ValueError(
@@ -130,15 +126,11 @@ class EMA(Algorithm):
     def _check_interval(update_interval: str | Time) -> Time:
         interval = as_time(update_interval, name="update_interval")
         if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
-            raise ValueError(
-                f"update_interval={update_interval!r} must be > 0 and in 'ba' or 'ep', e.g. '1ba'"
-            )
+            raise ValueError(f"update_interval={update_interval!r} must be > 0 and in 'ba' or 'ep', e.g. '1ba'")
         return interval
 
     def __repr__(self) -> str:
-        rate = (
-            f"half_life='{self.half_life}'" if self.half_life is not None else f"smoothing={self.smoothing}"
-        )
+        rate = f"half_life='{self.half_life}'" if self.half_life is not None else f"smoothing={self.smoothing}"
         return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
 
     # ------------------------------------------------------------ the schedule

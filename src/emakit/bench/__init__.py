@@ -39,15 +39,16 @@ __all__ = ["IMPLEMENTATIONS", "LAYOUTS", "add_arguments", "import_error", "main"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``emakit bench``."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
-    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
-                        help="layouts to benchmark (default: all)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per implementation (default: 30, 3 with --quick)")
+    parser.add_argument(
+        "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="layouts to benchmark (default: all)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per implementation (default: 30, 3 with --quick)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every number to PATH")
     parser.add_argument("--quick", action="store_true", help="tiny layouts and few repeats, for tests")
-    parser.add_argument("--no-trainer", dest="trainer", action="store_false",
-                        help="skip the trainer-overhead runs")
+    parser.add_argument("--no-trainer", dest="trainer", action="store_false", help="skip the trainer-overhead runs")
 
 
 def _bench_layout(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``emakit bench`` as a function: parse ``argv`` and run."""
-    parser = argparse.ArgumentParser(prog="emakit bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="emakit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -26,8 +26,9 @@ def convnet_sizes(count: int = 300, shrink: int = 1) -> list[int]:
     39,368,704 elements in 300 tensors; ``count`` and ``shrink`` make the tiny variant for tests.
     """
     r = random.Random(0)
-    return [max(1, r.choice([64, 256, 512, 1024, 2048]) * r.choice([1, 9, 64, 256, 512]) // shrink)
-            for _ in range(count)]
+    return [
+        max(1, r.choice([64, 256, 512, 1024, 2048]) * r.choice([1, 9, 64, 256, 512]) // shrink) for _ in range(count)
+    ]
 
 
 def many_small_sizes(count: int = 2000, shrink: int = 1) -> list[int]:

@@ -29,8 +29,15 @@ from emakit.bench.peers import IMPLEMENTATIONS, SMOOTHING, Impl, check_closed_fo
 from emakit.tracked import is_averaged, tracked_tensors
 
 __all__ = [
-    "averaged_numel", "bench_eval_memory", "bench_swap", "bench_trainer", "bench_updates",
-    "live_tensor_bytes", "model_bytes", "rooflines", "time_round_robin",
+    "averaged_numel",
+    "bench_eval_memory",
+    "bench_swap",
+    "bench_trainer",
+    "bench_updates",
+    "live_tensor_bytes",
+    "model_bytes",
+    "rooflines",
+    "time_round_robin",
 ]
 
 
@@ -49,8 +56,9 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return time_once
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device: torch.device) -> dict[str, float]:
+def time_round_robin(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds per call of each function, called in turn (one call each per round) after a warm-up."""
     time_once = _timer(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -150,8 +158,9 @@ def bench_swap(emakit: Impl, args: argparse.Namespace) -> dict[str, float]:
         with ema.ema_weights(model):
             pass
 
-    times = time_round_robin({"copy": lambda: target.copy_(source), "swap": swap}, args.repeats, args.warmup,
-                             args.device)
+    times = time_round_robin(
+        {"copy": lambda: target.copy_(source), "swap": swap}, args.repeats, args.warmup, args.device
+    )
     return {"swap_s": times["swap"], "copy_s": times["copy"], "ratio": times["swap"] / times["copy"]}
 
 
@@ -229,20 +238,33 @@ class _TimedEMA(EMA):
 
 
 def _small_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
-def _train(data: TensorDataset, batches: int, with_ema: bool, device: torch.device,
-           eval_memory: _EvalMemory | None = None) -> tuple[float, Trainer]:
+def _train(
+    data: TensorDataset, batches: int, with_ema: bool, device: torch.device, eval_memory: _EvalMemory | None = None
+) -> tuple[float, Trainer]:
     """Wall seconds of ``Trainer.fit`` of ``batches`` batches of a small CNN, with EMA every batch or not."""
     torch.manual_seed(0)
     trainer = Trainer(
-        model=Classifier(_small_cnn()), train_dataloader=DataLoader(data, batch_size=32),
+        model=Classifier(_small_cnn()),
+        train_dataloader=DataLoader(data, batch_size=32),
         eval_dataloader=DataLoader(TensorDataset(*data[:64]), batch_size=32) if eval_memory else None,
-        max_duration=f"{batches}ba", algorithms=[_TimedEMA(half_life="50ba")] if with_ema else [],
-        callbacks=[eval_memory] if eval_memory else [], device=device, seed=0, progress_bar=False,
+        max_duration=f"{batches}ba",
+        algorithms=[_TimedEMA(half_life="50ba")] if with_ema else [],
+        callbacks=[eval_memory] if eval_memory else [],
+        device=device,
+        seed=0,
+        progress_bar=False,
     )
     start = time.perf_counter()
     trainer.fit()
@@ -267,8 +289,10 @@ def bench_trainer(args: argparse.Namespace) -> dict[str, float]:
     """
     batches, pairs, side = (4, 1, 8) if args.quick else (150, max(3, args.repeats // 6), 32)
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(batches * 32, 3, side, side, generator=generator),
-                         torch.randint(0, 10, (batches * 32,), generator=generator))
+    data = TensorDataset(
+        torch.randn(batches * 32, 3, side, side, generator=generator),
+        torch.randint(0, 10, (batches * 32,), generator=generator),
+    )
     _train(data, min(batches, 10), True, args.device)  # warm-up
     with_ema, without, ratios, inside = [], [], [], []
     for pair in range(pairs):
@@ -278,7 +302,12 @@ def bench_trainer(args: argparse.Namespace) -> dict[str, float]:
         without.append(runs[False][0])
         ratios.append(runs[True][0] / runs[False][0])
         inside.append(runs[True][1].engine.algorithms[0].seconds / runs[True][0])
-    return {"batches": batches, "pairs": pairs, "with_ema_s": statistics.median(with_ema),
-            "without_ema_s": statistics.median(without), "ratio": statistics.median(ratios),
-            "ema_share": statistics.median(inside),
-            **_trainer_eval_memory(data, args.device)}
+    return {
+        "batches": batches,
+        "pairs": pairs,
+        "with_ema_s": statistics.median(with_ema),
+        "without_ema_s": statistics.median(without),
+        "ratio": statistics.median(ratios),
+        "ema_share": statistics.median(inside),
+        **_trainer_eval_memory(data, args.device),
+    }

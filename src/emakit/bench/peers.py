@@ -40,14 +40,19 @@ class Impl:
 def _emakit_ema(model: nn.Module) -> Impl:
     ema = EMA(smoothing=SMOOTHING)
     names = [name for name, _ in model.named_parameters()]
-    return Impl("emakit.EMA", model, lambda: ema.update(model),
-                lambda: [ema.shadow.state_dict()[n] for n in names], ema)
+    return Impl(
+        "emakit.EMA", model, lambda: ema.update(model), lambda: [ema.shadow.state_dict()[n] for n in names], ema
+    )
 
 
 def _emakit_compute_ema(model: nn.Module) -> Impl:
     ema_model = copy.deepcopy(model)
-    return Impl("emakit.compute_ema", model, lambda: compute_ema(model, ema_model, SMOOTHING),
-                lambda: list(ema_model.parameters()))
+    return Impl(
+        "emakit.compute_ema",
+        model,
+        lambda: compute_ema(model, ema_model, SMOOTHING),
+        lambda: list(ema_model.parameters()),
+    )
 
 
 def _per_tensor(model: nn.Module) -> Impl:
@@ -59,8 +64,11 @@ def _per_tensor(model: nn.Module) -> Impl:
 
     @torch.no_grad()
     def step() -> None:
-        pairs = zip(itertools.chain(ema_model.parameters(), ema_model.buffers()),
-                    itertools.chain(model.parameters(), model.buffers()), strict=True)
+        pairs = zip(
+            itertools.chain(ema_model.parameters(), ema_model.buffers()),
+            itertools.chain(model.parameters(), model.buffers()),
+            strict=True,
+        )
         for ema_t, t in pairs:
             ema_t.copy_(ema_t * SMOOTHING + t * (1.0 - SMOOTHING) if ema_t.is_floating_point() else t)
 
@@ -72,8 +80,12 @@ def _averaged_model(model: nn.Module) -> Impl:
 
     # its first call copies the weights; buffers are copied every call (use_buffers=False)
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(SMOOTHING))
-    return Impl("torch.AveragedModel", model, lambda: averaged.update_parameters(model),
-                lambda: list(averaged.module.parameters()))
+    return Impl(
+        "torch.AveragedModel",
+        model,
+        lambda: averaged.update_parameters(model),
+        lambda: list(averaged.module.parameters()),
+    )
 
 
 def _torch_ema(model: nn.Module) -> Impl:
@@ -89,8 +101,7 @@ def _ema_pytorch(model: nn.Module, foreach: bool) -> Impl:
 
     # Every call averages: update_every=1, update_after_step=0 (its first call copies), and
     # min_value=beta pins its warmup decay 1 - (1 + n) ** -2/3, clamped to [min_value, beta], to beta.
-    ema = LucidEMA(model, beta=SMOOTHING, update_after_step=0, update_every=1, min_value=SMOOTHING,
-                   use_foreach=foreach)
+    ema = LucidEMA(model, beta=SMOOTHING, update_after_step=0, update_every=1, min_value=SMOOTHING, use_foreach=foreach)
     name = "ema_pytorch.foreach" if foreach else "ema_pytorch"
     return Impl(name, model, ema.update, lambda: list(ema.ema_model.parameters()))
 
@@ -100,10 +111,8 @@ def _diffusers(model: nn.Module) -> Impl:
 
     # Without warmup its decay is min(decay, (1 + n) / (10 + n)) floored at min_decay, and 0 (a copy)
     # at the first step: min_decay=decay pins it to s from the second step on.
-    ema = EMAModel(model.parameters(), decay=SMOOTHING, min_decay=SMOOTHING, use_ema_warmup=False,
-                   foreach=True)
-    return Impl("diffusers.EMAModel", model, lambda: ema.step(model.parameters()),
-                lambda: list(ema.shadow_params))
+    ema = EMAModel(model.parameters(), decay=SMOOTHING, min_decay=SMOOTHING, use_ema_warmup=False, foreach=True)
+    return Impl("diffusers.EMAModel", model, lambda: ema.step(model.parameters()), lambda: list(ema.shadow_params))
 
 
 def _timm(model: nn.Module) -> Impl:
@@ -159,5 +168,7 @@ def check_closed_form(impl: Impl) -> None:
         expected = start + (1.0 - SMOOTHING)  # s * start + (1 - s) * (start + 1)
         if not torch.allclose(average.float(), expected, rtol=1e-5, atol=1e-5):
             error = (average.float() - expected).abs().max().item()
-            raise RuntimeError(f"{impl.name}: parameter {index} is {error:.3g} off the closed form after one "
-                               "update: it does not average as configured, so timing it would mislead")
+            raise RuntimeError(
+                f"{impl.name}: parameter {index} is {error:.3g} off the closed form after one "
+                "update: it does not average as configured, so timing it would mislead"
+            )
