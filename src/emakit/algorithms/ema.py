@@ -242,10 +242,12 @@ class EMA(Algorithm):
         if event in (Event.EVAL_START, Event.EVAL_END):
             return self.started
         update_event = Event.BATCH_END if self.update_interval.unit is TimeUnit.BATCH else Event.EPOCH_END
-        return event in (update_event, Event.FIT_START)
+        return event in (update_event, Event.INIT, Event.FIT_START)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event is Event.FIT_START:
+        if event is Event.INIT:  # allocate now: a checkpoint of a sharded run is loaded into the average in place
+            self.shadow.attach(state.model)
+        elif event is Event.FIT_START:
             self._check_start(state)
             if self.started:  # resumed: bind the model now, so ema_model and exports work before the next update
                 self.shadow.attach(state.model)

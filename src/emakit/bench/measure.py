@@ -211,13 +211,10 @@ def bench_eval_memory(template: nn.Module, device: torch.device) -> dict[str, fl
 
 # ----------------------------------------------------------------------------- trainer
 class _EvalMemory(Callback):
-    """Live tensor bytes at fit start and at the first evaluation batch."""
+    """Live tensor bytes when made (before the trainer and its EMA exist) and at the first evaluation batch."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.at_fit_start, self.at_eval = device, 0, None
-
-    def fit_start(self, state: Any, logger: Any) -> None:
-        self.at_fit_start = live_tensor_bytes(self.device)
+        self.device, self.at_start, self.at_eval = device, live_tensor_bytes(device), None
 
     def eval_batch_end(self, state: Any, logger: Any) -> None:
         if self.at_eval is None:
@@ -272,12 +269,12 @@ def _train(
 
 
 def _trainer_eval_memory(data: TensorDataset, device: torch.device) -> dict[str, float]:
-    """Growth of live tensor bytes from fit start to evaluation, with EMA minus without, vs model bytes."""
+    """Growth of live tensor bytes from before the trainer to evaluation, with EMA minus without, vs model bytes."""
     growth = {}
     for with_ema in (False, True):
         probe = _EvalMemory(device)
         _, trainer = _train(data, 3, with_ema, device, eval_memory=probe)
-        growth[with_ema] = probe.at_eval - probe.at_fit_start
+        growth[with_ema] = probe.at_eval - probe.at_start
     extra, size = growth[True] - growth[False], model_bytes(trainer.state.model)
     return {"eval_model_bytes": size, "eval_extra_bytes": extra, "eval_memory_ratio": extra / size}
 
