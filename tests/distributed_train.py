@@ -14,6 +14,7 @@ process with batch 2b (up to float rounding).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ def run(
     callbacks: list[Callback],
     max_duration: str = "2ep",
     save_folder: Path | None = None,
+    save_interval: str = "1ep",
 ) -> dict:
     train, evaluation = _data(shuffle, batch_size)
     torch.manual_seed(0)
@@ -87,6 +89,7 @@ def run(
         progress_bar=False,
         parallelism=parallelism,
         save_folder=save_folder,
+        save_interval=save_interval,
         autoresume=save_folder is not None,
     )
     trainer.fit()
@@ -113,18 +116,33 @@ def main(mode: str | None, out_dir: str, batch_size: int = PER_RANK_BATCH) -> No
     for name, shuffle in RUNS.items():
         result = run(mode, shuffle, batch_size, [])
         torch.save(result, out / f"{name}-{mode or 'single'}-rank{distributed.rank()}.pt")
-    if mode == "ddp":  # one epoch, a checkpoint written by rank 0, then a resumed run to the end
+    if mode in ("ddp", "fsdp"):  # one epoch, a checkpoint (a file; for FSDP a DCP folder), then resumed to the end
         run(mode, False, batch_size, [], max_duration="1ep", save_folder=out / "checkpoints")
         result = run(mode, False, batch_size, [], save_folder=out / "checkpoints")
         torch.save(result, out / f"resumed-{mode}-rank{distributed.rank()}.pt")
-    if mode == "fsdp":
-        try:
-            run(mode, False, batch_size, [], save_folder=out / "checkpoints")
-            error = None
-        except ValueError as refused:
-            error = str(refused)
-        torch.save({"error": error}, out / f"checkpoint-{mode}-rank{distributed.rank()}.pt")
+
+
+def killed_then_resumed(out_dir: str, kill: bool) -> None:
+    """FSDP with a checkpoint every 5 batches: killed right after batch 7 (``kill``), or resumed to the end."""
+    out = Path(out_dir)
+    callbacks = [KillAfter(7 if kill else -1)]  # the same callbacks in both runs: their states are checkpointed
+    result = run("fsdp", False, PER_RANK_BATCH, callbacks, save_folder=out / "killed", save_interval="5ba")
+    torch.save(result, out / f"killed-resumed-fsdp-rank{distributed.rank()}.pt")
+
+
+class KillAfter(Callback):
+    """Ends every rank's process at once, as SIGKILL would (no cleanup), after batch ``batch``."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_checkpoint(self, state, logger) -> None:
+        if state.timestamp.batch == self.batch:
+            os._exit(9)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] in ("fsdp-kill", "fsdp-resume"):
+        killed_then_resumed(sys.argv[2], kill=sys.argv[1] == "fsdp-kill")
+    else:
+        main(sys.argv[1], sys.argv[2])

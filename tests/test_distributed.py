@@ -121,9 +121,33 @@ def test_fsdp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, single)
         full = single[name]["ema_local_bytes"]
         assert sum(result["ema_local_bytes"] for result in ranks) == full
         assert max(result["ema_local_bytes"] for result in ranks) <= 0.55 * full
+    # the DCP checkpoint is a folder; resuming from it ends bit for bit as the uninterrupted run
+    (checkpoint,) = list_checkpoints(tmp_path / "checkpoints")[:1]
+    assert checkpoint.is_dir() and checkpoint.suffix == ".dcp"
+    resumed, uninterrupted = _load(tmp_path, "resumed", "fsdp"), _load(tmp_path, "sequential", "fsdp")
     for rank in (0, 1):
-        error = torch.load(tmp_path / f"checkpoint-fsdp-rank{rank}.pt", weights_only=False)["error"]
-        assert error is not None and "FSDP checkpoints (DCP) are not implemented yet" in error
+        for key in ("model", "ema"):
+            for name, tensor in uninterrupted[rank][key].items():
+                assert torch.equal(resumed[rank][key][name], tensor), f"resumed {key} {name} on rank {rank}"
+        assert resumed[rank]["eval"] == uninterrupted[rank]["eval"]
+        assert resumed[rank]["eval_history"] == uninterrupted[rank]["eval_history"]
+
+
+def test_fsdp_run_killed_after_a_dcp_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
+    killed = _torchrun("fsdp-kill", tmp_path)
+    assert killed.returncode != 0, "the run should have been killed"
+    checkpoints = list_checkpoints(tmp_path / "killed")
+    assert [path.name for path in checkpoints] == ["ep0-ba5.dcp"], checkpoints
+    assert not list((tmp_path / "killed").glob(".*partial*"))
+    _launch("fsdp-resume", tmp_path)
+    _launch("fsdp", tmp_path / "reference")
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / f"killed-resumed-fsdp-rank{rank}.pt", weights_only=False)
+        reference = torch.load(tmp_path / "reference" / f"sequential-fsdp-rank{rank}.pt", weights_only=False)
+        for key in ("model", "ema"):
+            for name, tensor in reference[key].items():
+                assert torch.equal(resumed[key][name], tensor), f"{key} {name} on rank {rank}"
+        assert resumed["eval"] == reference["eval"]
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):

@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from emakit.trainer.checkpoint import load_checkpoint
 
+    if args.checkpoint.is_dir():
+        raise SystemExit(
+            f"emakit export: {str(args.checkpoint)!r} is a sharded (FSDP) checkpoint folder: call "
+            "ema.save_ema_weights(path) on every rank of the run, which gathers the shards"
+        )
     states = ema_states_in_checkpoint(load_checkpoint(args.checkpoint))
     if not states:
         raise SystemExit(f"emakit export: checkpoint {str(args.checkpoint)!r} holds no EMA state")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,18 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "remove_checkpoint",
     "remove_partial_files",
     "save_checkpoint",
 ]
 
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
+_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.(pt|dcp)$")  # .dcp: the folder of a sharded (FSDP) checkpoint
 
 
-def checkpoint_name(epoch: int, batch: int) -> str:
-    """The file name of the checkpoint taken after ``epoch`` epochs and ``batch`` batches."""
-    return f"ep{epoch}-ba{batch}.pt"
+def checkpoint_name(epoch: int, batch: int, sharded: bool = False) -> str:
+    """The name of the checkpoint taken after ``epoch`` epochs and ``batch`` batches (a folder when ``sharded``)."""
+    return f"ep{epoch}-ba{batch}.{'dcp' if sharded else 'pt'}"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -102,8 +104,17 @@ def remove_partial_files(folder: str | Path) -> None:
     """Delete what a save killed mid-write left behind (never mistaken for a checkpoint, but it takes space)."""
     folder = Path(folder)
     if folder.is_dir():
-        for leftover in folder.glob(".*.partial-*"):
-            leftover.unlink(missing_ok=True)
+        for leftover in folder.glob(".*.partial*"):
+            remove_checkpoint(leftover)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint: a file, or the folder of a sharded one."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -111,7 +122,11 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(2)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [
+        (int(m.group(2)), p)
+        for p in folder.iterdir()
+        if (m := _NAME.match(p.name)) and (p.is_file() if m.group(3) == "pt" else p.is_dir())
+    ]
     return [path for _, path in sorted(found)]
 
 

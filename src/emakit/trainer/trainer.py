@@ -30,20 +30,18 @@ from emakit.trainer.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
+    remove_checkpoint,
     remove_partial_files,
     save_checkpoint,
 )
 from emakit.trainer.evaluation import fsdp_eval_forwards, sum_metrics
 from emakit.trainer.rng import rng_state, seed_everything, set_rng_state
+from emakit.trainer.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
 __all__ = ["Trainer"]
 
 _PRECISIONS = ("fp32", "amp_bf16")
 _SEED_STRIDE = 1_000_003  # epoch e of a run seeded s shuffles with the permutation seeded s * _SEED_STRIDE + e
-_FSDP_CHECKPOINTS = (
-    "FSDP checkpoints (DCP) are not implemented yet: with parallelism='fsdp' leave save_folder and load_path "
-    "unset, or use parallelism='ddp'"
-)
 
 
 def _interval(value: str | int | Time, name: str) -> Time:
@@ -51,6 +49,17 @@ def _interval(value: str | int | Time, name: str) -> Time:
     if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
         raise ValueError(f"{name}={value!r} must be > 0 and in 'ba' or 'ep', e.g. '1ep' or '100ba'")
     return interval
+
+
+def _copy_state(state: Any) -> Any:
+    """A copy of a nested state: tensors cloned (DTensors too: FSDP storages refuse deepcopy), the rest deep-copied."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {key: _copy_state(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy_state(value) for value in state)
+    return copy.deepcopy(state)
 
 
 class Trainer:
@@ -139,8 +148,6 @@ class Trainer:
         distributed.check_parallelism(parallelism)
         kind = distributed.check_wrapping(model, parallelism)
         self._fsdp = kind == "fsdp" or (parallelism == "fsdp" and distributed.world_size() > 1)
-        if self._fsdp and (save_folder is not None or load_path is not None):
-            raise ValueError(_FSDP_CHECKPOINTS)
         self.eval_interval = _interval(eval_interval, "eval_interval")
         self.save_interval = _interval(save_interval, "save_interval")
         Engine.check(algorithms, callbacks)
@@ -370,8 +377,6 @@ class Trainer:
 
         The model's tensors are named as in the plain model's ``state_dict`` (no DDP ``module.`` prefix).
         """
-        if self._fsdp:
-            raise ValueError(_FSDP_CHECKPOINTS)
         state = self.state
         with contextlib.ExitStack() as stack:
             for algorithm in self.engine.algorithms:
@@ -379,7 +384,7 @@ class Trainer:
             model = {name: tensor.clone() for name, tensor in unwrap(state.model).state_dict().items()}
         return {
             "model": model,
-            "optimizers": [o.state_dict() for o in state.optimizers],
+            "optimizers": [self._optimizer_state(o) for o in state.optimizers],
             "schedulers": [s.state_dict() for s in state.schedulers],
             "algorithms": [a.state_dict() for a in self.engine.algorithms],
             "callbacks": [c.state_dict() for c in self.engine.callbacks],
@@ -390,10 +395,24 @@ class Trainer:
             "epoch_rng": self._epoch_rng,
         }
 
+    def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()``; under FSDP keyed by parameter name, with DTensor shards (and never empty)."""
+        if not self._fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap(self.state.model), optimizer)
+
+    def _load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+        if not self._fsdp:
+            optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap(self.state.model), optimizer, optim_state_dict=saved)
+
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``checkpoint`` (as :meth:`state_dict` gives it); checks everything before changing anything."""
-        if self._fsdp:
-            raise ValueError(_FSDP_CHECKPOINTS)
         state = self.state
         missing = {"model", "optimizers", "schedulers", "algorithms", "callbacks", "timestamp", "rng"} - set(checkpoint)
         if missing:
@@ -413,8 +432,14 @@ class Trainer:
         )
         if mismatch is not None:
             raise ValueError(f"the checkpoint is of another model: {mismatch}")
-        before = copy.deepcopy(
-            {"model": model_state, **{key: [item.state_dict() for item in items] for key, items in stateful.items()}}
+        before = _copy_state(
+            {
+                "model": model_state,
+                "optimizers": [self._optimizer_state(o) for o in state.optimizers],
+                **{
+                    key: [item.state_dict() for item in items] for key, items in stateful.items() if key != "optimizers"
+                },
+            }
         )
         try:
             self._load_stateful(checkpoint, stateful)
@@ -429,27 +454,31 @@ class Trainer:
 
     def _load_stateful(self, checkpoint: dict[str, Any], stateful: dict[str, list[Any]]) -> None:
         unwrap(self.state.model).load_state_dict(checkpoint["model"])
+        for optimizer, saved in zip(self.state.optimizers, checkpoint["optimizers"]):
+            self._load_optimizer_state(optimizer, saved)
         for key, items in stateful.items():
-            for item, saved in zip(items, checkpoint[key]):
-                item.load_state_dict(saved)
+            if key != "optimizers":
+                for item, saved in zip(items, checkpoint[key]):
+                    item.load_state_dict(saved)
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint to ``save_folder`` (none without one); returns its path.
 
-        With several processes (DDP) rank 0 writes it and every rank waits until it is written; every rank
-        holds the same state, and every rank reads the file on resume (a folder all of them can read).
+        With DDP rank 0 writes it and every rank waits until it is written (every rank holds the same state).
+        With FSDP it is a folder (:mod:`emakit.trainer.sharded`): every rank writes its shards through
+        ``torch.distributed.checkpoint``. Every rank reads it on resume: a folder all of them can read.
         """
         if self.save_folder is None:
             return None
-        if self._fsdp:
-            raise ValueError(_FSDP_CHECKPOINTS)
         timestamp = self.state.timestamp
-        path = self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch)
-        if distributed.is_main():
+        path = self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch, sharded=self._fsdp)
+        if self._fsdp:
+            save_sharded_checkpoint(path, self.state_dict())
+        elif distributed.is_main():
             save_checkpoint(path, self.state_dict())
-            if self.save_num_checkpoints_to_keep > 0:
-                for old in list_checkpoints(self.save_folder)[: -self.save_num_checkpoints_to_keep]:
-                    old.unlink()
+        if distributed.is_main() and self.save_num_checkpoints_to_keep > 0:
+            for old in list_checkpoints(self.save_folder)[: -self.save_num_checkpoints_to_keep]:
+                remove_checkpoint(old)
         distributed.barrier()
         return path
 
@@ -464,7 +493,9 @@ class Trainer:
         self.load_path, self.autoresume = None, False
         for path in candidates:
             try:
-                checkpoint = load_checkpoint(path)
+                checkpoint = (
+                    load_sharded_checkpoint(path, self.state_dict()) if path.is_dir() else load_checkpoint(path)
+                )
             except ValueError as error:
                 if len(candidates) == 1 or path == candidates[-1]:
                     raise
