@@ -8,10 +8,7 @@ The rest checks the helpers of emakit.distributed in this process.
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchrun import torchrun
 
 from emakit import EMA, Classifier, Trainer, distributed
 from emakit.trainer.checkpoint import list_checkpoints, load_checkpoint
@@ -33,31 +31,8 @@ spec.loader.exec_module(distributed_train)
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(mode: str, out: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(SCRIPT),
-        mode,
-        str(out),
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+    return torchrun(SCRIPT, mode, str(out), timeout=timeout, **env)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> Non
     optimizer.step()
 
 
+def train_and_average(model, optimizer, ema, reference, batches) -> None:
+    """Per batch: an optimizer step, the closed form's update, and the EMA's."""
+    for batch in batches:
+        train_step(model, optimizer, batch)
+        reference.update(weights64(model))
+        ema.update(model)
+
+
 def weights64(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's floating-point state, in float64 (exact for fp32, bf16 and fp64 values)."""
     state = model.state_dict()
@@ -177,10 +185,7 @@ def test_ema_weights_restores_training_weights_bit_for_bit_on_exit():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(half_life="3ba")
     reference = ClosedForm(2 ** (-1 / 3))
-    for batch in make_batches(6):
-        train_step(model, optimizer, batch)
-        reference.update(weights64(model))
-        ema.update(model)
+    train_and_average(model, optimizer, ema, reference, make_batches(6))
     training = snapshot(model)
     with ema.ema_weights(model) as inside:
         assert inside is model
@@ -188,10 +193,7 @@ def test_ema_weights_restores_training_weights_bit_for_bit_on_exit():
         assert not torch.equal(model.module[0].weight, training["module.0.weight"])
     assert_equal_state(snapshot(model), training)
     # and the average carries on correctly after the round trip
-    for batch in make_batches(3, seed=2):
-        train_step(model, optimizer, batch)
-        reference.update(weights64(model))
-        ema.update(model)
+    train_and_average(model, optimizer, ema, reference, make_batches(3, seed=2))
     assert_close_to(ema.ema_model.state_dict(), reference.ema)
 
 
@@ -363,10 +365,7 @@ def test_updates_average_the_new_tensors_after_model_to_float64():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(half_life="4ba")
     reference = ClosedForm(2 ** (-1 / 4))
-    for batch in make_batches(5):
-        train_step(model, optimizer, batch)
-        reference.update(weights64(model))
-        ema.update(model)
+    train_and_average(model, optimizer, ema, reference, make_batches(5))
     model.to(torch.float64)
     for batch in make_batches(5, seed=2, dtype=torch.float64):
         train_step(model, optimizer, batch)  # the optimizer holds the same Parameter objects
@@ -385,10 +384,7 @@ def test_updates_average_the_new_tensors_after_load_state_dict_with_assign():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(half_life="4ba")
     reference = ClosedForm(2 ** (-1 / 4))
-    for batch in make_batches(4):
-        train_step(model, optimizer, batch)
-        reference.update(weights64(model))
-        ema.update(model)
+    train_and_average(model, optimizer, ema, reference, make_batches(4))
     other = make_model(seed=3).state_dict()
     model.load_state_dict(other, assign=True)
     assert model.module[0].weight.data_ptr() == other["module.0.weight"].data_ptr()
@@ -408,10 +404,7 @@ def test_updates_average_a_replaced_parameter():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(half_life="4ba")
     reference = ClosedForm(2 ** (-1 / 4))
-    for batch in make_batches(4):
-        train_step(model, optimizer, batch)
-        reference.update(weights64(model))
-        ema.update(model)
+    train_and_average(model, optimizer, ema, reference, make_batches(4))
     model.module[2].weight = nn.Parameter(torch.full((3, 8), 0.5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for batch in make_batches(4, seed=2):
