@@ -94,9 +94,12 @@ def run(
     )
     trainer.fit()
     ema_state = ema.state_dict()
+    ema_model = ema.ema_model  # under FSDP a plain module holding the gathered average (collective)
     return {
         "model": {k: _full(v) for k, v in model.state_dict().items()},
         "ema": {k: _full(v) for k, v in ema_state["weights"].items()},
+        "ema_model": {k: v.detach().clone() for k, v in ema_model.state_dict().items()},
+        "ema_model_type": type(ema_model).__name__,
         "ema_local_bytes": sum(
             (v.to_local() if hasattr(v, "to_local") else v).nbytes for v in ema_state["weights"].values()
         ),

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from emakit import EMA
+from emakit.tracked import remember_skeleton
 
 
 def make_model() -> nn.Module:
@@ -29,6 +30,7 @@ def main(export_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     sharded, plain = make_model(), make_model()
+    remember_skeleton(sharded)  # before fully_shard, which makes the module uncopyable: for ema.ema_model
     for layer in sharded:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
@@ -48,6 +50,9 @@ def main(export_path: str) -> None:
     assert all(isinstance(t, DTensor) for t in sharded_ema.values()), "the sharded EMA must hold DTensor shards"
     for name, expected in plain_ema.items():
         torch.testing.assert_close(sharded_ema[name].full_tensor(), expected, atol=2e-6, rtol=1e-5, msg=name)
+    gathered = emas[0].ema_model.state_dict()  # a plain module with the full average (collective)
+    for name, expected in plain_ema.items():
+        torch.testing.assert_close(gathered[name], expected, atol=2e-6, rtol=1e-5, msg=f"ema_model {name}")
     ratio = emas[0].shadow.nbytes / emas[1].shadow.nbytes
     assert ratio < 0.55, f"a rank's EMA holds {ratio:.3f} of the full EMA's bytes, expected about 1/{world}"
     probe = torch.randn(3, 64, generator=generator)

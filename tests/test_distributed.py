@@ -67,6 +67,9 @@ def _assert_equivalent(ranks: list[dict], reference: dict, what: str) -> None:
         assert result["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-6), what
         assert result["timestamp"] == reference["timestamp"], what
         assert result["same_model_object"], what
+        assert result["ema_model_type"] == "Classifier", what  # under FSDP too: a plain module, unsharded
+        for name, tensor in result["ema"].items():
+            assert torch.equal(result["ema_model"][name], tensor), f"{what}: ema_model differs at {name}"
     for name, tensor in ranks[0]["ema"].items():
         assert torch.equal(tensor, ranks[1]["ema"][name]), f"{what}: the ranks' EMAs differ at {name}"
     for name, tensor in ranks[0]["model"].items():

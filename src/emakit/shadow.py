@@ -34,13 +34,16 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from emakit.flat import FlatGroup, is_dense, local, storage_id
 from emakit.side_stream import SideStream
 from emakit.tracked import (
     describe_mismatch,
+    fill_tensors,
     is_averaged,
     match_wrapped_names,
+    skeleton_of,
     structure_generation,
     tracked_tensors,
     unwrap,
@@ -289,6 +292,19 @@ class ShadowWeights:
         for name, tensor in current.items():
             tensor.copy_(state[name])
 
+    def _gathered_module(self, model: nn.Module) -> nn.Module:
+        """A plain module of the sharded ``model``'s type holding the full average, from its remembered skeleton."""
+        skeleton = skeleton_of(model)
+        if skeleton is None:
+            raise ValueError(
+                "ema_model of an FSDP-sharded model needs a copy of its structure taken before sharding (FSDP "
+                "refuses deepcopy): let emakit shard it (Trainer(parallelism='fsdp')) or call "
+                "emakit.tracked.remember_skeleton(model) before fully_shard; or use `with ema.ema_weights(model):` "
+                "or ema.save_ema_weights(path)"
+            )
+        full = {name: t.full_tensor() if isinstance(t, DTensor) else t.clone() for name, t in self._iter_current()}
+        return fill_tensors(skeleton, full)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the average."""
@@ -297,15 +313,13 @@ class ShadowWeights:
     def module(self, model: nn.Module) -> nn.Module:
         """A module of ``model``'s type whose tensors are the average's (no copy: it follows every update).
 
-        While the EMA weights are swapped in, it holds the training weights instead.
+        While the EMA weights are swapped in, it holds the training weights instead. For a sharded
+        (FSDP2) model it is a plain, unsharded module holding the full average, gathered at each call
+        (collective: call it on every rank).
         """
         model = self.attach(model)
         if any(local(t) is not t for group in self._groups for t in group.tensors):
-            raise ValueError(
-                "ema_model needs a copy of the module, which FSDP-sharded models do not allow: use "
-                "`with ema.ema_weights(model):` (the EMA shards swapped in) or ema.save_ema_weights(path) "
-                "(the full EMA weights gathered)"
-            )
+            return self._gathered_module(model)
         if self._module is None:
             memo: dict[int, object] = {}
             for group in self._groups:

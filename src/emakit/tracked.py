@@ -12,7 +12,9 @@ replaced ``Parameter``, ``load_state_dict(assign=True)``, a new layer).
 
 from __future__ import annotations
 
+import copy
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -20,8 +22,11 @@ from torch import nn
 
 __all__ = [
     "describe_mismatch",
+    "fill_tensors",
     "is_averaged",
     "match_wrapped_names",
+    "remember_skeleton",
+    "skeleton_of",
     "structure_generation",
     "tracked_tensors",
     "unwrap",
@@ -126,3 +131,41 @@ def match_wrapped_names(state: dict[str, torch.Tensor], names: Iterable[str]) ->
     if len(wanted) != len(names) or len(renamed) != len(state) or set(wanted) != set(renamed):
         return state
     return {wanted[key]: tensor for key, tensor in renamed.items()}
+
+
+_skeletons: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def remember_skeleton(model: nn.Module) -> None:
+    """Keep a weightless copy of ``model`` (its tensors on the meta device), for :func:`skeleton_of`.
+
+    Taken before something makes the model uncopyable (FSDP2 refuses ``deepcopy``); costs no weight memory.
+    """
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    _skeletons[model] = copy.deepcopy(model, memo)
+
+
+def skeleton_of(model: nn.Module) -> nn.Module | None:
+    """A fresh weightless copy of ``model`` remembered by :func:`remember_skeleton`, or None."""
+    remembered = _skeletons.get(model)
+    return None if remembered is None else copy.deepcopy(remembered)
+
+
+def fill_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Put ``tensors`` (by tracked name) into ``model`` in place of its own, wherever each is shared; returns it."""
+    slots: dict[int, list[tuple[dict, str]]] = {}
+    for module in model.modules():
+        for registry in (module._parameters, module._buffers):
+            for attr, tensor in registry.items():
+                if tensor is not None:
+                    slots.setdefault(id(tensor), []).append((registry, attr))
+    named = dict(tracked_tensors(model))
+    for name, value in tensors.items():
+        old = named[name]
+        new = nn.Parameter(value, requires_grad=False) if isinstance(old, nn.Parameter) else value
+        for registry, attr in slots[id(old)]:
+            registry[attr] = new
+    return model
