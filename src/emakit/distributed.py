@@ -57,7 +57,6 @@ __all__ = [
     "shard_train_loader",
     "sum_over_ranks",
     "timeout_seconds",
-    "uses_fsdp",
     "world_size",
     "wrap_model",
     "wrapper_kind",
@@ -209,11 +208,6 @@ def wrapper_kind(model: nn.Module) -> str | None:
     if any(_is_fsdp(module) for module in inner.modules()):
         return "fsdp"
     return None
-
-
-def uses_fsdp(model: nn.Module) -> bool:
-    """Whether ``model`` is (or holds) an FSDP-sharded module."""
-    return wrapper_kind(model) == "fsdp"
 
 
 def forward_module(model: nn.Module) -> nn.Module:
