@@ -17,7 +17,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from emakit import EMA
-from emakit.tracked import remember_skeleton
 
 
 def make_model() -> nn.Module:
@@ -30,13 +29,13 @@ def main(export_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     sharded, plain = make_model(), make_model()
-    remember_skeleton(sharded)  # before fully_shard, which makes the module uncopyable: for ema.ema_model
+    emas = [EMA(half_life="3ba"), EMA(half_life="3ba")]
+    emas[0].remember_structure(sharded)  # before fully_shard, which makes the module uncopyable: for ema.ema_model
     for layer in sharded:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (sharded, plain)]
-    emas = [EMA(half_life="3ba"), EMA(half_life="3ba")]
     generator = torch.Generator().manual_seed(1)
     for _ in range(6):
         x, y = torch.randn(16, 64, generator=generator), torch.randint(0, 4, (16,), generator=generator)

@@ -1,4 +1,5 @@
-"""The storage engine: flat binding, zero-copy swaps, fallbacks, dtypes and state, against the closed form."""
+"""The storage engine in both modes (the default, which never re-points the model, and flatten_model=True):
+updates against the float64 closed form, swaps, following a changed model, dtypes and state."""
 
 import copy
 
@@ -31,6 +32,22 @@ def closed_form(history: list[dict[str, torch.Tensor]], weight: float) -> dict[s
     return ema
 
 
+MODES = [pytest.param(False, id="default"), pytest.param(True, id="flatten_model")]
+
+
+def addresses(model: nn.Module) -> list[int]:
+    return [t.data_ptr() for t in list(model.parameters()) + list(model.buffers())]
+
+
+def assert_bound_into_one_buffer(tensors: list[torch.Tensor]) -> None:
+    """Each tensor has a storage of its own bytes, and together they tile one region (64-byte aligned slots)."""
+    spans = sorted((t.data_ptr(), t.untyped_storage().nbytes()) for t in tensors)
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    for (start, size), (next_start, _) in zip(spans, spans[1:]):
+        assert start + size <= next_start <= start + size + 64
+
+
 def run_updates(shadow: ShadowWeights, model: nn.Module, steps: int, weight: float, start: int = 0):
     history = []
     for step in range(start, start + steps):
@@ -49,21 +66,38 @@ def assert_matches(shadow: ShadowWeights, expected: dict[str, torch.Tensor], ato
         torch.testing.assert_close(state[name].double(), value, atol=atol, rtol=1e-6, msg=name)
 
 
-def test_parameters_are_bound_into_one_flat_buffer_and_keep_their_identity():
+def test_default_mode_never_repoints_the_model():
+    model = make_model()
+    params = list(model.parameters())
+    before = addresses(model)
+    storages = [t.untyped_storage()._cdata for t in model.parameters()]
+    shadow = ShadowWeights()
+    run_updates(shadow, model, steps=3, weight=0.5)
+    shadow.swap_in(model)
+    assert addresses(model) == before
+    shadow.swap_out(model)
+    assert addresses(model) == before
+    assert [t.untyped_storage()._cdata for t in model.parameters()] == storages
+    assert all(a is b for a, b in zip(params, model.parameters()))
+
+
+def test_flatten_model_binds_each_tensor_with_a_storage_of_its_own():
     model = make_model()
     params_before = list(model.parameters())
-    values_before = [p.detach().clone() for p in params_before]
-    shadow = ShadowWeights()
+    values_before = {k: v.clone() for k, v in model.state_dict().items()}
+    shadow = ShadowWeights(flatten_model=True)
     shadow.copy_from_model(model)
-    storages = {p.untyped_storage()._cdata for p in model.parameters()}
-    assert len(storages) == 1
     assert all(a is b for a, b in zip(params_before, model.parameters()))
-    assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values_before))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in values_before.items())
+    assert_bound_into_one_buffer(list(model.parameters()))
+    assert len({p.untyped_storage()._cdata for p in model.parameters()}) == len(params_before)
+    assert_bound_into_one_buffer(list(shadow.state_dict().values())[:4])  # the averages of the parameters too
 
 
-def test_update_matches_closed_form_and_copies_integer_buffers():
+@pytest.mark.parametrize("flatten", MODES)
+def test_update_matches_closed_form_and_copies_integer_buffers(flatten):
     model = make_model()
-    shadow = ShadowWeights()
+    shadow = ShadowWeights(flatten_model=flatten)
     model.train()
     model(torch.randn(4, 5))  # BatchNorm counts a batch
     history = run_updates(shadow, model, steps=6, weight=0.3)
@@ -72,10 +106,11 @@ def test_update_matches_closed_form_and_copies_integer_buffers():
     assert shadow.state_dict()["1.num_batches_tracked"].dtype == torch.int64
 
 
-def test_optimizer_built_before_binding_still_trains_the_model():
+@pytest.mark.parametrize("flatten", MODES)
+def test_optimizer_built_before_the_ema_still_trains_the_model(flatten):
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    shadow = ShadowWeights()
+    shadow = ShadowWeights(flatten_model=flatten)
     shadow.copy_from_model(model)
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(8, 5)).sum().backward()
@@ -86,27 +121,41 @@ def test_optimizer_built_before_binding_still_trains_the_model():
         assert torch.equal(shadow.state_dict()[name], p.detach())
 
 
-def test_swap_exchanges_memory_without_copying_and_restores_bit_for_bit():
+@pytest.mark.parametrize("flatten", MODES)
+def test_swap_puts_the_average_in_and_restores_the_training_weights_bit_for_bit(flatten):
     model = make_model()
-    shadow = ShadowWeights()
-    run_updates(shadow, model, steps=3, weight=0.5)
+    shadow = ShadowWeights(flatten_model=flatten)
+    history = run_updates(shadow, model, steps=3, weight=0.5)
     training = {k: v.clone() for k, v in model.state_dict().items()}
-    ema = {k: v.clone() for k, v in shadow.state_dict().items()}
-    ema_address = shadow.state_dict()["0.weight"].data_ptr()
+    expected = closed_form(history, 0.5)
     shadow.swap_in(model)
-    assert model[0].weight.data_ptr() == ema_address  # the model reads the average's memory: nothing moved
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, ema[name]), name
-    assert shadow.state_dict()["0.weight"].equal(ema["0.weight"])  # state is right while swapped too
+    for name, value in expected.items():
+        torch.testing.assert_close(model.state_dict()[name].double(), value, atol=1e-6, rtol=1e-6, msg=name)
+    assert_matches(shadow, expected)  # the state is right while swapped too
     shadow.swap_out(model)
     for name, value in model.state_dict().items():
         assert torch.equal(value, training[name]), name
-    assert all(torch.equal(shadow.state_dict()[k], v) for k, v in ema.items())
+    assert_matches(shadow, expected)
 
 
-def test_update_while_swapped_in_is_refused():
+def test_flatten_model_swap_moves_no_data_where_torch_exchanges_storage_pointers():
+    if not hasattr(torch.UntypedStorage, "_swap_data_ptr_"):
+        pytest.skip("torch < 2.12 has no UntypedStorage._swap_data_ptr_: swaps exchange contents")
     model = make_model()
-    shadow = ShadowWeights()
+    shadow = ShadowWeights(flatten_model=True)
+    run_updates(shadow, model, steps=2, weight=0.5)
+    average_address = shadow.state_dict()["0.weight"].data_ptr()
+    model_address = model[0].weight.data_ptr()
+    shadow.swap_in(model)
+    assert model[0].weight.data_ptr() == average_address  # the model reads the average's memory
+    shadow.swap_out(model)
+    assert model[0].weight.data_ptr() == model_address
+
+
+@pytest.mark.parametrize("flatten", MODES)
+def test_update_while_swapped_in_is_refused(flatten):
+    model = make_model()
+    shadow = ShadowWeights(flatten_model=flatten)
     shadow.copy_from_model(model)
     shadow.swap_in(model)
     with pytest.raises(RuntimeError, match="swapped into the model"):
@@ -114,8 +163,13 @@ def test_update_while_swapped_in_is_refused():
     shadow.swap_out(model)
 
 
+def _reregister_buffer(model: nn.Module) -> None:
+    model[1].running_mean = model[1].running_mean.clone()  # `self.running_mean = ...` in a forward
+
+
+@pytest.mark.parametrize("flatten", MODES)
 @pytest.mark.parametrize(
-    "break_binding",
+    "change",
     [
         pytest.param(lambda m: m.to(torch.float64), id="model.to(float64)"),
         pytest.param(lambda m: setattr(m[0].weight, "data", m[0].weight.detach().clone()), id="param.data="),
@@ -124,18 +178,59 @@ def test_update_while_swapped_in_is_refused():
             id="load_state_dict(assign=True)",
         ),
         pytest.param(lambda m: setattr(m, "3", nn.Linear(7, 3)), id="replaced layer"),
+        pytest.param(lambda m: setattr(m[3], "weight", nn.Parameter(m[3].weight.detach() * 2)), id="replaced param"),
+        pytest.param(_reregister_buffer, id="re-registered buffer"),
+        pytest.param(lambda m: setattr(m[0].bias, "data", m[1].bias.data), id="aliased .data"),
     ],
 )
-def test_a_broken_binding_is_detected_and_the_new_tensors_are_averaged(break_binding):
+def test_a_changed_model_is_followed_and_its_new_tensors_are_averaged(change, flatten):
     model = make_model()
-    shadow = ShadowWeights()
+    shadow = ShadowWeights(flatten_model=flatten)
     history = run_updates(shadow, model, steps=3, weight=0.25)
-    break_binding(model)
+    change(model)
     history += run_updates(shadow, model, steps=3, weight=0.25, start=3)
     assert_matches(shadow, closed_form(history, 0.25))
-    for p in model.parameters():
-        if p.dtype == torch.float32:  # bound again into the engine's buffer
-            assert p.untyped_storage()._cdata == model[0].bias.untyped_storage()._cdata
+    if flatten:
+        float_tensors = [t for t in model.state_dict(keep_vars=True).values() if t.dtype == model[0].weight.dtype]
+        assert_bound_into_one_buffer([t for t in float_tensors if isinstance(t, nn.Parameter)])
+
+
+@pytest.mark.parametrize("flatten", MODES)
+def test_a_tensor_replaced_with_the_same_shape_keeps_the_layout_of_the_rest(flatten):
+    model = make_model()
+    shadow = ShadowWeights(flatten_model=flatten)
+    run_updates(shadow, model, steps=2, weight=0.5)
+    averages = {k: v.data_ptr() for k, v in shadow.state_dict().items()}
+    _reregister_buffer(model)
+    perturb(model, 5)
+    shadow.update(model, 0.5)
+    assert {k: v.data_ptr() for k, v in shadow.state_dict().items()} == averages
+
+
+@pytest.mark.parametrize("flatten", MODES)
+def test_a_reshaped_tensor_restarts_its_average_with_a_warning(flatten):
+    model = make_model()
+    shadow = ShadowWeights(flatten_model=flatten)
+    history = run_updates(shadow, model, steps=3, weight=0.5)
+    model[3].weight = nn.Parameter(torch.ones(3, 7).repeat(2, 1))  # (6, 7): a new shape
+    model[3].bias = nn.Parameter(torch.zeros(6))
+    with pytest.warns(RuntimeWarning, match=r"3\.weight"):
+        shadow.update(model, 0.5)
+    expected = closed_form(history, 0.5)
+    state = shadow.state_dict()
+    assert torch.equal(state["3.weight"], model[3].weight.detach())  # started from its value
+    torch.testing.assert_close(state["0.weight"].double(), 0.5 * expected["0.weight"] + 0.5 * history[-1]["0.weight"])
+
+
+def test_non_persistent_buffers_are_not_tracked():
+    model = make_model()
+    model.register_buffer("cache", torch.zeros(3), persistent=False)
+    shadow = ShadowWeights()
+    shadow.copy_from_model(model)
+    assert "cache" not in shadow.state_dict()
+    model.cache = torch.ones(5)  # a cache that grows: nothing to follow
+    shadow.update(model, 0.5)
+    assert set(shadow.state_dict()) == set(model.state_dict())
 
 
 def test_tied_parameters_are_tracked_once():
@@ -218,16 +313,32 @@ def test_offloaded_average_on_cpu_matches_closed_form():
     assert_matches(shadow, closed_form(history, 0.2))
 
 
-def test_module_shares_memory_with_the_average():
+@pytest.mark.parametrize("flatten", MODES)
+def test_module_holds_the_average_always_and_stays_the_same_object(flatten):
     model = make_model()
-    shadow = ShadowWeights()
-    run_updates(shadow, model, steps=2, weight=0.5)
+    shadow = ShadowWeights(flatten_model=flatten)
+    history = run_updates(shadow, model, steps=2, weight=0.5)
     ema_model = shadow.module(model)
-    assert type(ema_model) is type(model)
-    history = run_updates(shadow, model, steps=2, weight=0.5, start=2)
-    assert history
-    assert torch.equal(ema_model[0].weight, shadow.state_dict()["0.weight"])
+    assert type(ema_model) is type(model) and ema_model is not model
     assert not ema_model[0].weight.requires_grad
+    history += run_updates(shadow, model, steps=2, weight=0.5, start=2)  # it follows updates: no copy
+    expected = closed_form(history, 0.5)
+
+    def assert_holds_the_average() -> None:
+        for name, value in ema_model.state_dict().items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value.double(), expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+    assert_holds_the_average()
+    shadow.swap_in(model)  # the average is in the model now: the module follows it there
+    assert_holds_the_average()
+    shadow.swap_out(model)
+    assert_holds_the_average()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    history += run_updates(shadow, model, steps=1, weight=0.5, start=4)
+    expected = closed_form(history, 0.5)
+    assert shadow.module(model) is ema_model
+    assert_holds_the_average()
 
 
 def test_state_loaded_before_the_model_is_seen_applies_at_first_use():

@@ -183,7 +183,7 @@ def test_ema_in_epochs_updates_at_epoch_ends(ema_start, max_duration, first):
 
 
 class RecordBeforeEMA(Algorithm):
-    """Placed before the EMA: sees the weights the optimizer produced, before the EMA touches them."""
+    """Runs before the EMA at BATCH_END (listed after it: closing events run in reverse): sees the optimizer's weights."""
 
     def __init__(self) -> None:
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
@@ -200,7 +200,8 @@ def test_train_with_ema_weights_trains_from_the_average():
     ema = EMA(half_life="4ba", update_interval="2ba", train_with_ema_weights=True)
     before = RecordBeforeEMA()
     recorder = Recorder(ema)
-    make_trainer(model, "1ep", algorithms=[before, ema], callbacks=[recorder]).fit()
+    # BATCH_END closes a batch: algorithms run in reverse there, so `before` (listed last) records first
+    make_trainer(model, "1ep", algorithms=[ema, before], callbacks=[recorder]).fit()
     reference = ClosedForm(2 ** (-2 / 4))
     for batch in range(1, BATCHES_PER_EPOCH + 1):
         if batch % 2 == 0:
@@ -353,7 +354,7 @@ def test_events_fire_in_the_documented_order_algorithms_before_callbacks():
     ]
     evaluation = [Event.EVAL_START, Event.EVAL_BATCH_END, Event.EVAL_END]
     epoch = [Event.EPOCH_START, *batch, *batch, Event.EPOCH_END, *evaluation, Event.EPOCH_CHECKPOINT]
-    expected = [Event.INIT, Event.FIT_START, *epoch, *epoch, Event.FIT_END]
+    expected = [Event.INIT, Event.BEFORE_LOAD, Event.FIT_START, *epoch, *epoch, Event.FIT_END]
     # evaluating once more at the very end, at the same clock, would be redundant but not wrong
     with_final_eval = [*expected[:-1], *evaluation, Event.FIT_END]
     events = [event for who, event in log if who == "algorithm"]

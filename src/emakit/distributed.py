@@ -33,8 +33,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-from emakit.tracked import remember_skeleton
-
 __all__ = [
     "PARALLELISMS",
     "CollectiveError",
@@ -230,7 +228,6 @@ def _fully_shard(model: nn.Module, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     _broadcast_from_rank0(model)
-    remember_skeleton(model)  # FSDP refuses deepcopy: ema.ema_model is built from this weightless copy
     mesh = init_device_mesh(device.type, (world_size(),))
     for module in reversed(list(model.modules())):  # reversed pre-order: children before their parents
         if module is not model and next(module.parameters(recurse=False), None) is not None:

@@ -1,74 +1,38 @@
-"""One group of an EMA: a model's tensors of one (kind, device, dtype) in a flat buffer, and their average.
+"""One group of an EMA: a model's tensors of one (kind, device, dtype) and their average in one flat buffer.
 
-Per group, with ``w = 1 - smoothing``::
+The average of each tensor is a slice of the group's flat buffer, presented as a tensor with its
+*own* storage object (:func:`own_storage`): it serializes, copies and pickles as its own bytes.
 
-    update:    ema_flat.lerp_(model_flat, w)          one kernel over all tensors: the bandwidth roofline
-    swap in:   exchange the two buffers' memory       O(1): the storages trade data pointers
-    swap out:  exchange it back                       the training weights, bit for bit
+Per group, with ``w = 1 - smoothing``, in the default mode (the model's tensors stay where they are)::
 
-When the average's dtype or device differs from the model's, swap-in parks the training
-weights in a fresh buffer by the same exchange and cast-copies the average in. Tensors that
-cannot be bound stay *loose* and go through ``torch._foreach_lerp_``.
+    update:    torch._foreach_lerp_(averages, model_tensors, w)     one pass, no Python loop per tensor
+    swap in:   exchange contents, chunk by chunk (parameters)        the average now in the model's memory,
+               or park a copy and copy the average in (buffers)      the training weights in the EMA's
+    swap out:  the same exchange again / copy the parked values back
+
+With ``flatten_model=True`` the model's tensors are *bound*: each one's memory becomes its slice
+of a flat model buffer (still with its own storage object), so an update is one
+``ema_flat.lerp_(model_flat, w)`` and a parameter swap exchanges storage pointers, tensor by
+tensor, moving no data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import collections
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
-__all__ = ["ALIGN_BYTES", "FlatGroup", "flat_views", "is_dense", "like_model", "local", "storage_id", "use_count"]
+from emakit.tracked import local
+
+__all__ = ["ALIGN_BYTES", "FlatGroup", "flat_views", "is_dense", "own_storage"]
 
 ALIGN_BYTES = 64  # each tensor starts on a 64-byte boundary of its flat buffer
-_CAST_CHUNK = 1 << 22  # elements per cast-and-lerp step when dtypes differ: bounds the temporary
-
-
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: guarded
-
-
-def use_count(tensor: torch.Tensor) -> int | None:
-    """How many tensors share ``tensor``'s storage (None where torch does not tell)."""
-    return None if _storage_use_count is None else _storage_use_count(tensor.untyped_storage()._cdata)
-
-
-def storage_id(tensor: torch.Tensor) -> int:
-    """An identity of ``tensor``'s storage, the same for all its views, unchanged by data-pointer exchanges."""
-    return tensor.untyped_storage()._cdata
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's data of ``tensor``: the local shard of a DTensor (FSDP2), else the tensor itself."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
-
-def like_model(model_tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (local data) presented like ``model_tensor``: a DTensor with its mesh and placements, or as is."""
-    if not isinstance(model_tensor, DTensor):
-        return value
-    return DTensor.from_local(
-        value,
-        model_tensor.device_mesh,
-        model_tensor.placements,
-        run_check=False,
-        shape=model_tensor.shape,
-        stride=model_tensor.stride(),
-    )
-
-
-_HAS_POINTER_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
-
-
-def _exchange_data(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Exchange the memory behind the storages of ``a`` and ``b`` (equal size): views follow, nothing moves."""
-    sa, sb = a.untyped_storage(), b.untyped_storage()
-    if _HAS_POINTER_EXCHANGE:
-        sa._swap_data_ptr_(sb)  # checks itself that both storages are alike
-    else:  # torch without the pointer exchange: three copies, same result
-        parked = a.clone()
-        a.copy_(b)
-        b.copy_(parked)
+CHUNK_BYTES = 64 << 20  # the most bytes (besides one tensor) a swap or a casting update holds as a temporary
+_HAS_POINTER_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")  # torch >= 2.12
+_version = operator.attrgetter("_version")
 
 
 def is_dense(tensor: torch.Tensor) -> bool:
@@ -82,17 +46,7 @@ def is_dense(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _cast_lerp_(ema: torch.Tensor, source: torch.Tensor, weight: float) -> None:
-    """``ema.lerp_(source, weight)`` for flat tensors, casting ``source`` to ``ema``'s dtype and device."""
-    if source.dtype == ema.dtype and source.device == ema.device:
-        ema.lerp_(source, weight)
-        return
-    for start in range(0, ema.numel(), _CAST_CHUNK):
-        stop = start + _CAST_CHUNK
-        ema[start:stop].lerp_(source[start:stop].to(device=ema.device, dtype=ema.dtype), weight)
-
-
-def flat_views(flat: torch.Tensor, like: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
+def flat_views(flat: torch.Tensor, like: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[torch.Tensor]:
     """Views of ``flat`` shaped like ``like``, at ``offsets``; in their memory format where they are dense."""
     return [
         flat.as_strided(t.shape, t.stride() if is_dense(t) else torch.empty(t.shape, device="meta").stride(), o)
@@ -100,7 +54,16 @@ def flat_views(flat: torch.Tensor, like: list[torch.Tensor], offsets: list[int])
     ]
 
 
-def _aligned_offsets(tensors: list[torch.Tensor], step: int) -> tuple[list[int], int]:
+def own_storage(view: torch.Tensor) -> torch.Tensor:
+    """``view`` as a tensor with its own storage object: the view's bytes only, aliasing them.
+
+    Serializers (``torch.save``, safetensors), ``deepcopy`` and pickling then see this tensor's
+    bytes, not the whole flat buffer it is a slice of; the buffer stays alive while it lives.
+    """
+    return torch.from_dlpack(view.detach())
+
+
+def _aligned_offsets(tensors: Sequence[torch.Tensor], step: int) -> tuple[list[int], int]:
     """Offsets that start each tensor on a multiple of ``step`` elements, and the total length."""
     offsets, total = [], 0
     for t in tensors:
@@ -109,130 +72,223 @@ def _aligned_offsets(tensors: list[torch.Tensor], step: int) -> tuple[list[int],
     return offsets, total
 
 
+def _chunks(offsets: list[int], numels: list[int], limit: int) -> list[tuple[int, int]]:
+    """Index ranges ``[i, j)`` of consecutive tensors spanning at most ``limit`` elements (or one tensor)."""
+    ranges, first = [], 0
+    for i in range(1, len(offsets) + 1):
+        if i == len(offsets) or offsets[i] + numels[i] - offsets[first] > limit:
+            ranges.append((first, i))
+            first = i
+    return ranges
+
+
+def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
+    """Tell autograd that ``tensors`` changed (their memory was written or exchanged behind their back)."""
+    for tensor in tensors:
+        torch.autograd.graph.increment_version(local(tensor))
+
+
 @dataclass
 class FlatGroup:
-    """The model's tensors of one (kind, device, dtype) and their average."""
+    """The model's tensors of one (kind, device, dtype) and their average.
 
-    averaged: bool
+    ``kind`` is ``"parameters"``, ``"buffers"`` (both averaged) or ``"copied"`` (integer buffers).
+    Parameters whose average has their dtype and device are swapped by *exchange*; everything
+    else by *parking*: the model's values are copied aside and the average copied in, so whatever
+    runs during a swap (a train-mode forward updating BatchNorm statistics) never reaches the average.
+    """
+
+    kind: str
     names: list[str]
     tensors: list[torch.Tensor]  # the model's own Parameter and buffer objects
     ema_flat: torch.Tensor
-    ema_views: list[torch.Tensor]
-    offsets: list[int] = field(default_factory=list)
-    model_flat: torch.Tensor | None = None  # None: the tensors are loose, not bound
-    use_count: int | None = None
-    parked: list[torch.Tensor] | torch.Tensor | None = None  # training weights during a swap
-    staging: torch.Tensor | None = None  # pinned host copy of model_flat, for an average kept on the CPU
-    exchangeable: bool = False  # bound, with the average's dtype and device: swaps exchange memory
+    averages: list[torch.Tensor]  # each tensor's average: its slice of ema_flat, with its own storage
+    offsets: list[int]
+    model_flat: torch.Tensor | None = None  # flatten_model: the model's tensors live here
+    staging: torch.Tensor | None = None  # a copy of model_flat where the average lives elsewhere (CPU offload)
+    parked: torch.Tensor | None = None  # the model's values during a parking swap
+    versions: list[int] | None = None  # during a swap: autograd versions of the model's tensors after swap-in
+    sharded: bool = False  # the tensors are DTensors: work on their local shards
+    cast: bool = False  # the average's dtype or device differs from the model's
+    exchange: bool = False  # swaps exchange the average with the model's values (parameters, same dtype/device)
 
     @classmethod
     @torch.no_grad()
     def build(
         cls,
-        averaged: bool,
+        kind: str,
         named: list[tuple[str, torch.Tensor]],
         ema_dtype: torch.dtype,
         ema_device: torch.device,
         bind: bool,
         start: dict[str, torch.Tensor] | None,
     ) -> FlatGroup:
-        """Allocate the average (from ``start`` by name, else from the tensors); bind the tensors if ``bind``."""
+        """Allocate the average (from ``start`` by name, else from the tensors); bind the tensors if ``bind``.
+
+        Binding comes first and frees each old tensor as it goes, so it peaks at the model, its flat
+        buffer and one tensor; the average is allocated after.
+        """
         names = [name for name, _ in named]
         tensors = [t for _, t in named]
         data = [local(t) for t in tensors]  # what this process holds: a shard of a DTensor
-        dtype, device = tensors[0].dtype, tensors[0].device
+        dtype, device = data[0].dtype, data[0].device
         widest = max(torch.empty((), dtype=d).element_size() for d in (dtype, ema_dtype))
         offsets, total = _aligned_offsets(data, max(1, ALIGN_BYTES // widest))
+        model_flat = None
+        if bind:
+            model_flat = torch.empty(total, dtype=dtype, device=device)
+            for t, view in zip(tensors, flat_views(model_flat, tensors, offsets)):
+                view.copy_(t)
+                t.data = own_storage(view)  # the Parameter object stays; its memory is now a slice of model_flat
+            _bump_versions(tensors)
         pin = ema_device.type == "cpu" and device.type == "cuda"
         ema_flat = torch.zeros(total, dtype=ema_dtype, device=ema_device, pin_memory=pin)
-        group = cls(averaged, names, tensors, ema_flat, flat_views(ema_flat, data, offsets), offsets)
-        for name, view, t in zip(names, group.ema_views, data):
-            view.copy_(local(start[name]) if start is not None else t)
-        if bind:
-            group.model_flat = torch.zeros(total, dtype=dtype, device=device)
-            for t, view in zip(tensors, flat_views(group.model_flat, tensors, offsets)):
-                view.copy_(t)
-                t.data = view  # the Parameter object stays; its memory is now a slice of model_flat
-            group.use_count = use_count(group.model_flat)
-            group.exchangeable = dtype == ema_dtype and device == ema_device
-            if pin:
-                group.staging = torch.empty(total, dtype=dtype, pin_memory=True)
+        averages = [own_storage(v) for v in flat_views(ema_flat, data, offsets)]
+        sources = [local(start[name]) for name in names] if start is not None else data
+        torch._foreach_copy_(averages, sources)
+        cast = (dtype, device) != (ema_dtype, ema_device)
+        group = cls(kind, names, tensors, ema_flat, averages, offsets, model_flat=model_flat, cast=cast)
+        group.sharded = any(d is not t for d, t in zip(data, tensors))
+        group.exchange = kind == "parameters" and not cast
+        if bind and ema_device != device:
+            group.staging = torch.empty(total, dtype=dtype, pin_memory=pin)
         return group
 
-    def intact(self) -> bool:
-        """Whether the model's tensors are still where the group expects them."""
-        if self.model_flat is None:
-            first = self.tensors[0]
-            return all(t.dtype == first.dtype and t.device == first.device for t in self.tensors)
-        count = use_count(self.model_flat)
-        if count is not None and count == self.use_count:
-            return True
-        storage = storage_id(self.model_flat)
-        if all(storage_id(t) == storage and t.storage_offset() == o for t, o in zip(self.tensors, self.offsets)):
-            self.use_count = use_count(self.model_flat)
-            return True
-        return False
+    @property
+    def swapped(self) -> bool:
+        return self.versions is not None
+
+    def _data(self) -> list[torch.Tensor]:
+        return [local(t) for t in self.tensors] if self.sharded else self.tensors
+
+    @torch.no_grad()
+    def rebind(self) -> None:
+        """Put bound tensors that now live elsewhere (re-pointed or replaced) back into their slices, values kept."""
+        moved = []
+        for tensor, slot in zip(self.tensors, flat_views(self.model_flat, self.averages, self.offsets)):
+            if tensor.data_ptr() != slot.data_ptr():
+                slot.copy_(tensor)
+                tensor.data = own_storage(slot)
+                moved.append(tensor)
+        _bump_versions(moved)
 
     def all_finite(self) -> torch.Tensor:
         """Whether no tensor of the model holds NaN or Inf (a bool tensor on the model's device)."""
         if self.model_flat is not None:
             return torch.isfinite(self.model_flat).all()
-        return torch.stack([torch.isfinite(local(t)).all() for t in self.tensors]).all()
+        return torch.stack([torch.isfinite(t).all() for t in self._data()]).all()
 
+    # ---------------------------------------------------------------- updating
     def update(self, weight: float) -> None:
-        if not self.averaged:
+        """``average += weight * (model - average)``; integer tensors are copied."""
+        if self.kind == "copied":
             self.copy_from_model()
-        elif self.staging is not None:  # average on the host: one bulk transfer, then lerp there
-            self.staging.copy_(self.model_flat, non_blocking=True)
-            torch.cuda.current_stream(self.model_flat.device).synchronize()
-            _cast_lerp_(self.ema_flat, self.staging, weight)
         elif self.model_flat is not None:
-            _cast_lerp_(self.ema_flat, self.model_flat, weight)
-        else:
-            sources = [
-                local(t).detach().to(device=self.ema_flat.device, dtype=self.ema_flat.dtype) for t in self.tensors
-            ]
-            torch._foreach_lerp_(self.ema_views, sources, weight)
+            self._flat_lerp(weight)
+        elif not self.cast:
+            torch._foreach_lerp_(self.averages, self._data(), weight)
+        else:  # cast (fp32 average of bf16 weights) or move (average on the CPU) a chunk at a time
+            for start, staged in self._staged(self._data()):
+                self.ema_flat[start : start + staged.numel()].lerp_(staged, weight)
+
+    def _chunked(self, data: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor, list[torch.Tensor]]]:
+        """``(i, j, flat, views)`` per chunk of tensors ``i..j``: a temporary flat buffer of the average's
+        dtype and device spanning their slices of ``ema_flat``, and its views shaped like them."""
+        numels = [t.numel() for t in data]
+        ranges = _chunks(self.offsets, numels, max(1, CHUNK_BYTES // self.ema_flat.element_size()))
+        ends = [self.offsets[j - 1] + numels[j - 1] for _, j in ranges]
+        temporary = torch.empty(
+            max(end - self.offsets[i] for (i, _), end in zip(ranges, ends)),
+            dtype=self.ema_flat.dtype,
+            device=self.ema_flat.device,
+        )
+        for (i, j), end in zip(ranges, ends):
+            base = self.offsets[i]
+            views = flat_views(temporary, data[i:j], [o - base for o in self.offsets[i:j]])
+            yield i, j, temporary[: end - base], views
+
+    def _staged(self, data: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, flat)``: chunks of the model's tensors copied into the average's dtype and device."""
+        for i, j, flat, views in self._chunked(data):
+            torch._foreach_copy_(views, data[i:j])
+            yield self.offsets[i], flat
+
+    def _flat_lerp(self, weight: float) -> None:
+        source = self.model_flat
+        if self.staging is not None:  # average on the host: one bulk transfer, then lerp there
+            self.staging.copy_(source)
+            source = self.staging
+        if source.dtype == self.ema_flat.dtype:
+            self.ema_flat.lerp_(source, weight)
+            return
+        step = max(1, CHUNK_BYTES // self.ema_flat.element_size())
+        for start in range(0, self.ema_flat.numel(), step):
+            self.ema_flat[start : start + step].lerp_(source[start : start + step].to(self.ema_flat.dtype), weight)
 
     def copy_from_model(self) -> None:
         if self.model_flat is not None:
             self.ema_flat.copy_(self.model_flat)
         else:
-            for view, tensor in zip(self.ema_views, self.tensors):
-                view.copy_(local(tensor))
+            torch._foreach_copy_(self.averages, self._data())
 
     def copy_to_model(self) -> None:
         if self.model_flat is not None:
             self.model_flat.copy_(self.ema_flat)
+            _bump_versions(self.tensors)
         else:
-            for view, tensor in zip(self.ema_views, self.tensors):
-                local(tensor).copy_(view)
+            torch._foreach_copy_(self._data(), self.averages)
 
+    # ----------------------------------------------------------------- swapping
     def swap_in(self) -> None:
-        if self.exchangeable:
-            _exchange_data(self.model_flat, self.ema_flat)
-        elif self.model_flat is not None:
-            self.parked = torch.empty_like(self.model_flat)
-            _exchange_data(self.model_flat, self.parked)
-            self.model_flat.copy_(self.ema_flat)
+        """Put the average into the model's tensors."""
+        if not self.exchange:
+            self.parked = self.model_flat.clone() if self.model_flat is not None else self._park()
+            self.copy_to_model()
         else:
-            self.parked = [local(t).detach().clone() for t in self.tensors]
-            with torch.no_grad():
-                self.copy_to_model()
+            self._exchange()
+        self.versions = list(map(_version, self._data()))
 
-    def swap_out(self) -> None:
-        if self.exchangeable:
-            _exchange_data(self.model_flat, self.ema_flat)
+    def swap_out(self) -> list[str]:
+        """Give the model its own values back; returns the names of exchanged tensors written to during the swap."""
+        changed = []
+        if self.exchange:
+            changed = [n for n, v, t in zip(self.names, self.versions, map(_version, self._data())) if v != t]
+            self._exchange()
         elif self.model_flat is not None:
-            _exchange_data(self.model_flat, self.parked)
+            self.model_flat.copy_(self.parked)
+            _bump_versions(self.tensors)
         else:
-            with torch.no_grad():
-                for tensor, parked in zip(self.tensors, self.parked):
-                    local(tensor).copy_(parked)
+            data = self._data()
+            torch._foreach_copy_(data, flat_views(self.parked, data, self.offsets))
         self.parked = None
+        self.versions = None
+        return changed
 
-    def current_ema(self, swapped: bool) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` holding the average now: in the model's tensors while exchanged in."""
-        holders = self.tensors if swapped and self.exchangeable else self.ema_views
-        for name, tensor, holder in zip(self.names, self.tensors, holders):
-            yield name, like_model(tensor, holder)
+    def _park(self) -> torch.Tensor:
+        data = self._data()
+        parked = torch.empty(self.ema_flat.numel(), dtype=data[0].dtype, device=data[0].device)
+        torch._foreach_copy_(flat_views(parked, data, self.offsets), data)
+        return parked
+
+    def _exchange(self) -> None:
+        """Exchange the model's values with the average (its own inverse)."""
+        if self.model_flat is not None and _HAS_POINTER_EXCHANGE:
+            collections.deque(
+                map(torch.UntypedStorage._swap_data_ptr_, _storages(self.tensors), _storages(self.averages)), 0
+            )
+            _bump_versions(self.tensors)
+            return
+        data = self._data()
+        for i, j, flat, views in self._chunked(data):
+            flat.copy_(self.ema_flat[self.offsets[i] : self.offsets[i] + flat.numel()])
+            torch._foreach_copy_(self.averages[i:j], data[i:j])
+            torch._foreach_copy_(data[i:j], views)
+
+    def current_averages(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(name, model tensor, tensor holding the average now)``: the model's own while exchanged in."""
+        holders = self._data() if self.swapped and self.exchange else self.averages
+        yield from zip(self.names, self.tensors, holders)
+
+
+def _storages(tensors: Sequence[torch.Tensor]) -> list[torch.UntypedStorage]:
+    return [t.untyped_storage() for t in tensors]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from emakit.tracked import describe_mismatch, is_averaged, structure_generation, tracked_tensors, unwrap
+from emakit.tracked import Change, TrackedTensors, describe_mismatch, is_averaged, unwrap
 
 __all__ = ["check_smoothing", "compute_ema", "smoothing_from_half_life"]
 
@@ -69,12 +69,6 @@ class _TensorPairs:
     ema: list[torch.Tensor] = field(default_factory=list)
     source: list[torch.Tensor] = field(default_factory=list)
 
-    def source_unchanged(self) -> bool:
-        dtype, device = self.source[0].dtype, self.source[0].device
-        return all(t.dtype == dtype and t.device == device for t in self.source) and all(
-            t.dtype == self.ema[0].dtype and t.device == self.ema[0].device for t in self.ema
-        )
-
     def source_like_ema(self) -> list[torch.Tensor]:
         ema = self.ema[0]
         if self.source[0].dtype == ema.dtype and self.source[0].device == ema.device:
@@ -86,32 +80,37 @@ class _TensorPairs:
 class _Plan:
     """What one ``compute_ema(model, ema_model)`` call does, cached per ``ema_model``."""
 
-    model: weakref.ref
-    generation: int
+    sources: TrackedTensors
+    targets: TrackedTensors
     averaged: list[_TensorPairs]
     copied: list[_TensorPairs]
 
     def still_valid(self, model: nn.Module) -> bool:
-        return (
-            self.model() is model
-            and self.generation == structure_generation()
-            and all(pairs.source_unchanged() for pairs in self.averaged + self.copied)
-        )
+        """The same models holding the same tensors (moved ``.data`` of the same shape is read where it is now)."""
+        if self.sources.model is not unwrap(model):
+            return False
+        for tracked in (self.sources, self.targets):
+            change = tracked.check()
+            if change is Change.STRUCTURE:
+                return False
+            if change is Change.MOVED:
+                tracked.accept_moves()
+        return True
 
 
 _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
 
 
 def _make_plan(model: nn.Module, ema_model: nn.Module) -> _Plan:
-    generation = structure_generation()
-    sources = dict(tracked_tensors(unwrap(model)))
-    targets = dict(tracked_tensors(unwrap(ema_model)))
-    mismatch = describe_mismatch(targets, sources, "model") or describe_mismatch(sources, targets, "ema_model")
+    sources, targets = TrackedTensors(unwrap(model)), TrackedTensors(unwrap(ema_model))
+    mismatch = describe_mismatch(targets.named, sources.named, "model") or describe_mismatch(
+        sources.named, targets.named, "ema_model"
+    )
     if mismatch is not None:
         raise ValueError(f"compute_ema: model and ema_model differ in structure: {mismatch}")
     groups: dict[tuple, _TensorPairs] = {}
-    for name, target in targets.items():
-        source = sources[name]
+    for name, target in targets.named.items():
+        source = sources.named[name]
         if is_averaged(target) != is_averaged(source):
             raise ValueError(f"compute_ema: tensor {name!r} is {source.dtype} in model but {target.dtype} in ema_model")
         key = (is_averaged(target), target.device, target.dtype, source.device, source.dtype)
@@ -119,8 +118,8 @@ def _make_plan(model: nn.Module, ema_model: nn.Module) -> _Plan:
         pairs.ema.append(target)
         pairs.source.append(source)
     return _Plan(
-        model=weakref.ref(model),
-        generation=generation,
+        sources=sources,
+        targets=targets,
         averaged=[pairs for key, pairs in groups.items() if key[0]],
         copied=[pairs for key, pairs in groups.items() if not key[0]],
     )

@@ -1,55 +1,60 @@
-"""The EMA storage engine: the averaged weights of one model, kept in flat buffers.
+"""The EMA storage engine: the averaged weights of one model, kept in flat buffers of its own.
 
-Layout. The model's tracked tensors (see :mod:`emakit.tracked`) are grouped by
-(kind, device, dtype), where kind is *averaged* (floating point) or *copied* (integer). Per
-group the EMA lives in one flat buffer. The model's own tensors of the group are *bound*
-into a flat buffer of the same layout: ``tensor.data`` becomes a view of it, so the
-``Parameter`` objects stay the same and optimizers built before or after keep working.
-Then, per group::
+Layout. The model's tracked tensors (see :mod:`emakit.tracked`: what ``state_dict()`` holds)
+are grouped by (kind, device, dtype), kind being parameters, buffers (both averaged) or
+integer buffers (copied). Per group the average lives in one flat buffer; each tensor's
+average is its slice, with its own storage object. See :mod:`emakit.flat` for the kernels.
 
-    update:    ema_flat.lerp_(model_flat, 1 - smoothing)    one kernel: the memory-bandwidth roofline
-    swap in:   exchange the two buffers' data pointers       O(1), no weight data moved
-    swap out:  exchange them back                            the training weights, bit for bit
+By default the model's tensors are never re-pointed: nothing another library or the user holds
+(an optimizer's bucket views, shared memory, numpy views, CUDA graph addresses, aliases) is
+invalidated. An update reads each tensor once (``torch._foreach_lerp_``). A swap exchanges
+the contents of parameters with their average, chunk by chunk, and parks a copy of buffers,
+so evaluation holds the model plus one average and whatever runs inside a swap (a train-mode
+forward, an optimizer step) never silently reaches the average: a parameter written in place
+during a swap makes ``swap_out`` raise, naming it.
 
-When the EMA's dtype or device differs from the model's (an fp32 EMA of a bf16 model, an
-EMA kept on the CPU), swap-in parks the training weights in a fresh buffer by the same
-pointer exchange and cast-copies the EMA in; swap-out exchanges back and frees it.
+``flatten_model=True`` binds the model's tensors into one flat buffer per group (each keeps
+its own storage object): an update is one ``lerp_`` per group and a parameter swap exchanges
+storage pointers. See the README for what this changes about the model.
 
-Tensors that cannot be bound (not dense, tensor subclasses, storage shared with another
-tracked tensor) are kept *loose* and updated with ``torch._foreach_lerp_``.
-
-Staleness. A binding breaks when the model's tensors are re-pointed (``model.to(...)``,
-``load_state_dict(assign=True)``, a replaced ``Parameter``). Before every use the engine
-checks two cheap signals: the process-wide module-registration counter and the use count
-of each bound storage. When either moved it walks the model; if anything changed it lays
-the groups out again, carrying the EMA over by name. It never averages stale tensors.
+Staleness. Before every use :class:`~emakit.tracked.TrackedTensors` checks, without a Python
+loop per tensor, that the model still holds the same tensors at the same addresses. A moved
+``.data`` of the same shape is followed (re-bound under ``flatten_model``); a replaced tensor of
+the same shape keeps its average; a new or reshaped tensor starts its average from its value
+(with a warning); the groups are laid out again, carrying the average over by name.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from emakit.flat import FlatGroup, is_dense, local, storage_id
+from emakit.flat import FlatGroup, is_dense
 from emakit.side_stream import SideStream
 from emakit.tracked import (
+    Change,
+    TrackedTensors,
     describe_mismatch,
     fill_tensors,
     is_averaged,
+    local,
     match_wrapped_names,
-    skeleton_of,
-    structure_generation,
-    tracked_tensors,
     unwrap,
+    weightless_copy,
 )
 
 __all__ = ["ShadowWeights", "resolve_ema_dtype"]
+
+# Per model, the averages swapped into it, innermost last: swaps must nest.
+_swaps: weakref.WeakKeyDictionary[nn.Module, list[ShadowWeights]] = weakref.WeakKeyDictionary()
+# Per model, the flatten_model average its tensors are bound to: a model's tensors live in one place.
+_bound: weakref.WeakKeyDictionary[nn.Module, ShadowWeights] = weakref.WeakKeyDictionary()
 
 
 def resolve_ema_dtype(ema_dtype: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
@@ -66,6 +71,31 @@ def resolve_ema_dtype(ema_dtype: str | torch.dtype, model_dtype: torch.dtype) ->
     if isinstance(ema_dtype, torch.dtype) and (ema_dtype.is_floating_point or ema_dtype.is_complex):
         return ema_dtype
     raise ValueError(f"ema_dtype={ema_dtype!r} must be 'auto', 'same' or a floating-point torch.dtype")
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if not is_averaged(tensor):
+        return "copied"
+    return "parameters" if isinstance(tensor, nn.Parameter) else "buffers"
+
+
+def _layout_key(named: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Per name, what a tensor must keep for its average to carry on in place: kind, dtype, device, shape."""
+    return {name: (_kind(t), local(t).dtype, local(t).device, t.shape) for name, t in named.items()}
+
+
+def _like_model(model_tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (local data) presented like ``model_tensor``: a DTensor with its mesh and placements, or as is."""
+    if not isinstance(model_tensor, DTensor):
+        return value
+    return DTensor.from_local(
+        value,
+        model_tensor.device_mesh,
+        model_tensor.placements,
+        run_check=False,
+        shape=model_tensor.shape,
+        stride=model_tensor.stride(),
+    )
 
 
 class ShadowWeights:
@@ -88,96 +118,152 @@ class ShadowWeights:
         ema_dtype: str | torch.dtype = "auto",
         ema_device: str | torch.device | None = None,
         async_update: bool = False,
+        flatten_model: bool = False,
     ) -> None:
         resolve_ema_dtype(ema_dtype, torch.float32)  # validates
-        if not isinstance(async_update, bool):
-            raise ValueError(f"async_update={async_update!r} must be True or False")
+        for name, flag in (("async_update", async_update), ("flatten_model", flatten_model)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False")
         self.ema_dtype = ema_dtype
         try:
             self.ema_device = None if ema_device is None else torch.device(ema_device)
         except RuntimeError as error:
             raise ValueError(f"ema_device={ema_device!r} is not a torch device: {error}") from None
         self.async_update = async_update
+        self.flatten_model = flatten_model
         self._side_stream: SideStream | None = None
         self._groups: list[FlatGroup] = []
-        self._model: nn.Module | None = None  # held: its memory is the bound flat buffers anyway
-        self._generation = -1
+        self._model: nn.Module | None = None  # the model the groups are laid out for (held: ema_model needs it)
+        self._tracked: TrackedTensors | None = None  # its tensors, and the check that they are current
+        self._key: dict[str, tuple] = {}  # per tracked name: what must stay the same to keep the layout
         self._pending: dict[str, torch.Tensor] | None = None  # loaded before any model was seen
-        self._swapped = False
+        self._skeleton: nn.Module | None = None  # a weightless copy of the model, for ema_model under FSDP
         self._module: nn.Module | None = None
+        self._module_tensors: dict[str, torch.Tensor] = {}
         self.state_dict_keys: dict[str, str] = {}  # the model's state_dict key -> tracked name (tied: several)
 
     # ----------------------------------------------------------------- layout
     @property
     def swapped(self) -> bool:
         """Whether the average is in the model right now (between ``swap_in`` and ``swap_out``)."""
-        return self._swapped
+        return any(group.swapped for group in self._groups)
 
     def attached_model(self) -> nn.Module | None:
-        """The (unwrapped) model the groups are laid out for, if it is still alive."""
+        """The (unwrapped) model the groups are laid out for."""
         return self._model
 
+    def remember_structure(self, model: nn.Module) -> None:
+        """Keep a weightless copy of ``model``'s structure, so that :meth:`module` works once FSDP has sharded it."""
+        self._skeleton = weightless_copy(unwrap(model))
+
     def attach(self, model: nn.Module) -> nn.Module:
-        """Lay the groups out for ``model`` unless they are current; returns the unwrapped model."""
+        """Lay the groups out for ``model`` unless they are current; returns the unwrapped model.
+
+        Tensors replaced by others of the same name, kind, dtype, device and shape (a re-registered
+        buffer, ``load_state_dict(assign=True)``, ``param.data = ...``) are followed in place: their
+        average carries on and nothing else is laid out again.
+        """
         model = unwrap(model)
-        if self._model is model and self._current(model):
-            return model
-        if self._swapped:
-            raise RuntimeError("the model's tensors changed while the EMA weights were swapped in; swap them out first")
-        carried = self._pending if not self._groups else dict(self._iter_current())
-        self._layout(model, carried)
+        if self._model is model:
+            change = self._tracked.check()
+            if change is Change.NONE:
+                return model
+            if self.swapped:
+                raise RuntimeError(
+                    "the model's tensors changed while the EMA weights were swapped in; swap them out first"
+                )
+            tracked = self._tracked if change is Change.MOVED else TrackedTensors(model)
+            if _layout_key(tracked.named) == self._key:
+                self._follow(tracked)
+                return model
+        elif self.swapped:
+            raise RuntimeError("the EMA weights are swapped into another model; swap them out first")
+        if self._groups:
+            self._layout(model, dict(self._current()), strict=self._model is not model)
+        else:
+            self._layout(model, self._pending, strict=True)
         self._pending = None
         return model
 
-    def _current(self, model: nn.Module) -> bool:
-        if self._generation != structure_generation():
-            tensors = [t for g in self._groups for t in g.tensors]
-            walked = [t for _, t in tracked_tensors(model)]
-            if len(walked) != len(tensors) or {id(t) for t in walked} != {id(t) for t in tensors}:
-                return False
-            self._generation = structure_generation()
-        return all(group.intact() for group in self._groups)
+    def _follow(self, tracked: TrackedTensors) -> None:
+        """Take the model's current tensor objects into the groups; bound ones go back into their slices."""
+        for group in self._groups:
+            group.tensors = [tracked.named[name] for name in group.names]
+            if group.model_flat is not None:
+                group.rebind()
+        tracked.accept_moves()
+        self._tracked = tracked
 
-    def _layout(self, model: nn.Module, carried: dict[str, torch.Tensor] | None) -> None:
-        generation = structure_generation()
-        named = dict(tracked_tensors(model))
+    def _layout(self, model: nn.Module, carried: dict[str, torch.Tensor] | None, strict: bool) -> None:
+        tracked = TrackedTensors(model)
+        named = tracked.named
         if not any(is_averaged(t) for t in named.values()):
             raise ValueError(f"{type(model).__name__} has no floating-point parameters or buffers to average")
         if carried is not None:
-            carried = match_wrapped_names(carried, named)
-            mismatch = describe_mismatch(carried, named, "the model") or describe_mismatch(named, carried, "the EMA")
-            if mismatch is not None:
-                raise ValueError(f"the model does not match the EMA's tensors: {mismatch}")
-        storages = collections.Counter(storage_id(local(t)) for t in named.values())
-        own_flats = {storage_id(g.model_flat) for g in self._groups if g.model_flat is not None}
+            carried = self._carry(match_wrapped_names(carried, named), named, strict)
+        bind = self.flatten_model and _bound.get(model, self) is self
+        if self.flatten_model and not bind:
+            raise ValueError(
+                f"{type(model).__name__}'s tensors are already bound by another EMA with flatten_model=True: "
+                "a model's tensors can live in one flat buffer only; use the default flatten_model=False here"
+            )
+        data_of = {id(t): local(t) for t in named.values()}
+        storages: dict[int, int] = {}
+        for t in data_of.values():
+            storages[t.untyped_storage()._cdata] = storages.get(t.untyped_storage()._cdata, 0) + 1
+        own = {g.model_flat.untyped_storage()._cdata for g in self._groups if g.model_flat is not None}
 
         def bindable(t: torch.Tensor) -> bool:
-            if type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):  # DTensor shards and other subclasses
+            if not bind or type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):  # DTensor shards, subclasses
                 return False
-            alone = storages[storage_id(t)] == 1 or storage_id(t) in own_flats
-            return alone and is_dense(t)
+            storage = t.untyped_storage()._cdata
+            return (storages[storage] == 1 or storage in own) and is_dense(t)
 
         keyed: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for name, t in named.items():
-            keyed.setdefault((is_averaged(t), t.device, t.dtype, bindable(t)), []).append((name, t))
+            data = data_of[id(t)]
+            keyed.setdefault((_kind(t), data.device, data.dtype, bindable(t)), []).append((name, t))
+        self._groups = []  # the old average stays alive through `carried` only
         self._groups = [
             FlatGroup.build(
-                averaged,
+                kind,
                 entries,
-                ema_dtype=resolve_ema_dtype(self.ema_dtype, dtype) if averaged else dtype,
+                ema_dtype=dtype if kind == "copied" else resolve_ema_dtype(self.ema_dtype, dtype),
                 ema_device=self.ema_device or device,
-                bind=bind,
+                bind=bound,
                 start=carried,
             )
-            for (averaged, device, dtype, bind), entries in keyed.items()
+            for (kind, device, dtype, bound), entries in keyed.items()
         ]
-        self._model = model
-        self._generation = generation
-        self._module = None
+        tracked.accept_moves()  # binding moved the bound tensors
+        self._model, self._tracked, self._key = model, tracked, _layout_key(named)
+        if bind:
+            _bound[model] = self
         name_of = {id(t): name for name, t in named.items()}
         self.state_dict_keys = {
             key: name_of[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in name_of
         }
+        self._repoint_module()
+
+    @staticmethod
+    def _carry(
+        carried: dict[str, torch.Tensor], named: dict[str, torch.Tensor], strict: bool
+    ) -> dict[str, torch.Tensor]:
+        """The carried average for every tracked tensor: loaded states must match; a live model may have changed."""
+        mismatch = describe_mismatch(carried, named, "the model") or describe_mismatch(named, carried, "the EMA")
+        if mismatch is None:
+            return carried
+        if strict:
+            raise ValueError(f"the model does not match the EMA's tensors: {mismatch}")
+        fresh = [n for n, t in named.items() if n not in carried or carried[n].shape != t.shape]
+        gone = [n for n in carried if n not in named]
+        warnings.warn(
+            f"EMA: the model's tensors changed: {len(fresh)} new or reshaped ({', '.join(fresh[:5])}) start "
+            f"their average from their current values; {len(gone)} gone ({', '.join(gone[:5])}) are dropped",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return {n: t if n in fresh else carried[n] for n, t in named.items()}
 
     # ------------------------------------------------------------- operations
     def _settle(self) -> None:
@@ -187,9 +273,9 @@ class ShadowWeights:
 
     def _checked(self, model: nn.Module, action: str) -> None:
         self._settle()
-        if self._swapped:
+        if self.swapped or _swaps.get(unwrap(model)):
             raise RuntimeError(
-                f"cannot {action}: the EMA weights are swapped into the model; "
+                f"cannot {action}: EMA weights are swapped into the model; "
                 "leave ema_weights(...) or call get_training_model(model) first"
             )
         self.attach(model)
@@ -202,7 +288,7 @@ class ShadowWeights:
             for group in self._groups:
                 group.update(weight)
             return
-        devices = {g.tensors[0].device for g in self._groups}
+        devices = {local(g.tensors[0]).device for g in self._groups}
         device = next(iter(devices))
         if len(devices) != 1 or device.type != "cuda":
             warnings.warn(
@@ -221,7 +307,7 @@ class ShadowWeights:
     def model_is_finite(self, model: nn.Module) -> bool:
         """Whether every averaged tensor of the model is free of NaN and Inf (one read of the weights)."""
         self._checked(model, "check the model's weights")
-        return all(bool(group.all_finite()) for group in self._groups if group.averaged)
+        return all(bool(group.all_finite()) for group in self._groups if group.kind != "copied")
 
     @torch.no_grad()
     def copy_from_model(self, model: nn.Module) -> None:
@@ -237,36 +323,64 @@ class ShadowWeights:
         for group in self._groups:
             group.copy_to_model()
 
+    @torch.no_grad()
     def swap_in(self, model: nn.Module) -> None:
-        """Put the average into the model; its training weights are parked, not copied, where dtypes agree."""
-        self._checked(model, "swap the EMA weights in")
+        """Put the average into the model; its own values go where the average was (parameters) or aside (buffers).
+
+        Swaps nest: another EMA may swap in on top of this one, and must swap out first.
+        """
+        self._settle()
+        if self.swapped:
+            raise RuntimeError("the EMA weights are already swapped in")
+        self.attach(model)
+        model = unwrap(model)
         for group in self._groups:
             group.swap_in()
-        self._swapped = True
+        _swaps.setdefault(model, []).append(self)
+        self._repoint_module()
 
+    @torch.no_grad()
     def swap_out(self, model: nn.Module) -> None:
-        """Give the model back its training weights, bit for bit."""
-        if not self._swapped:
+        """Give the model back its training weights, bit for bit.
+
+        Raises RuntimeError after restoring them if a parameter was written in place during the
+        swap (an optimizer step inside ``ema_weights``): that write went into its average.
+        """
+        if not self.swapped:
             raise RuntimeError("the EMA weights are not swapped in")
-        if self._model is not unwrap(model):
+        model = unwrap(model)
+        if self.attached_model() is not model:
             raise RuntimeError("swap_out got another model than swap_in")
-        for group in self._groups:
-            group.swap_out()
-        self._swapped = False
+        stack = _swaps.get(model, [])
+        if stack[-1:] != [self]:
+            raise RuntimeError(
+                "swap-outs must come in the reverse order of swap-ins: another EMA's weights were swapped into "
+                "this model after this one's and are still in; swap that one out first"
+            )
+        stack.pop()
+        written = [name for group in self._groups for name in group.swap_out()]
+        self._repoint_module()
+        if written:
+            raise RuntimeError(
+                f"{len(written)} parameter(s) were written in place while the EMA weights were swapped in "
+                f"({', '.join(written[:5])}): the model has its training weights back, but those writes went "
+                "into the average; evaluate inside ema_weights(...) and train outside it"
+            )
 
     # ------------------------------------------------------------------ state
-    def _iter_current(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _current(self) -> Iterator[tuple[str, torch.Tensor]]:
         for group in self._groups:
-            yield from group.current_ema(self._swapped)
+            for name, tensor, holder in group.current_averages():
+                yield name, _like_model(tensor, holder)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The average by the model's tensor names (copies while swapped in; empty before any model)."""
         self._settle()
         if not self._groups:
             return dict(self._pending or {})
-        if self._swapped:
-            return {name: t.detach().clone() for name, t in self._iter_current()}
-        return {name: t.detach() for name, t in self._iter_current()}
+        if self.swapped:
+            return {name: t.detach().clone() for name, t in self._current()}
+        return {name: t.detach() for name, t in self._current()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -280,9 +394,9 @@ class ShadowWeights:
         if not self._groups:
             self._pending = {name: tensor.detach().clone() for name, tensor in state.items()}
             return
-        if self._swapped:
+        if self.swapped:
             raise RuntimeError("cannot load EMA state while the EMA weights are swapped in")
-        current = dict(self._iter_current())
+        current = dict(self._current())
         state = match_wrapped_names(state, current)
         mismatch = describe_mismatch(current, state, "the loaded EMA state") or describe_mismatch(
             state, current, "the model"
@@ -292,40 +406,56 @@ class ShadowWeights:
         for name, tensor in current.items():
             tensor.copy_(state[name])
 
-    def _gathered_module(self, model: nn.Module) -> nn.Module:
-        """A plain module of the sharded ``model``'s type holding the full average, from its remembered skeleton."""
-        skeleton = skeleton_of(model)
-        if skeleton is None:
-            raise ValueError(
-                "ema_model of an FSDP-sharded model needs a copy of its structure taken before sharding (FSDP "
-                "refuses deepcopy): let emakit shard it (Trainer(parallelism='fsdp')) or call "
-                "emakit.tracked.remember_skeleton(model) before fully_shard; or use `with ema.ema_weights(model):` "
-                "or ema.save_ema_weights(path)"
-            )
-        full = {name: t.full_tensor() if isinstance(t, DTensor) else t.clone() for name, t in self._iter_current()}
-        return fill_tensors(skeleton, full)
-
     @property
     def nbytes(self) -> int:
         """Bytes held by the average."""
         return sum(g.ema_flat.untyped_storage().nbytes() for g in self._groups)
 
+    # ------------------------------------------------------------- ema_model
     def module(self, model: nn.Module) -> nn.Module:
-        """A module of ``model``'s type whose tensors are the average's (no copy: it follows every update).
+        """A module of ``model``'s type whose tensors hold the average, always (no copy of the weights).
 
-        While the EMA weights are swapped in, it holds the training weights instead. For a sharded
-        (FSDP2) model it is a plain, unsharded module holding the full average, gathered at each call
-        (collective: call it on every rank).
+        It shares the average's memory, so it follows every update; while the average is swapped
+        into the model its exchanged tensors share the model's memory, which then holds the
+        average. The same object is returned while the model keeps its tensors' names and shapes.
+        For a sharded (FSDP2) model it is a plain, unsharded module holding the full average,
+        gathered at each call (collective: call it on every rank).
         """
-        model = self.attach(model)
-        if any(local(t) is not t for group in self._groups for t in group.tensors):
+        model = self.attach(model) if not self.swapped else unwrap(model)
+        if any(group.sharded for group in self._groups):
             return self._gathered_module(model)
         if self._module is None:
             memo: dict[int, object] = {}
+            self._module_tensors = {}
             for group in self._groups:
-                for tensor, view in zip(group.tensors, group.ema_views):
-                    memo[id(tensor)] = (
-                        nn.Parameter(view, requires_grad=False) if isinstance(tensor, nn.Parameter) else view
-                    )
+                for name, tensor, average in zip(group.names, group.tensors, group.averages):
+                    held = nn.Parameter(average, requires_grad=False) if isinstance(tensor, nn.Parameter) else average
+                    memo[id(tensor)] = self._module_tensors[name] = held
             self._module = copy.deepcopy(model, memo)
+            self._repoint_module()
         return self._module
+
+    def _repoint_module(self) -> None:
+        """Point the ema_model's tensors at whatever holds the average now (a re-layout, a swap)."""
+        if self._module is None:
+            return
+        current = {name: holder for group in self._groups for name, _, holder in group.current_averages()}
+        if current.keys() != self._module_tensors.keys() or any(
+            held.shape != current[n].shape for n, held in self._module_tensors.items()
+        ):
+            self._module = None  # the model changed shape: the next ema_model is a new module
+            return
+        for name, held in self._module_tensors.items():
+            held.data = current[name]
+
+    def _gathered_module(self, model: nn.Module) -> nn.Module:
+        """A plain module of the sharded ``model``'s type holding the full average, from its remembered skeleton."""
+        if self._skeleton is None:
+            raise ValueError(
+                "ema_model of an FSDP-sharded model needs a copy of its structure taken before sharding (FSDP "
+                "refuses deepcopy): let emakit shard it (Trainer(parallelism='fsdp')) or call "
+                "ema.remember_structure(model) before fully_shard; or use `with ema.ema_weights(model):` "
+                "or ema.save_ema_weights(path)"
+            )
+        full = {name: t.full_tensor() if isinstance(t, DTensor) else t.clone() for name, t in self._current()}
+        return fill_tensors(copy.deepcopy(self._skeleton), full)

@@ -1,58 +1,48 @@
-"""Which tensors of a model an EMA tracks, by name, and a cheap signal that a model's structure changed.
+"""Which tensors of a model an EMA tracks, by name, and a cheap check that they are still the model's.
 
-An EMA averages every floating-point parameter and buffer and copies every other buffer
-(BatchNorm's ``num_batches_tracked``). Tensors are named as in ``model.state_dict()``; a
-tensor shared by several modules (tied weights) is tracked once, under its first name.
+An EMA averages every floating-point parameter and persistent buffer and copies every integer
+buffer (BatchNorm's ``num_batches_tracked``): exactly what ``model.state_dict()`` holds.
+Non-persistent buffers are caches (rotary tables, attention masks) and stay the model's own.
+Tensors are named as in ``model.state_dict()``; a tensor shared by several modules (tied
+weights) is tracked once, under its first name.
 
 Python-level walks over a model cost more than averaging a model of many small tensors, so
-callers cache what they find here and re-walk only when :func:`structure_generation`
-changes: it counts every parameter, buffer and submodule registration in the process (a
-replaced ``Parameter``, ``load_state_dict(assign=True)``, a new layer).
+callers keep a :class:`TrackedTensors` and ask :meth:`TrackedTensors.check` before each use:
+a few C-level passes over the model's registries (no Python loop per tensor) that see a
+replaced ``Parameter``, a re-registered buffer, a new or removed layer, and a tensor whose
+``.data`` was re-pointed.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 import itertools
+import operator
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = [
+    "Change",
+    "TrackedTensors",
     "describe_mismatch",
     "fill_tensors",
     "is_averaged",
+    "local",
     "match_wrapped_names",
-    "remember_skeleton",
-    "skeleton_of",
-    "structure_generation",
     "tracked_tensors",
     "unwrap",
+    "weightless_copy",
 ]
 
-_generation = itertools.count()
-_current_generation = next(_generation)
 
-
-def _on_registration(registry: str) -> Callable[[nn.Module, str, object], None]:
-    def hook(module: nn.Module, name: str, value: object) -> None:
-        global _current_generation
-        if module.__dict__.get(registry, {}).get(name) is not value:  # `self.buf += 1` re-registers the same tensor
-            _current_generation = next(_generation)
-
-    return hook
-
-
-nn.modules.module.register_module_parameter_registration_hook(_on_registration("_parameters"))
-nn.modules.module.register_module_buffer_registration_hook(_on_registration("_buffers"))
-nn.modules.module.register_module_module_registration_hook(_on_registration("_modules"))
-
-
-def structure_generation() -> int:
-    """A number that changes whenever any module in the process registers a new parameter, buffer or submodule."""
-    return _current_generation
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's data of ``tensor``: the local shard of a DTensor (FSDP2), else the tensor itself."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -76,7 +66,7 @@ def is_averaged(tensor: torch.Tensor) -> bool:
 
 
 def tracked_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every parameter and buffer of ``model``, each tensor once.
+    """``(name, tensor)`` for every parameter and persistent buffer of ``model``, each tensor once.
 
     Example::
 
@@ -85,10 +75,103 @@ def tracked_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
     """
     seen: set[int] = set()
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+    buffers = (
+        (f"{prefix}{'.' if prefix else ''}{key}", tensor)
+        for prefix, module in model.named_modules()
+        for key, tensor in module._buffers.items()
+        if tensor is not None and key not in module._non_persistent_buffers_set
+    )
+    for name, tensor in itertools.chain(model.named_parameters(), buffers):
         if id(tensor) not in seen:
             seen.add(id(tensor))
             yield name, tensor
+
+
+class Change(enum.Enum):
+    """What :meth:`TrackedTensors.check` found."""
+
+    NONE = "none"  # the same tensor objects, at the same addresses
+    MOVED = "moved"  # the same tensor objects and shapes, dtypes, devices; some ``.data`` now lives elsewhere
+    STRUCTURE = "structure"  # a tensor replaced, added or removed, or one changed shape, dtype or device
+
+
+def _data_ptr(tensor: torch.Tensor) -> int:
+    return local(tensor).data_ptr()
+
+
+def _signature(tensor: torch.Tensor) -> tuple:
+    data = local(tensor)
+    return tensor.shape, data.shape, data.stride(), tensor.dtype, data.device
+
+
+class TrackedTensors:
+    """The tracked tensors of one model, by name, and a cheap check that they are still what the model holds.
+
+    :meth:`check` compares, without a Python loop per tensor: the size of every parameter,
+    buffer and submodule registry of the model; the object in every registry slot that holds a
+    tracked tensor or a submodule; and each tracked tensor's data pointer and element count. A
+    moved data pointer alone (``param.data = other`` of the same shape) is :attr:`Change.MOVED`.
+
+    Example::
+
+        >>> net = nn.Linear(2, 2)
+        >>> tracked = TrackedTensors(net)
+        >>> net.bias = nn.Parameter(torch.zeros(2))
+        >>> tracked.check()
+        <Change.STRUCTURE: 'structure'>
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)  # weak: a cache keyed by a model may hold this
+        self.named = dict(tracked_tensors(model))
+        self.tensors = list(self.named.values())
+        tracked_ids = {id(t) for t in self.tensors}
+        self._registries: list[dict] = []
+        slots: list[tuple[dict, str, object]] = []
+        for module in model.modules():
+            for registry in (module._parameters, module._buffers, module._modules):
+                self._registries.append(registry)
+                slots.extend(
+                    (registry, key, v)
+                    for key, v in registry.items()
+                    if id(v) in tracked_ids or isinstance(v, nn.Module)
+                )
+        self._sizes = list(map(len, self._registries))
+        self._slot_registries = [registry for registry, _, _ in slots]
+        self._slot_keys = [key for _, key, _ in slots]
+        self._slot_values = [value for _, _, value in slots]
+        self._sharded = any(isinstance(t, DTensor) for t in self.tensors)
+        self._ptrs = self._data_ptrs()
+        self._numels = list(map(torch.Tensor.numel, self.tensors))
+        self._signatures = list(map(_signature, self.tensors))
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model these tensors are of (None once it is gone)."""
+        return self._model()
+
+    def _data_ptrs(self) -> list[int]:
+        return list(map(_data_ptr if self._sharded else torch.Tensor.data_ptr, self.tensors))
+
+    def check(self) -> Change:
+        """Whether the model still holds these tensors, where and as they were."""
+        if list(map(len, self._registries)) != self._sizes:
+            return Change.STRUCTURE
+        current = map(dict.get, self._slot_registries, self._slot_keys)
+        if not all(map(operator.is_, current, self._slot_values)):
+            return Change.STRUCTURE
+        if list(map(torch.Tensor.numel, self.tensors)) != self._numels:
+            return Change.STRUCTURE
+        ptrs = self._data_ptrs()
+        if ptrs == self._ptrs:
+            return Change.NONE
+        if list(map(_signature, self.tensors)) != self._signatures:
+            return Change.STRUCTURE
+        return Change.MOVED
+
+    def accept_moves(self) -> None:
+        """Take the current data pointers as the expected ones (after a :attr:`Change.MOVED` was handled)."""
+        self._ptrs = self._data_ptrs()
 
 
 def describe_mismatch(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], what: str) -> str | None:
@@ -133,25 +216,17 @@ def match_wrapped_names(state: dict[str, torch.Tensor], names: Iterable[str]) ->
     return {wanted[key]: tensor for key, tensor in renamed.items()}
 
 
-_skeletons: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose tensors are on the meta device: its structure, no weight memory.
 
-
-def remember_skeleton(model: nn.Module) -> None:
-    """Keep a weightless copy of ``model`` (its tensors on the meta device), for :func:`skeleton_of`.
-
-    Taken before something makes the model uncopyable (FSDP2 refuses ``deepcopy``); costs no weight memory.
+    Taken before something makes the model uncopyable (FSDP2 refuses ``deepcopy``), it is
+    filled later with :func:`fill_tensors`.
     """
     memo: dict[int, object] = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    _skeletons[model] = copy.deepcopy(model, memo)
-
-
-def skeleton_of(model: nn.Module) -> nn.Module | None:
-    """A fresh weightless copy of ``model`` remembered by :func:`remember_skeleton`, or None."""
-    remembered = _skeletons.get(model)
-    return None if remembered is None else copy.deepcopy(remembered)
+    return copy.deepcopy(model, memo)
 
 
 def fill_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:

@@ -60,6 +60,9 @@ class EMA(Algorithm):
             (ordered before the next optimizer step and before any swap or state read).
         skip_nonfinite: skip (with a warning) updates whose weights hold NaN or Inf, instead of
             poisoning the average forever; costs one extra read of the weights per update.
+        flatten_model: re-point the model's tensors into one flat buffer per (device, dtype), so an
+            update is one kernel and a swap moves no data. Off by default: the model's tensors then
+            stay where they are, which every other library relies on. See the README for the contract.
 
     In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]``: it updates at batch (or
     epoch) ends and evaluation uses the average. By hand, in any loop::
@@ -85,6 +88,7 @@ class EMA(Algorithm):
         ema_device: str | torch.device | None = None,
         async_update: bool = False,
         skip_nonfinite: bool = False,
+        flatten_model: bool = False,
     ) -> None:
         if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
             raise ValueError(f"pass exactly one of half_life={half_life!r} and smoothing={smoothing!r}, not both")
@@ -117,7 +121,9 @@ class EMA(Algorithm):
         self.train_with_ema_weights = train_with_ema_weights
         self.skip_nonfinite = skip_nonfinite
         self.num_skipped = 0  # update events skipped because the weights held NaN or Inf
-        self.shadow = ShadowWeights(ema_dtype=ema_dtype, ema_device=ema_device, async_update=async_update)
+        self.shadow = ShadowWeights(
+            ema_dtype=ema_dtype, ema_device=ema_device, async_update=async_update, flatten_model=flatten_model
+        )
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
@@ -206,24 +212,36 @@ class EMA(Algorithm):
     def ema_weights(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         """Inside the block ``model`` holds the EMA weights; on exit, even by exception, its own again.
 
-        Treat the weights as read-only inside: where dtypes agree the model's tensors *are*
-        the average there.
+        On exit the training weights are back bit for bit and the average is as it was: buffers
+        (BatchNorm statistics a train-mode forward updates) are restored from a copy, and a
+        parameter written in place inside the block makes the exit raise, naming it. Autograd
+        across the block's edges raises (the swap is an in-place change of the parameters).
+        Swaps nest: an inner block of another EMA must end first.
         """
         return _EMAWeights(self, model)
 
+    def remember_structure(self, model: nn.Module) -> None:
+        """Keep a weightless copy of ``model``'s structure for :attr:`ema_model`; call before FSDP2 shards it.
+
+        The Trainer does this itself when it shards the model (``parallelism="fsdp"``).
+        """
+        self.shadow.remember_structure(model)
+
     @property
     def ema_model(self) -> nn.Module:
-        """A module of the model's type holding the EMA weights.
+        """A module of the model's type whose tensors hold the average — always, during swaps too.
 
-        It shares their memory (no copy) and so follows every update. While the EMA weights
-        are swapped into the model (inside :meth:`ema_weights`, during a trainer's
-        evaluation) the memory is the model's, and this returns the model itself.
+        It shares the average's memory (no copy of the weights), so it follows every update and
+        stays the same object while the model keeps its tensors' names and shapes. Its dtype is
+        the average's (fp32 for a bf16 model with ``ema_dtype="auto"``). For an FSDP2-sharded
+        model it is instead a plain module holding the gathered average, made at each access
+        (collective: read it on every rank).
         """
         self._require_average()
         model = self.shadow.attached_model()
         if model is None:
             raise RuntimeError("the EMA has not seen its model yet: call get_ema_model(model) instead")
-        return model if self.shadow.swapped else self.shadow.module(model)
+        return self.shadow.module(model)
 
     @contextlib.contextmanager
     def training_weights(self, state: State) -> Iterator[None]:
@@ -242,10 +260,13 @@ class EMA(Algorithm):
         if event in (Event.EVAL_START, Event.EVAL_END):
             return self.started
         update_event = Event.BATCH_END if self.update_interval.unit is TimeUnit.BATCH else Event.EPOCH_END
-        return event in (update_event, Event.INIT, Event.FIT_START)
+        return event in (update_event, Event.INIT, Event.BEFORE_LOAD, Event.FIT_START)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event is Event.INIT:  # allocate now: a checkpoint of a sharded run is loaded into the average in place
+        if event is Event.INIT:
+            if state.parallelism == "fsdp":  # FSDP refuses deepcopy: ema_model is built from this weightless copy
+                self.shadow.remember_structure(state.model)
+        elif event is Event.BEFORE_LOAD:  # allocate now: a sharded checkpoint is loaded into the average in place
             self.shadow.attach(state.model)
         elif event is Event.FIT_START:
             self._check_start(state)
@@ -309,7 +330,7 @@ class EMA(Algorithm):
 
 
 class _EMAWeights(contextlib.AbstractContextManager):
-    """``with ema.ema_weights(model):`` — a plain class: swaps are O(1), so the context's own cost shows."""
+    """``with ema.ema_weights(model):`` — a plain class rather than a generator: cheaper to enter and leave."""
 
     def __init__(self, ema: EMA, model: nn.Module) -> None:
         self.ema, self.model = ema, model

@@ -14,7 +14,11 @@ __all__ = ["Engine"]
 
 
 class Engine:
-    """Runs algorithms (in the order given, when they match) and then callbacks at each event."""
+    """Runs algorithms (when they match) and then callbacks at each event.
+
+    Algorithms run in the order given, and in reverse at closing events (``EVAL_END``,
+    ``FIT_END``, ...: :attr:`Event.is_closing`), as Composer's engine does: swaps nest.
+    """
 
     def __init__(
         self, state: State, algorithms: Sequence[Algorithm], callbacks: Sequence[Callback], logger: Logger
@@ -36,7 +40,7 @@ class Engine:
                 raise ValueError(f"callbacks must be emakit.Callback instances, got {callback!r}")
 
     def run_event(self, event: Event) -> None:
-        for algorithm in self.algorithms:
+        for algorithm in reversed(self.algorithms) if event.is_closing else self.algorithms:
             if algorithm.match(event, self.state):
                 algorithm.apply(event, self.state, self.logger)
         for callback in self.callbacks:

@@ -12,7 +12,8 @@ class Event(str, enum.Enum):
 
     Order within a run::
 
-        INIT                                  (once, in Trainer.__init__)
+        INIT                                  (once, in Trainer.__init__, before the model is wrapped for DDP/FSDP)
+        BEFORE_LOAD                           (at the start of fit, after wrapping, before a checkpoint is loaded)
         FIT_START
           EPOCH_START
             BATCH_START, AFTER_FORWARD, AFTER_LOSS, AFTER_BACKWARD   (optimizer step after this)
@@ -21,9 +22,14 @@ class Event(str, enum.Enum):
         FIT_END
 
     An evaluation is EVAL_START, EVAL_BATCH_END per batch, EVAL_END.
+
+    Algorithms run in the order given at every event except the *closing* ones (``*_END``):
+    there they run in reverse, so that what opens in order closes in reverse (two EMAs swap in
+    A, B at EVAL_START and out B, A at EVAL_END).
     """
 
     INIT = "init"
+    BEFORE_LOAD = "before_load"
     FIT_START = "fit_start"
     EPOCH_START = "epoch_start"
     BATCH_START = "batch_start"
@@ -38,6 +44,11 @@ class Event(str, enum.Enum):
     EVAL_BATCH_END = "eval_batch_end"
     EVAL_END = "eval_end"
     FIT_END = "fit_end"
+
+    @property
+    def is_closing(self) -> bool:
+        """Whether this event closes what an earlier one opened (``*_END``): algorithms then run in reverse."""
+        return self.name.endswith("_END")
 
     def __repr__(self) -> str:
         return f"Event.{self.name}"

@@ -18,7 +18,8 @@ class State:
     """The trainer's state, shared with algorithms and callbacks.
 
     ``timestamp`` counts completed work; ``max_duration`` is when training stops;
-    ``eval_history`` holds one dict per evaluation: the clock and the metrics.
+    ``eval_history`` holds one dict per evaluation: the clock and the metrics. ``parallelism``
+    says, already at INIT (before the model is wrapped), whether the run shards the model.
     """
 
     model: nn.Module
@@ -29,6 +30,7 @@ class State:
     batches_per_epoch: int | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
+    parallelism: str | None = None  # what the trainer wraps the model in: "ddp", "fsdp" or None (as it is)
     batch: Any = None
     outputs: Any = None
     loss: torch.Tensor | None = None

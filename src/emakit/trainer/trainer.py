@@ -175,40 +175,41 @@ class Trainer:
         model.to(device)
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
-        before = dict(unwrap(model).named_parameters())
-        self._train_module = distributed.wrap_model(model, parallelism, device)
-        if optimizers is None:
-            optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
-        elif self._fsdp and kind is None:
-            distributed.repoint_optimizers(optimizers, before, model)
         if schedulers is None:
             schedulers = []
         elif not isinstance(schedulers, (list, tuple)):
             schedulers = [schedulers]
-        self.train_dataloader = distributed.shard_train_loader(train_dataloader, self.seed * _SEED_STRIDE)
-        self.eval_dataloader = distributed.shard_eval_loader(eval_dataloader)
-        if self.train_dataloader is not train_dataloader:
-            batches_per_epoch = len(self.train_dataloader)  # type: ignore[arg-type]
-        self.save_folder = Path(save_folder) if save_folder is not None else None
-        self.save_num_checkpoints_to_keep = keep
-        self.load_path = Path(load_path) if load_path is not None else None
-        self.autoresume = autoresume
-        self.progress_bar = progress_bar
         self.state = State(
             model=model,
             max_duration=duration,
-            optimizers=list(optimizers),
+            optimizers=list(optimizers or []),
             schedulers=list(schedulers),
             batches_per_epoch=batches_per_epoch,
             device=device,
             precision=precision,
             timestamp=timestamp,
+            parallelism=kind or (parallelism or "ddp" if distributed.world_size() > 1 else None),
         )
         self.engine = Engine(self.state, algorithms, callbacks, self.logger)
+        self.engine.run_event(Event.INIT)  # before wrapping, as in Composer: algorithms see the plain model
+        before = dict(unwrap(model).named_parameters())
+        self._train_module = distributed.wrap_model(model, parallelism, device)
+        if optimizers is None:
+            self.state.optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
+        elif self._fsdp and kind is None:
+            distributed.repoint_optimizers(optimizers, before, model)
+        self.train_dataloader = distributed.shard_train_loader(train_dataloader, self.seed * _SEED_STRIDE)
+        self.eval_dataloader = distributed.shard_eval_loader(eval_dataloader)
+        if self.train_dataloader is not train_dataloader:
+            self.state.batches_per_epoch = len(self.train_dataloader)  # type: ignore[arg-type]
+        self.save_folder = Path(save_folder) if save_folder is not None else None
+        self.save_num_checkpoints_to_keep = keep
+        self.load_path = Path(load_path) if load_path is not None else None
+        self.autoresume = autoresume
+        self.progress_bar = progress_bar
         self._user_sampler = getattr(train_dataloader, "sampler", None)
         self._epoch_rng: torch.Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None
-        self.engine.run_event(Event.INIT)
 
     # ---------------------------------------------------------------- training
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -222,8 +223,9 @@ class Trainer:
             self._fit()
 
     def _fit(self) -> None:
-        self._resume()
         state, run = self.state, self.engine.run_event
+        run(Event.BEFORE_LOAD)
+        self._resume()
         run(Event.FIT_START)
         while not state.is_done():
             self._train_epoch()
@@ -379,7 +381,7 @@ class Trainer:
         """
         state = self.state
         with contextlib.ExitStack() as stack:
-            for algorithm in self.engine.algorithms:
+            for algorithm in reversed(self.engine.algorithms):  # the last swapped in comes out first
                 stack.enter_context(algorithm.training_weights(state))
             model = {name: tensor.clone() for name, tensor in unwrap(state.model).state_dict().items()}
         return {
