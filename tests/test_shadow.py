@@ -2,6 +2,7 @@
 updates against the float64 closed form, swaps, following a changed model, dtypes and state."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def assert_bound_into_one_buffer(tensors: list[torch.Tensor]) -> None:
     spans = sorted((t.data_ptr(), t.untyped_storage().nbytes()) for t in tensors)
     for t in tensors:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    for (start, size), (next_start, _) in zip(spans, spans[1:]):
+    for (start, size), (next_start, _) in itertools.pairwise(spans):
         assert start + size <= next_start <= start + size + 64
 
 

@@ -183,7 +183,7 @@ def test_ema_in_epochs_updates_at_epoch_ends(ema_start, max_duration, first):
 
 
 class RecordBeforeEMA(Algorithm):
-    """Runs before the EMA at BATCH_END (listed after it: closing events run in reverse): sees the optimizer's weights."""
+    """Runs before the EMA at BATCH_END (listed after it: closing events run in reverse): sees the step's weights."""
 
     def __init__(self) -> None:
         self.weights: dict[int, dict[str, torch.Tensor]] = {}

@@ -19,7 +19,6 @@ tensor, moving no data.
 from __future__ import annotations
 
 import collections
-import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ __all__ = ["ALIGN_BYTES", "FlatGroup", "flat_views", "is_dense", "own_storage"]
 ALIGN_BYTES = 64  # each tensor starts on a 64-byte boundary of its flat buffer
 CHUNK_BYTES = 64 << 20  # the most bytes (besides one tensor) a swap or a casting update holds as a temporary
 _HAS_POINTER_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")  # torch >= 2.12
-_version = operator.attrgetter("_version")
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def is_dense(tensor: torch.Tensor) -> bool:
@@ -82,6 +81,15 @@ def _chunks(offsets: list[int], numels: list[int], limit: int) -> list[tuple[int
     return ranges
 
 
+def _bit_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, the wrapping int64 sum of its elements' bit patterns: changes with any one element's bytes."""
+    sums = []
+    for t in tensors:
+        bits = torch.view_as_real(t) if t.is_complex() else t
+        sums.append(bits.view(_INT_OF_SIZE[bits.element_size()]).sum(dtype=torch.int64))
+    return torch.stack(sums)
+
+
 def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
     """Tell autograd that ``tensors`` changed (their memory was written or exchanged behind their back)."""
     for tensor in tensors:
@@ -107,7 +115,8 @@ class FlatGroup:
     model_flat: torch.Tensor | None = None  # flatten_model: the model's tensors live here
     staging: torch.Tensor | None = None  # a copy of model_flat where the average lives elsewhere (CPU offload)
     parked: torch.Tensor | None = None  # the model's values during a parking swap
-    versions: list[int] | None = None  # during a swap: autograd versions of the model's tensors after swap-in
+    sums: torch.Tensor | None = None  # during an exchanging swap: the bit sums of the averages before it
+    swapped: bool = False
     sharded: bool = False  # the tensors are DTensors: work on their local shards
     cast: bool = False  # the average's dtype or device differs from the model's
     exchange: bool = False  # swaps exchange the average with the model's values (parameters, same dtype/device)
@@ -153,10 +162,6 @@ class FlatGroup:
         if bind and ema_device != device:
             group.staging = torch.empty(total, dtype=dtype, pin_memory=pin)
         return group
-
-    @property
-    def swapped(self) -> bool:
-        return self.versions is not None
 
     def _data(self) -> list[torch.Tensor]:
         return [local(t) for t in self.tensors] if self.sharded else self.tensors
@@ -241,27 +246,33 @@ class FlatGroup:
     # ----------------------------------------------------------------- swapping
     def swap_in(self) -> None:
         """Put the average into the model's tensors."""
-        if not self.exchange:
+        if self.exchange:
+            self.sums = _bit_sums(self.averages)
+            self._exchange()
+        else:
             self.parked = self.model_flat.clone() if self.model_flat is not None else self._park()
             self.copy_to_model()
-        else:
-            self._exchange()
-        self.versions = list(map(_version, self._data()))
+        self.swapped = True
 
     def swap_out(self) -> list[str]:
-        """Give the model its own values back; returns the names of exchanged tensors written to during the swap."""
+        """Give the model its own values back; returns the names of exchanged tensors written to during the swap.
+
+        Such a write (an optimizer step, ``.data.add_``, numpy, another process) went into the
+        model's memory, which held the average: it is found by comparing the averages' bit sums.
+        """
         changed = []
         if self.exchange:
-            changed = [n for n, v, t in zip(self.names, self.versions, map(_version, self._data())) if v != t]
             self._exchange()
+            differs = (_bit_sums(self.averages) != self.sums).tolist()
+            changed = [name for name, d in zip(self.names, differs) if d]
         elif self.model_flat is not None:
             self.model_flat.copy_(self.parked)
             _bump_versions(self.tensors)
         else:
             data = self._data()
             torch._foreach_copy_(data, flat_views(self.parked, data, self.offsets))
-        self.parked = None
-        self.versions = None
+        self.parked = self.sums = None
+        self.swapped = False
         return changed
 
     def _park(self) -> torch.Tensor:

@@ -343,8 +343,9 @@ class ShadowWeights:
     def swap_out(self, model: nn.Module) -> None:
         """Give the model back its training weights, bit for bit.
 
-        Raises RuntimeError after restoring them if a parameter was written in place during the
-        swap (an optimizer step inside ``ema_weights``): that write went into its average.
+        Raises RuntimeError after restoring them if a parameter's bytes changed during the swap (an
+        optimizer step inside ``ema_weights``, a write through ``.data`` or numpy): that write went
+        into its average, which no longer is the exponential moving average of the weights.
         """
         if not self.swapped:
             raise RuntimeError("the EMA weights are not swapped in")
@@ -364,7 +365,8 @@ class ShadowWeights:
             raise RuntimeError(
                 f"{len(written)} parameter(s) were written in place while the EMA weights were swapped in "
                 f"({', '.join(written[:5])}): the model has its training weights back, but those writes went "
-                "into the average; evaluate inside ema_weights(...) and train outside it"
+                "into the average; evaluate inside ema_weights(...) and train outside it, or reset the "
+                "average with copy_from_model"
             )
 
     # ------------------------------------------------------------------ state
