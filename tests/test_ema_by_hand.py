@@ -545,3 +545,100 @@ def test_ema_model_outlives_the_trainer_and_the_training_model() -> None:
     gc.collect()
     assert isinstance(ema.ema_model, Classifier)
     assert torch.equal(ema.ema_model.module.weight, ema.state_dict()["weights"]["module.weight"])
+
+
+# ------------------------------------------------------------------ several EMAs on one model
+def two_trained_averages(batchnorm: bool = True) -> tuple[nn.Module, list[EMA], list[ClosedForm]]:
+    """A model trained 5 steps with a default-mode and a flatten_model EMA beside their float64 closed forms."""
+    model = make_model(batchnorm=batchnorm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    emas = [EMA(smoothing=0.5), EMA(smoothing=0.8, flatten_model=True)]
+    references = [ClosedForm(0.5), ClosedForm(0.8)]
+    for batch in make_batches(5):
+        train_step(model, optimizer, batch)
+        for ema, reference in zip(emas, references):
+            reference.update(weights64(model))
+            ema.update(model)
+    return model, emas, references
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)], ids=["default-then-flatten", "flatten-then-default"])
+def test_swaps_of_two_emas_nest_in_either_order(order):
+    model, emas, references = two_trained_averages()
+    training = snapshot(model)
+    outer, inner = order
+    with emas[outer].ema_weights(model):
+        assert_close_to(weights64(model), references[outer].ema)
+        with emas[inner].ema_weights(model):
+            assert_close_to(weights64(model), references[inner].ema)
+        assert_close_to(weights64(model), references[outer].ema)
+    assert_equal_state(snapshot(model), training)
+    for ema, reference in zip(emas, references):
+        assert_close_to(weights64(ema.ema_model), reference.ema)
+
+
+def test_a_swap_out_in_the_wrong_order_raises_and_corrupts_nothing():
+    model, (first, second), references = two_trained_averages()
+    training = snapshot(model)
+    first.get_ema_model(model)
+    second.get_ema_model(model)
+    with pytest.raises(RuntimeError, match="reverse order"):
+        first.get_training_model(model)
+    assert_close_to(weights64(model), references[1].ema)  # still the inner average
+    second.get_training_model(model)
+    first.get_training_model(model)
+    assert_equal_state(snapshot(model), training)
+    for ema, reference in zip((first, second), references):
+        assert_close_to(weights64(ema.ema_model), reference.ema)
+
+
+def test_an_ema_refuses_to_update_while_another_is_swapped_into_the_model():
+    model, (first, second), _ = two_trained_averages()
+    with first.ema_weights(model), pytest.raises(RuntimeError, match="swapped into the model"):
+        second.update(model)  # would average the first EMA's weights as if they were the training weights
+
+
+def test_a_second_flatten_model_ema_on_the_same_model_is_refused():
+    model, _, _ = two_trained_averages()
+    with pytest.raises(ValueError, match="already bound by another EMA with flatten_model=True"):
+        EMA(smoothing=0.5, flatten_model=True).update(model)
+
+
+def test_a_compiled_model_evaluates_the_average_inside_ema_weights():
+    """Default inductor backend: the compiled graph reads the model's tensors, which hold the average inside."""
+    model = make_model(batchnorm=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model)
+    ema = EMA(smoothing=0.5)
+    batches = make_batches(4)
+    for batch in batches[:3]:
+        optimizer.zero_grad()
+        model.loss(compiled(batch), batch).backward()
+        optimizer.step()
+        ema.update(compiled)
+    model.eval()
+    plain = copy.deepcopy(model)
+    plain.load_state_dict(ema.ema_model.state_dict())
+    with torch.no_grad():
+        training_out = compiled(batches[3]).clone()
+        with ema.ema_weights(compiled):
+            averaged_out = compiled(batches[3]).clone()
+        after = compiled(batches[3])
+    torch.testing.assert_close(averaged_out, plain(batches[3]), rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, training_out)
+    assert not torch.allclose(averaged_out, training_out)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)], ids=["default-then-flatten", "flatten-then-default"])
+def test_a_write_under_the_outer_swap_is_found_after_a_nested_swap(order):
+    model, emas, _ = two_trained_averages(batchnorm=False)
+    training = snapshot(model)
+    outer, inner = (emas[i] for i in order)
+    outer.get_ema_model(model)
+    with torch.no_grad():
+        model.module[0].bias.add_(1.0)  # an in-place write while the outer average is in the model
+    with inner.ema_weights(model):
+        pass
+    with pytest.raises(RuntimeError, match=r"module\.0\.bias"):
+        outer.get_training_model(model)
+    assert_equal_state(snapshot(model), training)

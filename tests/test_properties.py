@@ -113,22 +113,31 @@ def test_interval_and_half_life_agree_with_the_closed_form_after_one_jump(a, b, 
 
 
 @SETTINGS
-@given(history=st.lists(vectors, min_size=1, max_size=8), smoothing=st.floats(0.0, 1.0))
-def test_ema_update_by_hand_and_compute_ema_agree(history, smoothing):
+@given(
+    history=st.lists(vectors, min_size=1, max_size=8),
+    smoothing=st.floats(0.0, 1.0),
+    flatten=st.booleans(),
+)
+def test_ema_and_compute_ema_follow_the_float64_recurrence(history, smoothing, flatten):
+    """Both forms against one independent reference: the recurrence computed in float64 from the same weights."""
     smoothing = min(max(smoothing, 1e-6), 1 - 1e-6)  # EMA takes (0, 1); compute_ema also the ends
     model = Holder()
-    ema = EMA(smoothing=smoothing)
+    ema = EMA(smoothing=smoothing, flatten_model=flatten)
     ema_model: Holder | None = None
+    reference: torch.Tensor | None = None
     for values in history:
         model.set(values)
+        weights = model.weight.detach().to(torch.float64).clone()  # what the float32 model holds
+        reference = weights if reference is None else smoothing * reference + (1 - smoothing) * weights
         ema.update(model)
         if ema_model is None:
             ema_model = copy.deepcopy(model)  # the average starts at the weights
         else:
             compute_ema(model, ema_model, smoothing=smoothing)
-    scale = max(abs(v) for values in history for v in values)
-    for name, tensor in ema.ema_model.state_dict().items():
-        torch.testing.assert_close(tensor, ema_model.state_dict()[name], rtol=0, atol=4e-7 * scale, msg=name)
+    scale = max(1.0, max(abs(v) for values in history for v in values))
+    for got in (ema.ema_model, ema_model):
+        torch.testing.assert_close(got.weight.detach().double(), reference, rtol=0, atol=4e-7 * scale)
+        torch.testing.assert_close(got.shadow.double(), -reference, rtol=0, atol=4e-7 * scale)
 
 
 # ---------------------------------------------------------------------------- time strings

@@ -550,3 +550,42 @@ def test_resuming_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, how,
     assert resumed.state.eval_history == full.state.eval_history
     assert len(full.state.eval_history) == 3
     assert resumed.eval() == full.eval()
+
+
+# --------------------------------------------------------------------------- several EMAs
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("first_flattened", [False, True], ids=["all-default", "first-flatten_model"])
+def test_several_emas_follow_their_closed_forms_and_leave_training_unchanged(count, first_flattened):
+    half_lives = [3, 5, 9][:count]
+    emas = [EMA(half_life=f"{h}ba", flatten_model=first_flattened and i == 0) for i, h in enumerate(half_lives)]
+    recorder = Recorder()
+    model, plain = make_model(), make_model()
+    trainer = make_trainer(model, "2ep", eval_dataloader=eval_loader(), algorithms=emas, callbacks=[recorder])
+    trainer.fit()
+    make_trainer(plain, "2ep", eval_dataloader=eval_loader()).fit()
+    assert_equal_state(snapshot(model), snapshot(plain))  # the EMAs and their evaluation swaps changed nothing
+    for ema, half_life in zip(emas, half_lives):
+        reference = ClosedForm(2 ** (-1 / half_life))
+        for batch in sorted(recorder.batch_weights):
+            reference.update(recorder.batch_weights[batch])
+        assert_close_to(snapshot(ema.ema_model), reference.ema)
+    # swaps nest (closing events run algorithms in reverse): evaluation saw the last EMA's average
+    with emas[-1].ema_weights(model):
+        expected = manual_eval(model, eval_loader())
+    assert trainer.state.eval_history[-1]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert not any(ema.shadow.swapped for ema in emas)
+
+
+def test_a_checkpoint_written_during_an_evaluation_with_several_emas_holds_the_training_weights(tmp_path):
+    emas = [EMA(half_life="3ba"), EMA(half_life="5ba", flatten_model=True)]
+    model = make_model()
+    trainer = make_trainer(model, "1ep", eval_dataloader=eval_loader(), algorithms=emas)
+    trainer.fit()
+    training = snapshot(model)
+    for ema in emas:
+        ema.get_ema_model(model)  # both swapped in, as during an evaluation
+    checkpoint = trainer.state_dict()
+    assert_equal_state({k: v for k, v in checkpoint["model"].items()}, training)
+    for ema in reversed(emas):
+        ema.get_training_model(model)
+    assert_equal_state(snapshot(model), training)

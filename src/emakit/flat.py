@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,12 +82,20 @@ def _chunks(offsets: list[int], numels: list[int], limit: int) -> list[tuple[int
 
 
 def _bit_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per tensor, the wrapping int64 sum of its elements' bit patterns: changes with any one element's bytes."""
+    """Per tensor, the wrapping sum of its elements' bit patterns (as integers of their size; half a copy's time).
+
+    Any change of one element's bytes changes it.
+    """
     sums = []
     for t in tensors:
         bits = torch.view_as_real(t) if t.is_complex() else t
-        sums.append(bits.view(_INT_OF_SIZE[bits.element_size()]).sum(dtype=torch.int64))
+        integers = _INT_OF_SIZE[bits.element_size()]
+        sums.append(bits.view(integers).sum(dtype=integers).to(torch.int64))
     return torch.stack(sums)
+
+
+def _versions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([local(t)._version for t in tensors])
 
 
 def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
@@ -115,8 +123,9 @@ class FlatGroup:
     model_flat: torch.Tensor | None = None  # flatten_model: the model's tensors live here
     staging: torch.Tensor | None = None  # a copy of model_flat where the average lives elsewhere (CPU offload)
     parked: torch.Tensor | None = None  # the model's values during a parking swap
-    sums: torch.Tensor | None = None  # during an exchanging swap: the bit sums of the averages before it
+    marks: torch.Tensor | None = None  # during an exchanging swap: what shows a write into the average (below)
     swapped: bool = False
+    written: set[str] = field(default_factory=set)  # seen written during this swap before a nested swap began
     sharded: bool = False  # the tensors are DTensors: work on their local shards
     cast: bool = False  # the average's dtype or device differs from the model's
     exchange: bool = False  # swaps exchange the average with the model's values (parameters, same dtype/device)
@@ -244,36 +253,63 @@ class FlatGroup:
             torch._foreach_copy_(self._data(), self.averages)
 
     # ----------------------------------------------------------------- swapping
+    @property
+    def _exchanges_pointers(self) -> bool:
+        return self.exchange and self.model_flat is not None and _HAS_POINTER_EXCHANGE
+
     def swap_in(self) -> None:
-        """Put the average into the model's tensors."""
-        if self.exchange:
-            self.sums = _bit_sums(self.averages)
-            self._exchange()
-        else:
+        """Put the average into the model's tensors.
+
+        An exchange remembers what will show a write into the average during the swap: the
+        averages' bit sums (half a copy's time); under a pointer exchange (flatten_model), which
+        must stay O(1), autograd's version counters of the model's tensors.
+        """
+        if not self.exchange:
             self.parked = self.model_flat.clone() if self.model_flat is not None else self._park()
             self.copy_to_model()
+        elif self._exchanges_pointers:
+            self._exchange_pointers()
+            self.marks = _versions(self.tensors)
+        else:
+            self.marks = _bit_sums(self.averages)
+            self._exchange_contents()
         self.swapped = True
 
     def swap_out(self) -> list[str]:
         """Give the model its own values back; returns the names of exchanged tensors written to during the swap.
 
         Such a write (an optimizer step, ``.data.add_``, numpy, another process) went into the
-        model's memory, which held the average: it is found by comparing the averages' bit sums.
+        model's memory, which held the average.
         """
-        changed = []
-        if self.exchange:
-            self._exchange()
-            differs = (_bit_sums(self.averages) != self.sums).tolist()
-            changed = [name for name, d in zip(self.names, differs) if d]
-        elif self.model_flat is not None:
-            self.model_flat.copy_(self.parked)
-            _bump_versions(self.tensors)
+        if not self.exchange:
+            if self.model_flat is not None:
+                self.model_flat.copy_(self.parked)
+                _bump_versions(self.tensors)
+            else:
+                data = self._data()
+                torch._foreach_copy_(data, flat_views(self.parked, data, self.offsets))
+        elif self._exchanges_pointers:
+            self.note_writes()
+            self._exchange_pointers()
         else:
-            data = self._data()
-            torch._foreach_copy_(data, flat_views(self.parked, data, self.offsets))
-        self.parked = self.sums = None
+            self._exchange_contents()
+            written = _bit_sums(self.averages) != self.marks
+            self.written.update(name for name, w in zip(self.names, written.tolist()) if w)
+        changed = sorted(self.written, key=self.names.index)
+        self.parked, self.marks, self.written = None, None, set()
         self.swapped = False
         return changed
+
+    def note_writes(self) -> None:
+        """Remember the tensors written since the version marks were taken (a pointer exchange only)."""
+        if self.swapped and self._exchanges_pointers:
+            moved = (_versions(self.tensors) != self.marks).tolist()
+            self.written.update(name for name, m in zip(self.names, moved) if m)
+
+    def refresh_marks(self) -> None:
+        """Take the version marks anew: a nested swap of another EMA wrote and restored these tensors."""
+        if self.swapped and self._exchanges_pointers:
+            self.marks = _versions(self.tensors)
 
     def _park(self) -> torch.Tensor:
         data = self._data()
@@ -281,14 +317,15 @@ class FlatGroup:
         torch._foreach_copy_(flat_views(parked, data, self.offsets), data)
         return parked
 
-    def _exchange(self) -> None:
-        """Exchange the model's values with the average (its own inverse)."""
-        if self.model_flat is not None and _HAS_POINTER_EXCHANGE:
-            collections.deque(
-                map(torch.UntypedStorage._swap_data_ptr_, _storages(self.tensors), _storages(self.averages)), 0
-            )
-            _bump_versions(self.tensors)
-            return
+    def _exchange_pointers(self) -> None:
+        """Exchange the storage pointers of the model's tensors and their averages: O(1) per tensor, no data moved."""
+        collections.deque(
+            map(torch.UntypedStorage._swap_data_ptr_, _storages(self.tensors), _storages(self.averages)), 0
+        )
+        _bump_versions(self.tensors)
+
+    def _exchange_contents(self) -> None:
+        """Exchange the model's values with the averages, a chunk at a time (its own inverse)."""
         data = self._data()
         for i, j, flat, views in self._chunked(data):
             flat.copy_(self.ema_flat[self.offsets[i] : self.offsets[i] + flat.numel()])

@@ -334,9 +334,13 @@ class ShadowWeights:
             raise RuntimeError("the EMA weights are already swapped in")
         self.attach(model)
         model = unwrap(model)
+        outer = _swaps.setdefault(model, [])
+        if outer:  # the innermost swap so far notes what was written under it: from here on writes are this one's
+            for group in outer[-1]._groups:
+                group.note_writes()
         for group in self._groups:
             group.swap_in()
-        _swaps.setdefault(model, []).append(self)
+        outer.append(self)
         self._repoint_module()
 
     @torch.no_grad()
@@ -360,6 +364,9 @@ class ShadowWeights:
             )
         stack.pop()
         written = [name for group in self._groups for name in group.swap_out()]
+        if stack:  # the swap under this one is innermost again; what this one wrote there it also undid
+            for group in stack[-1]._groups:
+                group.refresh_marks()
         self._repoint_module()
         if written:
             raise RuntimeError(
