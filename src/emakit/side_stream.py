@@ -4,8 +4,13 @@ An update only reads the parameters, so it may run while the next batch's forwar
 runs too. Two orderings keep it exact: the side stream starts after the main stream has
 finished the optimizer step (it waits on the main stream), and nothing may change the
 parameters or read the average before the update is done: the next optimizer step waits
-for it through a global optimizer step pre-hook, and the engine waits before every swap,
-copy, load or state read.
+for it through an optimizer step pre-hook, and the engine waits before every swap, copy,
+load or state read.
+
+torch offers step pre-hooks per optimizer or for all optimizers; the EMA does not know the
+user's optimizers, so the hook is the process-wide one — registered only while an update is
+pending and removed by the first wait, so it costs nothing otherwise. It assumes one thread
+steps optimizers and updates EMAs, as in every training loop.
 """
 
 from __future__ import annotations

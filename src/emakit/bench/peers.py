@@ -1,4 +1,5 @@
-"""The implementations benchmarked: emakit's two APIs, the original per-tensor arithmetic, and peers.
+"""The implementations benchmarked: emakit's EMA (default and ``flatten_model``) and ``compute_ema``,
+the original per-tensor arithmetic, and peers (every implementation not named ``emakit.*``).
 
 Each is configured so that *every* call is a full update with the fixed smoothing ``s``
 (no warmup schedule, no skipped steps) and is checked against the closed form before it is
@@ -21,7 +22,7 @@ from torch import nn
 from emakit import EMA
 from emakit.functional import compute_ema
 
-__all__ = ["IMPLEMENTATIONS", "SMOOTHING", "Impl", "check_closed_form", "import_error"]
+__all__ = ["IMPLEMENTATIONS", "SMOOTHING", "Impl", "check_closed_form", "import_error", "is_peer"]
 
 SMOOTHING = 0.999
 
@@ -34,15 +35,14 @@ class Impl:
     model: nn.Module
     step: Callable[[], object]  # one EMA update
     averages: Callable[[], list[torch.Tensor]]  # the averages of model.parameters(), in that order
-    handle: Any = None  # the implementation's object (emakit's EMA, for the swap benchmark)
+    handle: Any = None  # the implementation's object (emakit's EMA and torch_ema's, for the swap benchmark)
 
 
-def _emakit_ema(model: nn.Module) -> Impl:
-    ema = EMA(smoothing=SMOOTHING)
+def _emakit_ema(model: nn.Module, flatten_model: bool) -> Impl:
+    ema = EMA(smoothing=SMOOTHING, flatten_model=flatten_model)
     names = [name for name, _ in model.named_parameters()]
-    return Impl(
-        "emakit.EMA", model, lambda: ema.update(model), lambda: [ema.shadow.state_dict()[n] for n in names], ema
-    )
+    name = "emakit.EMA(flatten_model)" if flatten_model else "emakit.EMA"
+    return Impl(name, model, lambda: ema.update(model), lambda: [ema.shadow.state_dict()[n] for n in names], ema)
 
 
 def _emakit_compute_ema(model: nn.Module) -> Impl:
@@ -93,7 +93,7 @@ def _torch_ema(model: nn.Module) -> Impl:
 
     # use_num_updates=False: else the decay is min(s, (1 + n) / (10 + n)), a warmup
     ema = ExponentialMovingAverage(model.parameters(), decay=SMOOTHING, use_num_updates=False)
-    return Impl("torch_ema", model, ema.update, lambda: list(ema.shadow_params))
+    return Impl("torch_ema", model, ema.update, lambda: list(ema.shadow_params), ema)
 
 
 def _ema_pytorch(model: nn.Module, foreach: bool) -> Impl:
@@ -124,7 +124,8 @@ def _timm(model: nn.Module) -> Impl:
 
 # (name, short column label, module that must import, factory)
 IMPLEMENTATIONS: list[tuple[str, str, str | None, Callable[[nn.Module], Impl]]] = [
-    ("emakit.EMA", "EMA", None, _emakit_ema),
+    ("emakit.EMA", "EMA", None, lambda m: _emakit_ema(m, flatten_model=False)),
+    ("emakit.EMA(flatten_model)", "EMA.flat", None, lambda m: _emakit_ema(m, flatten_model=True)),
     ("emakit.compute_ema", "compute", None, _emakit_compute_ema),
     ("per_tensor", "per-tensor", None, _per_tensor),
     ("torch.AveragedModel", "Averaged", None, _averaged_model),
@@ -134,6 +135,11 @@ IMPLEMENTATIONS: list[tuple[str, str, str | None, Callable[[nn.Module], Impl]]] 
     ("diffusers.EMAModel", "diffusers", "diffusers.training_utils", _diffusers),
     ("timm.ModelEmaV3", "timm.V3", "timm.utils.model_ema", _timm),
 ]
+
+
+def is_peer(name: str) -> bool:
+    """Whether the implementation ``name`` is another's than emakit's."""
+    return not name.startswith("emakit.")
 
 
 def import_error(module: str | None) -> str | None:
