@@ -208,17 +208,28 @@ def test_a_tensor_replaced_with_the_same_shape_keeps_the_layout_of_the_rest(flat
     assert {k: v.data_ptr() for k, v in shadow.state_dict().items()} == averages
 
 
+def _replace_with_a_wider_layer(model: nn.Module) -> None:
+    model[3].weight = nn.Parameter(torch.ones(3, 7).repeat(2, 1))  # (6, 7): a new shape
+    model[3].bias = nn.Parameter(torch.zeros(6))
+
+
+def _slice_through_data(model: nn.Module) -> None:
+    model[3].weight.data = model[3].weight.data[:2]  # (2, 7): same Parameter, same address, fewer rows
+    model[3].bias.data = model[3].bias.data[:2]
+
+
 @pytest.mark.parametrize("flatten", MODES)
-def test_a_reshaped_tensor_restarts_its_average_with_a_warning(flatten):
+@pytest.mark.parametrize("reshape", [_replace_with_a_wider_layer, _slice_through_data], ids=["new Parameter", ".data="])
+def test_a_reshaped_tensor_restarts_its_average_with_a_warning(reshape, flatten):
     model = make_model()
     shadow = ShadowWeights(flatten_model=flatten)
     history = run_updates(shadow, model, steps=3, weight=0.5)
-    model[3].weight = nn.Parameter(torch.ones(3, 7).repeat(2, 1))  # (6, 7): a new shape
-    model[3].bias = nn.Parameter(torch.zeros(6))
+    reshape(model)
     with pytest.warns(RuntimeWarning, match=r"3\.weight"):
         shadow.update(model, 0.5)
     expected = closed_form(history, 0.5)
     state = shadow.state_dict()
+    assert state["3.weight"].shape == model[3].weight.shape
     assert torch.equal(state["3.weight"], model[3].weight.detach())  # started from its value
     torch.testing.assert_close(state["0.weight"].double(), 0.5 * expected["0.weight"] + 0.5 * history[-1]["0.weight"])
 
