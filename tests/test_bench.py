@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from emakit import bench
+from emakit.bench import targets
 from emakit.bench.layouts import ResNet18, convnet_sizes, many_small_sizes
-from emakit.bench.peers import Impl, check_closed_form
+from emakit.bench.measure import EVAL_WINDOW, MODES, peak_in_window
+from emakit.bench.peers import Impl, check_closed_form, is_peer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_quick_bench_times_every_importable_implementation(results: dict) -> None:
     importable = {name for name, _, module, _ in bench.IMPLEMENTATIONS if bench.import_error(module) is None}
-    assert {"emakit.EMA", "emakit.compute_ema", "per_tensor", "torch.AveragedModel"} <= importable
+    assert {"emakit.EMA", "emakit.EMA(flatten_model)", "emakit.compute_ema", "per_tensor"} <= importable
     assert set(results["layouts"]) == set(bench.LAYOUTS)
     for layout in results["layouts"].values():
         assert set(layout["implementations"]) == importable
@@ -46,18 +48,86 @@ def test_quick_bench_ratios_are_roofline_and_peer_times_over_own_time(results: d
             assert set(row["speedup_vs"]) == set(rows) - {name}
             for other, speedup in row["speedup_vs"].items():
                 assert speedup == pytest.approx(rows[other]["time_s"] / row["time_s"])
+            if not is_peer(name):
+                fastest = min((n for n in rows if is_peer(n)), key=lambda n: rows[n]["time_s"])
+                assert row["fastest_peer"] == fastest
+                assert row["vs_fastest_peer"] == pytest.approx(rows[fastest]["time_s"] / row["time_s"])
 
 
-def test_quick_bench_reports_swap_eval_memory_and_trainer_overhead(results: dict) -> None:
+def test_quick_bench_judges_the_update_targets_on_their_rows_only(results: dict) -> None:
+    for layout_name, layout in results["layouts"].items():
+        for name, row in layout["implementations"].items():
+            if (layout_name, name) not in targets.UPDATE:
+                assert "targets" not in row
+                continue
+            key, target = targets.UPDATE[layout_name, name]
+            assert row["targets"] == {str(target): target.passes(row[key])}
+    assert {layout for layout, _ in targets.UPDATE} <= set(results["layouts"])
+
+
+def test_target_passes_on_its_side_of_the_limit() -> None:
+    at_most, at_least = targets.Target("a", "<=", 2), targets.Target("b", ">=", 2)
+    assert [at_most.passes(2), at_most.passes(2.1)] == [True, False]
+    assert [at_least.passes(2), at_least.passes(1.9)] == [True, False]
+    assert at_most.passes(None) is None and str(at_least) == "b >= 2"
+
+
+def test_quick_bench_times_swaps_of_both_modes_against_a_copy_and_torch_ema(results: dict) -> None:
+    has_torch_ema = bench.import_error("torch_ema") is None
     for layout in results["layouts"].values():
-        swap, memory = layout["swap"], layout["eval_memory"]
-        assert swap["swap_s"] > 0 and swap["copy_s"] > 0
-        assert swap["ratio"] == pytest.approx(swap["swap_s"] / swap["copy_s"])
-        assert memory["model_bytes"] > 0 and memory["extra_bytes"] > 0  # the EMA holds at least its average
-        assert memory["ratio"] == pytest.approx(memory["extra_bytes"] / memory["model_bytes"])
+        swap = layout["swap"]
+        assert swap["copy_s"] > 0 and swap["default_s"] > 0 and swap["flatten_model_s"] > 0
+        assert swap["flatten_model_vs_copy"] == pytest.approx(swap["flatten_model_s"] / swap["copy_s"])
+        assert swap["default_vs_copy"] == pytest.approx(swap["default_s"] / swap["copy_s"])
+        if has_torch_ema:
+            assert swap["default_vs_torch_ema"] == pytest.approx(swap["default_s"] / swap["torch_ema_s"])
+        else:
+            assert swap["torch_ema_s"] is None and swap["default_vs_torch_ema"] is None
+        assert swap["targets"] == {
+            str(targets.SWAP_FLATTEN): targets.SWAP_FLATTEN.passes(swap["flatten_model_vs_copy"]),
+            str(targets.SWAP_DEFAULT): targets.SWAP_DEFAULT.passes(swap["default_vs_torch_ema"]),
+        }
+
+
+def test_quick_bench_reports_eval_memory_of_both_modes(results: dict) -> None:
+    for layout in results["layouts"].values():
+        memory = layout["eval_memory"]
+        assert memory["model_bytes"] > 0
+        for mode in MODES:
+            row = memory[mode]
+            assert row["extra_bytes"] >= memory["model_bytes"]  # the EMA holds at least its average
+            assert row["ratio"] == pytest.approx(row["extra_bytes"] / memory["model_bytes"])
+            assert row["targets"] == {str(targets.EVAL_MEMORY): targets.EVAL_MEMORY.passes(row["ratio"])}
+
+
+def test_eval_memory_counts_a_temporary_freed_inside_the_window() -> None:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        kept = torch.randn(1_000)
+        with torch.profiler.record_function(EVAL_WINDOW):
+            temporary = torch.randn(10_000)
+            del temporary
+        after = torch.randn(100_000)  # outside the window: not counted
+    assert 44_000 <= peak_in_window(profiler, torch.device("cpu")) < 48_000
+    del kept, after
+
+
+def test_quick_bench_measures_attaching_in_fresh_processes(results: dict) -> None:
+    attach = results["attach_memory"]
+    assert attach["parameters"] == 8 * 500 * 501 and attach["model_bytes"] == 4 * attach["parameters"]
+    for mode in MODES:
+        row = attach[mode]
+        assert row["build_ratio"] > 0.9  # the model's memory is resident, and counted once
+        assert row["ratio"] > row["build_ratio"] + 0.9  # and the average's
+        peaks = row["peak_bytes"]
+        assert row["ratio"] == pytest.approx((peaks["attached"] - peaks["baseline"]) / attach["model_bytes"])
+        assert row["targets"] == {str(targets.ATTACH_MEMORY): targets.ATTACH_MEMORY.passes(row["ratio"])}
+
+
+def test_quick_bench_reports_trainer_overhead(results: dict) -> None:
     trainer = results["trainer"]
     assert trainer["with_ema_s"] > 0 and trainer["without_ema_s"] > 0 and trainer["ratio"] > 0
-    assert trainer["eval_extra_bytes"] > 0 and trainer["eval_model_bytes"] > 0
+    assert 0 < trainer["ema_share"] < 1
+    assert trainer["targets"] == {str(targets.EMA_SHARE): targets.EMA_SHARE.passes(trainer["ema_share"])}
     assert results["meta"]["quick"] is True and results["meta"]["threads"] == 1
 
 

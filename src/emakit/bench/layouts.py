@@ -13,11 +13,21 @@ __all__ = ["LAYOUTS", "ResNet18", "TensorBag", "convnet_sizes", "many_small_size
 
 
 class TensorBag(nn.Module):
-    """Plain 1-D parameters of the given sizes, so peers that walk ``model.parameters()`` see them."""
+    """Plain 1-D parameters of the given sizes, so peers that walk ``model.parameters()`` see them.
+
+    Example::
+
+        >>> TensorBag([3, 5])(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 3])
+    """
 
     def __init__(self, sizes: Sequence[int]) -> None:
         super().__init__()
         self.tensors = nn.ParameterList(nn.Parameter(torch.randn(n)) for n in sizes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-channel means of ``images`` times the mean of the first tensor: logits, so that a Trainer runs it."""
+        return F.adaptive_avg_pool2d(images, 1).flatten(1) * self.tensors[0].mean()
 
 
 def convnet_sizes(count: int = 300, shrink: int = 1) -> list[int]:

@@ -1,4 +1,4 @@
-"""The measurements: update time against the roofline and peers, swap time, eval memory, trainer overhead.
+"""The measurements: update time against the roofline and peers, swap time, memory, trainer overhead.
 
 Timing: each implementation is timed in its own block, alternating call by call with the
 roofline (roofline, update, roofline, update, ...) after a warm-up, with the garbage collector
@@ -7,6 +7,11 @@ slow drift of a shared machine then hits both alike, and no implementation runs 
 is timed: some peers re-register a buffer on every call (``self.step += 1`` on a module), which
 would otherwise count against implementations that watch for module changes. On CUDA each call
 is synchronised on both sides, so the time includes the queued kernels and the Python overhead.
+Swaps are timed the same way, all contenders in one round-robin block.
+
+Memory: during a Trainer evaluation, from the profiler's allocation and free events (every
+tensor allocation, also a temporary freed before anything could look at it); for attaching an
+EMA, from the peak memory of a fresh process (resident set on the CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ import argparse
 import contextlib
 import copy
 import gc
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,21 +33,29 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from emakit import EMA, Callback, Classifier, Trainer
-from emakit.bench.peers import IMPLEMENTATIONS, SMOOTHING, Impl, check_closed_form, import_error
+from emakit import EMA, Classifier, Trainer
+from emakit.bench import targets
+from emakit.bench.peers import IMPLEMENTATIONS, SMOOTHING, Impl, check_closed_form, import_error, is_peer
 from emakit.tracked import is_averaged, tracked_tensors
 
 __all__ = [
+    "EVAL_WINDOW",
+    "MODES",
+    "attach_peaks",
     "averaged_numel",
+    "bench_attach_memory",
     "bench_eval_memory",
     "bench_swap",
     "bench_trainer",
     "bench_updates",
-    "live_tensor_bytes",
     "model_bytes",
+    "peak_in_window",
     "rooflines",
     "time_round_robin",
 ]
+
+# emakit's EMA modes compared by the swap and memory benchmarks: name -> EMA keyword arguments
+MODES: dict[str, dict[str, bool]] = {"default": {}, "flatten_model": {"flatten_model": True}}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -112,17 +129,19 @@ def _ready_implementations(template: nn.Module) -> tuple[list[Impl], dict[str, s
             skipped[name] = reason
             continue
         impl = factory(copy.deepcopy(template))
-        impl.step()  # starts the average at the weights (emakit.EMA: binds the model into its flat buffer)
+        impl.step()  # starts the average at the weights (flatten_model: binds the model into its flat buffer)
         check_closed_form(impl)
         impls.append(impl)
     return impls, skipped
 
 
-def bench_updates(template: nn.Module, args: argparse.Namespace) -> tuple[dict[str, Any], Impl]:
-    """Median update time of every implementation on ``template``, with ratios; and emakit's ``EMA``.
+def bench_updates(layout: str, template: nn.Module, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Impl]]:
+    """Median update time of every implementation on ``template``, with ratios; and the implementations.
 
     Per implementation: ``roofline_ratio = roofline_s / time_s``, the roofline timed in its own
-    block (on CUDA also ``copy_roofline_ratio``); ``speedup_vs[other] = other's time_s / time_s``.
+    block (on CUDA also ``copy_roofline_ratio``); ``speedup_vs[other] = other's time_s / time_s``;
+    for emakit's, ``vs_fastest_peer`` = the fastest peer's time_s / time_s. Rows with a target of
+    the issue (for ``layout``) record it in ``targets``.
     """
     impls, skipped = _ready_implementations(template)
     roof = rooflines(averaged_numel(template), args.device)
@@ -133,8 +152,14 @@ def bench_updates(template: nn.Module, args: argparse.Namespace) -> tuple[dict[s
         rows[impl.name] = {"time_s": t, "roofline_s": times["lerp"], "roofline_ratio": times["lerp"] / t}
         if "copy" in times:
             rows[impl.name] |= {"copy_roofline_s": times["copy"], "copy_roofline_ratio": times["copy"] / t}
+    fastest_peer = min((name for name in rows if is_peer(name)), key=lambda name: rows[name]["time_s"])
     for name, row in rows.items():
         row["speedup_vs"] = {other: rows[other]["time_s"] / row["time_s"] for other in rows if other != name}
+        if not is_peer(name):
+            row |= {"fastest_peer": fastest_peer, "vs_fastest_peer": rows[fastest_peer]["time_s"] / row["time_s"]}
+        if (layout, name) in targets.UPDATE:
+            key, target = targets.UPDATE[layout, name]
+            row["targets"] = target.judge(row[key])
     roofline = {"lerp_s": statistics.median(row["roofline_s"] for row in rows.values())}
     if "copy" in roof:
         roofline["copy_s"] = statistics.median(row["copy_roofline_s"] for row in rows.values())
@@ -145,82 +170,205 @@ def bench_updates(template: nn.Module, args: argparse.Namespace) -> tuple[dict[s
         "implementations": rows,
         "skipped": skipped,
     }
-    return result, next(impl for impl in impls if impl.name == "emakit.EMA")
+    return result, {impl.name: impl for impl in impls}
 
 
-def bench_swap(emakit: Impl, args: argparse.Namespace) -> dict[str, float]:
-    """Median time of ``with ema.ema_weights(model): pass`` (in and out) vs one flat copy of the weights."""
-    ema, model = emakit.handle, emakit.model
+# -------------------------------------------------------------------------------- swap
+def bench_swap(impls: dict[str, Impl], args: argparse.Namespace) -> dict[str, Any]:
+    """Median time of a swap in and out, per mode of emakit's EMA, vs one flat copy of the weights and torch_ema's.
+
+    Timed round-robin on the models the update benchmark left: ``with ema.ema_weights(model): pass``
+    for ``EMA()`` (``default_s``) and ``EMA(flatten_model=True)`` (``flatten_model_s``); a flat
+    ``copy_`` of as many elements (``copy_s``); ``with ema.average_parameters(): pass`` of torch_ema
+    (store, copy_to, restore: ``torch_ema_s``, None when torch_ema does not import).
+    """
+    model = impls["emakit.EMA"].model
     numel = averaged_numel(model)
     source, target = torch.randn(numel, device=args.device), torch.empty(numel, device=args.device)
 
-    def swap() -> None:
-        with ema.ema_weights(model):
-            pass
+    def emakit_swap(impl: Impl) -> Callable[[], None]:
+        def swap() -> None:
+            with impl.handle.ema_weights(impl.model):
+                pass
 
-    times = time_round_robin(
-        {"copy": lambda: target.copy_(source), "swap": swap}, args.repeats, args.warmup, args.device
+        return swap
+
+    fns: dict[str, Callable[[], object]] = {
+        "copy": lambda: target.copy_(source),
+        "default": emakit_swap(impls["emakit.EMA"]),
+        "flatten_model": emakit_swap(impls["emakit.EMA(flatten_model)"]),
+    }
+    if "torch_ema" in impls:
+        torch_ema = impls["torch_ema"].handle
+
+        def torch_ema_swap() -> None:
+            with torch_ema.average_parameters():
+                pass
+
+        fns["torch_ema"] = torch_ema_swap
+    times = time_round_robin(fns, args.repeats, args.warmup, args.device)
+    peer = times.get("torch_ema")
+    result: dict[str, Any] = {f"{name}_s": times.get(name) for name in ("copy", "torch_ema", *MODES)}
+    result |= {
+        "flatten_model_vs_copy": times["flatten_model"] / times["copy"],
+        "default_vs_copy": times["default"] / times["copy"],
+        "default_vs_torch_ema": times["default"] / peer if peer else None,
+    }
+    result["targets"] = targets.SWAP_FLATTEN.judge(result["flatten_model_vs_copy"]) | targets.SWAP_DEFAULT.judge(
+        result["default_vs_torch_ema"]
     )
-    return {"swap_s": times["swap"], "copy_s": times["copy"], "ratio": times["swap"] / times["copy"]}
+    return result
 
 
-# ------------------------------------------------------------------------------ memory
-def live_tensor_bytes(device: torch.device) -> int:
-    """Bytes of every distinct tensor storage alive on ``device``'s type: exact on CUDA, a census on CPU.
+# ------------------------------------------------------------------------- eval memory
+EVAL_WINDOW = "emakit.bench.eval"  # the profiler's name for the evaluation's time span
 
-    CPU has no allocator statistics, so this walks the garbage collector's objects (every Python
-    tensor is tracked there) and counts each distinct storage once. Memory held only by C++ and
-    temporaries freed before the census are not seen: it measures what stays allocated.
+
+def peak_in_window(profiler: torch.profiler.profile, device: torch.device) -> int:
+    """Most bytes allocated on ``device``'s type since ``profiler`` started, at any moment in the eval window.
+
+    From the profiler's allocation and free events (every tensor allocation, temporaries included).
     """
-    gc.collect()
+    events = profiler.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == EVAL_WINDOW)
+    kind = device.type.upper()
+    changes = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == kind
+    )
+    if not changes:
+        raise RuntimeError(f"the profiler recorded no {device.type} allocations: cannot measure eval memory")
+    level, peak = 0, None
+    for at, nbytes in changes:
+        if at > window.end_ns():
+            break
+        if at >= window.start_ns() and peak is None:
+            peak = level  # what was allocated when the window opened
+        level += nbytes
+        if peak is not None:
+            peak = max(peak, level)
+    return level if peak is None else peak
+
+
+def _eval_peak(template: nn.Module, mode: dict[str, bool] | None, device: torch.device) -> int:
+    """Peak bytes allocated during ``Trainer.eval`` of a copy of ``template`` after 2 training batches.
+
+    Counted from the start of the run: everything the run frees it allocated under the profiler,
+    which knows the size of those blocks only. The inputs are tiny, so that activations do not
+    hide the EMA's temporaries. ``mode``: the EMA's keyword arguments, or None for no EMA.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated(device)
-    storages: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == device.type:
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-    storages.pop(0, None)
-    return sum(storages.values())
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    gc.collect()  # no garbage of earlier runs freed during this one
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        generator = torch.Generator().manual_seed(0)
+        images, labels = torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+        loader = DataLoader(TensorDataset(images, labels), batch_size=2)
+        trainer = Trainer(
+            model=Classifier(copy.deepcopy(template)),
+            train_dataloader=loader,
+            max_duration="2ba",
+            algorithms=[EMA(smoothing=SMOOTHING, **mode)] if mode is not None else [],
+            device=device,
+            seed=0,
+            progress_bar=False,
+        )
+        trainer.fit()
+        with torch.profiler.record_function(EVAL_WINDOW):
+            trainer.eval(loader)
+    return peak_in_window(profiler, device)
 
 
-def bench_eval_memory(template: nn.Module, device: torch.device) -> dict[str, float]:
-    """Tensor bytes alive in ``ema.ema_weights(model)`` minus those before the EMA existed, vs the model's.
+def bench_eval_memory(template: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Extra bytes an EMA adds during a Trainer evaluation, per mode, vs the model's bytes.
 
-    The difference is all the EMA holds during evaluation: its average, the training weights
-    parked by the swap, any buffer left from binding the model. On CUDA also the peak during
-    the swap in and out (``peak_extra_bytes``).
+    ``extra_bytes`` = peak bytes allocated during ``trainer.eval`` with the EMA minus without,
+    both counted from before the trainer was built: the average, the swap's temporaries, the
+    parked buffers. Counted from the profiler's allocation events, so a temporary freed inside
+    the swap counts too.
     """
-    model = copy.deepcopy(template)
-    before = live_tensor_bytes(device)
-    ema = EMA(smoothing=SMOOTHING)
-    ema.update(model)
-    ema.update(model)
+    size = model_bytes(template)
+    without = _eval_peak(template, None, device)
+    result: dict[str, Any] = {"model_bytes": size}
+    for name, mode in MODES.items():
+        extra = _eval_peak(template, mode, device) - without
+        result[name] = {"extra_bytes": extra, "ratio": extra / size, "targets": targets.EVAL_MEMORY.judge(extra / size)}
+    return result
+
+
+# ----------------------------------------------------------------------- attach memory
+def _peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: allocated on CUDA; on the CPU its peak resident set.
+
+    On Linux ``VmHWM``: ``ru_maxrss`` of a child of a big process starts at its parent's size (the
+    kernel carries the peak of the forked copy across ``exec``), so it would hide a small model.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Let the peak start again from what the process holds now (Linux, CUDA); elsewhere it stays."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with ema.ema_weights(model):
-        during = live_tensor_bytes(device)
-    result: dict[str, float] = {"model_bytes": model_bytes(model), "extra_bytes": during - before}
-    if device.type == "cuda":
-        result["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - before
-    result["ratio"] = result["extra_bytes"] / result["model_bytes"]
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident set
+
+
+def attach_peaks(flatten_model: bool, layers: int, width: int, device: str) -> dict[str, int]:
+    """Peak memory before building ``layers`` x ``nn.Linear(width, width)``, after, and after the first update.
+
+    Meant for a fresh process (:func:`bench_attach_memory` runs it in one): nothing else allocates.
+    The peak is reset first, after a first EMA on a tiny model has run emakit's lazy imports.
+    The layers' initialisation writes every weight, so their memory is resident.
+    """
+    where = torch.device(device)
+    EMA(smoothing=SMOOTHING, flatten_model=flatten_model).update(nn.Linear(2, 2, device=where))
+    _reset_peak_memory(where)
+    baseline = _peak_memory(where)
+    model = nn.Sequential(*(nn.Linear(width, width, device=where) for _ in range(layers)))
+    built = _peak_memory(where)
+    EMA(smoothing=SMOOTHING, flatten_model=flatten_model).update(model)
+    return {"model_bytes": model_bytes(model), "baseline": baseline, "built": built, "attached": _peak_memory(where)}
+
+
+def bench_attach_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of attaching an EMA (its first update) to a fresh model, per mode, in a fresh process each.
+
+    8 x ``nn.Linear(5000, 5000)``: 200M fp32 parameters, 800 MB (with ``--quick`` 8 x 500 x 500,
+    2M). ``ratio`` = (peak after the update - ``baseline``) / the model's bytes, ``baseline`` being
+    the peak reset to what the process holds just before building the model (on Linux; elsewhere
+    the peak so far): the model and the average is 2.0; ``build_ratio`` (the same for the model
+    alone) is 1.0 when the measurement is sound.
+    """
+    layers, width = 8, (500 if args.quick else 5000)
+    result: dict[str, Any] = {"parameters": layers * width * (width + 1)}
+    for name, mode in MODES.items():
+        call = f"attach_peaks({mode.get('flatten_model', False)}, {layers}, {width}, '{args.device}')"
+        code = (
+            f"import json, torch; torch.set_num_threads({args.threads}); "
+            f"from emakit.bench.measure import attach_peaks; print(json.dumps({call}))"
+        )
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"attach memory ({name}) failed in its subprocess:\n{child.stderr}")
+        peaks = json.loads(child.stdout.strip().splitlines()[-1])
+        size, baseline = peaks["model_bytes"], peaks["baseline"]
+        ratio = (peaks["attached"] - baseline) / size
+        result["model_bytes"] = size
+        result[name] = {
+            "peak_bytes": peaks,
+            "build_ratio": (peaks["built"] - baseline) / size,
+            "ratio": ratio,
+            "targets": targets.ATTACH_MEMORY.judge(ratio),
+        }
     return result
 
 
 # ----------------------------------------------------------------------------- trainer
-class _EvalMemory(Callback):
-    """Live tensor bytes when made (before the trainer and its EMA exist) and at the first evaluation batch."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.at_start, self.at_eval = device, live_tensor_bytes(device), None
-
-    def eval_batch_end(self, state: Any, logger: Any) -> None:
-        if self.at_eval is None:
-            self.at_eval = live_tensor_bytes(self.device)
-
-
 class _TimedEMA(EMA):
     """The EMA algorithm, also summing the wall time spent in its event handlers (updates and swaps)."""
 
@@ -247,18 +395,14 @@ def _small_cnn() -> nn.Module:
     )
 
 
-def _train(
-    data: TensorDataset, batches: int, with_ema: bool, device: torch.device, eval_memory: _EvalMemory | None = None
-) -> tuple[float, Trainer]:
+def _train(data: TensorDataset, batches: int, with_ema: bool, device: torch.device) -> tuple[float, Trainer]:
     """Wall seconds of ``Trainer.fit`` of ``batches`` batches of a small CNN, with EMA every batch or not."""
     torch.manual_seed(0)
     trainer = Trainer(
         model=Classifier(_small_cnn()),
         train_dataloader=DataLoader(data, batch_size=32),
-        eval_dataloader=DataLoader(TensorDataset(*data[:64]), batch_size=32) if eval_memory else None,
         max_duration=f"{batches}ba",
         algorithms=[_TimedEMA(half_life="50ba")] if with_ema else [],
-        callbacks=[eval_memory] if eval_memory else [],
         device=device,
         seed=0,
         progress_bar=False,
@@ -268,21 +412,10 @@ def _train(
     return time.perf_counter() - start, trainer
 
 
-def _trainer_eval_memory(data: TensorDataset, device: torch.device) -> dict[str, float]:
-    """Growth of live tensor bytes from before the trainer to evaluation, with EMA minus without, vs model bytes."""
-    growth = {}
-    for with_ema in (False, True):
-        probe = _EvalMemory(device)
-        _, trainer = _train(data, 3, with_ema, device, eval_memory=probe)
-        growth[with_ema] = probe.at_eval - probe.at_start
-    extra, size = growth[True] - growth[False], model_bytes(trainer.state.model)
-    return {"eval_model_bytes": size, "eval_extra_bytes": extra, "eval_memory_ratio": extra / size}
-
-
-def bench_trainer(args: argparse.Namespace) -> dict[str, float]:
+def bench_trainer(args: argparse.Namespace) -> dict[str, Any]:
     """Trainer wall time with ``EMA(half_life="50ba")`` every batch over without; alternated, median ratio.
 
-    Also the Trainer's extra tensor bytes during evaluation with EMA over a run without, vs the model's.
+    ``ema_share``: the wall time inside the EMA's event handlers over the run's, median over the runs.
     """
     batches, pairs, side = (4, 1, 8) if args.quick else (150, max(3, args.repeats // 6), 32)
     generator = torch.Generator().manual_seed(0)
@@ -299,12 +432,13 @@ def bench_trainer(args: argparse.Namespace) -> dict[str, float]:
         without.append(runs[False][0])
         ratios.append(runs[True][0] / runs[False][0])
         inside.append(runs[True][1].engine.algorithms[0].seconds / runs[True][0])
+    share = statistics.median(inside)
     return {
         "batches": batches,
         "pairs": pairs,
         "with_ema_s": statistics.median(with_ema),
         "without_ema_s": statistics.median(without),
         "ratio": statistics.median(ratios),
-        "ema_share": statistics.median(inside),
-        **_trainer_eval_memory(data, args.device),
+        "ema_share": share,
+        "targets": targets.EMA_SHARE.judge(share),
     }

@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 
+from emakit.bench import targets
+from emakit.bench.measure import MODES
 from emakit.bench.peers import IMPLEMENTATIONS, SMOOTHING
+from emakit.bench.targets import Target
 
-__all__ = ["format_table", "layout_table", "machine", "summary_tables"]
+__all__ = ["format_table", "layout_table", "machine", "summary_tables", "verdict"]
 
 PACKAGES = ("emakit", "torch", "torch_ema", "ema-pytorch", "diffusers", "timm")
 
@@ -32,19 +35,31 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
+def verdict(value: float | None, target: Target, spec: str = ".3f") -> str:
+    """``value`` and whether it meets ``target``: ``0.940 pass``, ``2.004 FAIL``; ``n/a`` without a value."""
+    if value is None:
+        return "n/a"
+    return f"{value:{spec}} {'pass' if target.passes(value) else 'FAIL'}"
+
+
 def layout_table(name: str, result: dict[str, Any], args: argparse.Namespace) -> str:
-    """One layout: time, roofline ratio and speedup over every other implementation, per implementation."""
+    """One layout: time, roofline ratio and speedup over every other implementation, per implementation.
+
+    The last column: the issue's target for the row on this layout, if any, and whether it is met.
+    """
     shorts = {n: s for n, s, _, _ in IMPLEMENTATIONS}
     impls, roof = result["implementations"], result["roofline"]
     names, cuda = list(impls), "copy_s" in roof
     headers = ["implementation", "ms", "roofline ms", "x lerp", *(["x copy"] if cuda else [])]
-    headers += [f"/{shorts[n]}" for n in names]
+    headers += [f"/{shorts[n]}" for n in names] + ["target"]
     rows = []
     for n in names:
         row = impls[n]
         ratios = [f"{row['roofline_ratio']:.3f}", *([f"{row['copy_roofline_ratio']:.3f}"] if cuda else [])]
         speedups = ("-" if other == n else f"{row['speedup_vs'][other]:.2f}" for other in names)
-        rows.append([n, f"{row['time_s'] * 1e3:.3f}", f"{row['roofline_s'] * 1e3:.3f}", *ratios, *speedups])
+        key, target = targets.UPDATE.get((name, n), (None, None))
+        goal = f"{target.label} {verdict(row[key], target, '.2f')} ({target.op} {target.limit:g})" if target else ""
+        rows.append([n, f"{row['time_s'] * 1e3:.3f}", f"{row['roofline_s'] * 1e3:.3f}", *ratios, *speedups, goal])
     roof_text = ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.3f} ms" for k, v in roof.items())  # over blocks
     title = (
         f"== {name}: {result['tensors']} tensors, {result['elements']:,} averaged elements, fp32, "
@@ -52,56 +67,97 @@ def layout_table(name: str, result: dict[str, Any], args: argparse.Namespace) ->
     )
     legend = (
         "roofline ms: the flat lerp_ timed alternately with this row; x lerp = roofline ms / ms "
-        "(1.0 = at the memory-bandwidth limit); /NAME = NAME's ms / this row's ms (speedup over NAME)"
+        "(1.0 = at the memory-bandwidth limit); /NAME = NAME's ms / this row's ms (speedup over NAME); "
+        "/fastest peer = the fastest non-emakit row's ms / this row's ms"
     )
     skipped = "".join(f"\nskipped {k}: {v}" for k, v in result["skipped"].items())
     return f"{title}\n{format_table(headers, rows)}\n{legend}{skipped}"
 
 
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
 def summary_tables(results: dict[str, Any]) -> str:
-    """Swap time, eval memory and trainer overhead."""
+    """Swap time, eval memory, attach memory and trainer overhead, each ratio with its target."""
     layouts = results["layouts"]
     swap = format_table(
-        ["layout", "swap in+out ms", "one copy ms", "ratio (target <= 0.1)"],
         [
-            [n, f"{s['swap_s'] * 1e3:.4f}", f"{s['copy_s'] * 1e3:.3f}", f"{s['ratio']:.4f}"]
+            "layout",
+            "one copy ms",
+            "torch_ema ms",
+            "default ms",
+            f"default / torch_ema (target {targets.SWAP_DEFAULT.op} {targets.SWAP_DEFAULT.limit:g})",
+            "flatten_model ms",
+            f"flatten_model / one copy (target {targets.SWAP_FLATTEN.op} {targets.SWAP_FLATTEN.limit:g})",
+        ],
+        [
+            [
+                n,
+                _ms(s["copy_s"]),
+                _ms(s["torch_ema_s"]),
+                _ms(s["default_s"]),
+                verdict(s["default_vs_torch_ema"], targets.SWAP_DEFAULT),
+                _ms(s["flatten_model_s"]),
+                verdict(s["flatten_model_vs_copy"], targets.SWAP_FLATTEN, ".4f"),
+            ]
             for n, s in ((n, r["swap"]) for n, r in layouts.items())
         ],
     )
+    limit = f"target {targets.EVAL_MEMORY.op} {targets.EVAL_MEMORY.limit:g}"
     memory = format_table(
-        ["layout", "model MB", "extra MB in eval", "ratio (target <= 1.3)"],
+        ["layout", "model MB", *(f"{mode} {column}" for mode in MODES for column in ("extra MB", f"ratio ({limit})"))],
         [
-            [n, f"{m['model_bytes'] / 1e6:.2f}", f"{m['extra_bytes'] / 1e6:.2f}", f"{m['ratio']:.3f}"]
+            [n, f"{m['model_bytes'] / 1e6:.2f}"]
+            + [
+                cell
+                for mode in MODES
+                for cell in (f"{m[mode]['extra_bytes'] / 1e6:.2f}", verdict(m[mode]["ratio"], targets.EVAL_MEMORY))
+            ]
             for n, m in ((n, r["eval_memory"]) for n, r in layouts.items())
         ],
     )
     parts = [
-        f"== swap: ema_weights(model) in and out vs one flat copy_ of the weights\n{swap}",
-        f"== eval memory: tensor bytes an EMA adds inside ema_weights vs the model's bytes\n{memory}",
+        "== swap: ema_weights(model) in and out, EMA() (default) and EMA(flatten_model=True), vs one flat copy_ "
+        f"of the weights and torch_ema's average_parameters() (store, copy_to, restore); round-robin, medians\n{swap}",
+        "== eval memory: peak bytes allocated during Trainer.eval with the EMA minus without (the average, the "
+        "swap's temporaries, parked buffers; from the profiler's allocation events) vs the model's bytes\n"
+        f"{memory}",
     ]
+    attach = results.get("attach_memory")
+    if attach:
+        limit = f"target {targets.ATTACH_MEMORY.op} {targets.ATTACH_MEMORY.limit:g}"
+        table = format_table(
+            ["mode", "model MB", "before model MB", "build ratio", f"peak ratio ({limit})"],
+            [
+                [
+                    mode,
+                    f"{attach['model_bytes'] / 1e6:.1f}",
+                    f"{attach[mode]['peak_bytes']['baseline'] / 1e6:.1f}",
+                    f"{attach[mode]['build_ratio']:.3f}",
+                    verdict(attach[mode]["ratio"], targets.ATTACH_MEMORY),
+                ]
+                for mode in MODES
+            ],
+        )
+        memory = "resident set" if results["meta"]["device"] == "cpu" else "allocated"
+        parts.append(
+            f"== attach: peak memory of a fresh process ({memory}) "
+            f"through building {attach['parameters']:,} fp32 parameters (8 nn.Linear) and the first ema.update: "
+            "(peak - memory before the model) / the model's bytes; build ratio: the same after building (1.0)\n"
+            f"{table}"
+        )
     trainer = results.get("trainer")
     if trainer:
         table = format_table(
-            [
-                "run",
-                "with EMA s",
-                "without s",
-                "A/B ratio",
-                "time in EMA (target <= 3%)",
-                "eval extra MB",
-                "model MB",
-                "eval memory ratio (target <= 1.3)",
-            ],
+            ["run", "with EMA s", "without s", "A/B ratio", f"time in EMA (target <= {targets.EMA_SHARE.limit:.0%})"],
             [
                 [
                     f"{trainer['batches']} batches, {trainer['pairs']} pairs",
                     f"{trainer['with_ema_s']:.3f}",
                     f"{trainer['without_ema_s']:.3f}",
                     f"{trainer['ratio']:.4f}",
-                    f"{trainer['ema_share']:.2%}",
-                    f"{trainer['eval_extra_bytes'] / 1e6:.3f}",
-                    f"{trainer['eval_model_bytes'] / 1e6:.3f}",
-                    f"{trainer['eval_memory_ratio']:.3f}",
+                    verdict(trainer["ema_share"], targets.EMA_SHARE, ".2%"),
                 ]
             ],
         )
