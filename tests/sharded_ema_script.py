@@ -6,6 +6,7 @@ local shards (about half the bytes), gathers to the plain EMA, swaps into the sh
 exports the full weights.
 """
 
+import os
 import sys
 
 import safetensors.torch
@@ -70,3 +71,8 @@ def main(export_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # DTensor's caches keep this script's device mesh, and with it the gloo group, alive past destroy_process_group;
+    # a gloo thread that still releases a finished collective's tensors aborts a finalizing interpreter. Everything
+    # is checked and written: leave without finalizing (the Trainer's own exit path frees its meshes instead).
+    sys.stdout.flush()
+    os._exit(0)

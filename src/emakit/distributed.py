@@ -22,9 +22,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -62,6 +64,7 @@ __all__ = [
 
 PARALLELISMS = (None, "ddp", "fsdp")
 _DEFAULT_TIMEOUT_S = 300.0
+_meshes: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # the DeviceMeshes _fully_shard made
 
 
 # ------------------------------------------------------------------ environment
@@ -146,8 +149,23 @@ def initialize(device: torch.device) -> bool:
 
 
 def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group while the interpreter is whole (at exit), so its backend's threads are joined.
+
+    A gloo worker thread that finished a collective may still hold its tensors; releasing them takes the GIL, and a
+    thread that waits for the GIL once the interpreter finalizes aborts the process ("terminate called without an
+    active exception"). The backend joins its threads when the group is freed, which ``destroy_process_group`` does
+    only if nothing else holds the group. Under FSDP2 two things do: sharded modules of finished runs (reference
+    cycles, until a collection), and the device meshes (a mesh keeps its groups; DTensor's caches keep the mesh).
+    """
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    gc.collect()
+    for mesh in list(_meshes.values()):
+        groups = getattr(mesh, "_pg_registry", None)  # the mesh's references to its groups (recent torch)
+        if isinstance(groups, dict):
+            groups.clear()
+    _meshes.clear()
 
 
 class CollectiveError(RuntimeError):
@@ -229,6 +247,7 @@ def _fully_shard(model: nn.Module, device: torch.device) -> None:
 
     _broadcast_from_rank0(model)
     mesh = init_device_mesh(device.type, (world_size(),))
+    _meshes[id(mesh)] = mesh  # its hold on the process group is dropped at exit (_destroy)
     for module in reversed(list(model.modules())):  # reversed pre-order: children before their parents
         if module is not model and next(module.parameters(recurse=False), None) is not None:
             fully_shard(module, mesh=mesh)

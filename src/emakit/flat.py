@@ -19,6 +19,7 @@ tensor, moving no data.
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ __all__ = ["ALIGN_BYTES", "FlatGroup", "flat_views", "is_dense", "own_storage"]
 
 ALIGN_BYTES = 64  # each tensor starts on a 64-byte boundary of its flat buffer
 CHUNK_BYTES = 64 << 20  # the most bytes (besides one tensor) a swap or a casting update holds as a temporary
+CHUNK_SHARE = 4  # and at most 1/4 of the group's bytes: evaluation then holds under 1.3x the weights
 _HAS_POINTER_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")  # torch >= 2.12
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -71,7 +73,7 @@ def _aligned_offsets(tensors: Sequence[torch.Tensor], step: int) -> tuple[list[i
     return offsets, total
 
 
-def _chunks(offsets: list[int], numels: list[int], limit: int) -> list[tuple[int, int]]:
+def _chunk_ranges(offsets: list[int], numels: list[int], limit: int) -> list[tuple[int, int]]:
     """Index ranges ``[i, j)`` of consecutive tensors spanning at most ``limit`` elements (or one tensor)."""
     ranges, first = [], 0
     for i in range(1, len(offsets) + 1):
@@ -81,27 +83,44 @@ def _chunks(offsets: list[int], numels: list[int], limit: int) -> list[tuple[int
     return ranges
 
 
-def _bit_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per tensor, the wrapping sum of its elements' bit patterns (as integers of their size; half a copy's time).
+def _bit_sums(flat: torch.Tensor, row: int, bounds: torch.Tensor) -> torch.Tensor:
+    """Per tensor of ``flat``, the wrapping sum of its elements' bit patterns: a change of any element changes it.
 
-    Any change of one element's bytes changes it.
+    ``flat`` is read once as integers of its element size, in rows of ``row`` elements (tensors
+    start on row boundaries, padding is zeros); the rows' prefix sums at ``bounds`` (each
+    tensor's first row, and the end) give every tensor's sum in a few kernels, with no loop
+    per tensor and a temporary of 1/``row`` of the buffer.
     """
-    sums = []
-    for t in tensors:
-        bits = torch.view_as_real(t) if t.is_complex() else t
-        integers = _INT_OF_SIZE[bits.element_size()]
-        sums.append(bits.view(integers).sum(dtype=integers).to(torch.int64))
-    return torch.stack(sums)
+    size = min(flat.element_size(), 8)  # complex128: pairs of int64
+    integers = flat.view(_INT_OF_SIZE[size])
+    rows = integers.view(-1, row * flat.element_size() // size).sum(dim=1, dtype=integers.dtype)
+    prefix = torch.cat([rows.new_zeros(1), rows.cumsum(0, dtype=integers.dtype)])
+    return (prefix[bounds[1:]] - prefix[bounds[:-1]]).cpu()
+
+
+try:  # torch >= 2.5 bumps a list of tensors in one call
+    torch.autograd.graph.increment_version([])
+    _increment_versions = torch.autograd.graph.increment_version
+except (TypeError, AttributeError, RuntimeError):
+
+    def _increment_versions(tensors: Sequence[torch.Tensor]) -> None:
+        for tensor in tensors:
+            torch.autograd.graph.increment_version(tensor)
+
+
+_version = operator.attrgetter("_version")
 
 
 def _versions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.tensor([local(t)._version for t in tensors])
+    return torch.tensor(list(map(_version, tensors)))
 
 
-def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
-    """Tell autograd that ``tensors`` changed (their memory was written or exchanged behind their back)."""
-    for tensor in tensors:
-        torch.autograd.graph.increment_version(local(tensor))
+@dataclass
+class _Temporary:
+    """A flat scratch buffer for a group, and per chunk of tensors its views shaped like them."""
+
+    flat: torch.Tensor
+    views: list[list[torch.Tensor]]
 
 
 @dataclass
@@ -120,15 +139,19 @@ class FlatGroup:
     ema_flat: torch.Tensor
     averages: list[torch.Tensor]  # each tensor's average: its slice of ema_flat, with its own storage
     offsets: list[int]
+    row: int  # the alignment of every tensor's slice, in elements
+    chunks: list[tuple[int, int]]  # tensor ranges [i, j) that swaps and casting updates handle at once
+    sharded: bool  # the tensors are DTensors: work on their local shards
+    cast: bool  # the average's dtype or device differs from the model's
+    exchange: bool  # swaps exchange the average with the model's values (parameters, same dtype/device)
     model_flat: torch.Tensor | None = None  # flatten_model: the model's tensors live here
     staging: torch.Tensor | None = None  # a copy of model_flat where the average lives elsewhere (CPU offload)
+    storages: tuple[list, list] | None = None  # flatten_model: the tensors' and the averages' storage objects
     parked: torch.Tensor | None = None  # the model's values during a parking swap
-    marks: torch.Tensor | None = None  # during an exchanging swap: what shows a write into the average (below)
-    swapped: bool = False
+    temporary: _Temporary | None = None  # the scratch buffer of an exchanging swap
+    marks: torch.Tensor | None = None  # during an exchanging swap: what shows a write into the average
     written: set[str] = field(default_factory=set)  # seen written during this swap before a nested swap began
-    sharded: bool = False  # the tensors are DTensors: work on their local shards
-    cast: bool = False  # the average's dtype or device differs from the model's
-    exchange: bool = False  # swaps exchange the average with the model's values (parameters, same dtype/device)
+    swapped: bool = False
 
     @classmethod
     @torch.no_grad()
@@ -151,25 +174,40 @@ class FlatGroup:
         data = [local(t) for t in tensors]  # what this process holds: a shard of a DTensor
         dtype, device = data[0].dtype, data[0].device
         widest = max(torch.empty((), dtype=d).element_size() for d in (dtype, ema_dtype))
-        offsets, total = _aligned_offsets(data, max(1, ALIGN_BYTES // widest))
+        row = max(1, ALIGN_BYTES // widest)
+        offsets, total = _aligned_offsets(data, row)
         model_flat = None
         if bind:
             model_flat = torch.empty(total, dtype=dtype, device=device)
             for t, view in zip(tensors, flat_views(model_flat, tensors, offsets)):
                 view.copy_(t)
                 t.data = own_storage(view)  # the Parameter object stays; its memory is now a slice of model_flat
-            _bump_versions(tensors)
+            _increment_versions(tensors)
         pin = ema_device.type == "cpu" and device.type == "cuda"
         ema_flat = torch.zeros(total, dtype=ema_dtype, device=ema_device, pin_memory=pin)
         averages = [own_storage(v) for v in flat_views(ema_flat, data, offsets)]
         sources = [local(start[name]) for name in names] if start is not None else data
         torch._foreach_copy_(averages, sources)
+        limit = min(CHUNK_BYTES, max(1 << 20, total * ema_flat.element_size() // CHUNK_SHARE))
         cast = (dtype, device) != (ema_dtype, ema_device)
-        group = cls(kind, names, tensors, ema_flat, averages, offsets, model_flat=model_flat, cast=cast)
-        group.sharded = any(d is not t for d, t in zip(data, tensors))
-        group.exchange = kind == "parameters" and not cast
-        if bind and ema_device != device:
-            group.staging = torch.empty(total, dtype=dtype, pin_memory=pin)
+        group = cls(
+            kind,
+            names,
+            tensors,
+            ema_flat,
+            averages,
+            offsets,
+            row=row,
+            chunks=_chunk_ranges(offsets, [t.numel() for t in data], max(1, limit // ema_flat.element_size())),
+            sharded=any(d is not t for d, t in zip(data, tensors)),
+            cast=cast,
+            exchange=kind == "parameters" and not cast,
+            model_flat=model_flat,
+        )
+        if bind:
+            group.storages = (_storages(tensors), _storages(averages))
+            if ema_device != device:
+                group.staging = torch.empty(total, dtype=dtype, pin_memory=pin)
         return group
 
     def _data(self) -> list[torch.Tensor]:
@@ -184,7 +222,8 @@ class FlatGroup:
                 slot.copy_(tensor)
                 tensor.data = own_storage(slot)
                 moved.append(tensor)
-        _bump_versions(moved)
+        _increment_versions(moved)
+        self.storages = (_storages(self.tensors), self.storages[1])
 
     def all_finite(self) -> torch.Tensor:
         """Whether no tensor of the model holds NaN or Inf (a bool tensor on the model's device)."""
@@ -202,30 +241,31 @@ class FlatGroup:
         elif not self.cast:
             torch._foreach_lerp_(self.averages, self._data(), weight)
         else:  # cast (fp32 average of bf16 weights) or move (average on the CPU) a chunk at a time
-            for start, staged in self._staged(self._data()):
-                self.ema_flat[start : start + staged.numel()].lerp_(staged, weight)
+            data = self._data()
+            temporary = self._temporary()
+            for (i, j), views in zip(self.chunks, temporary.views):
+                torch._foreach_copy_(views, data[i:j])
+                start, stop = self._span(i, j)
+                self.ema_flat[start:stop].lerp_(temporary.flat[: stop - start], weight)
 
-    def _chunked(self, data: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor, list[torch.Tensor]]]:
-        """``(i, j, flat, views)`` per chunk of tensors ``i..j``: a temporary flat buffer of the average's
-        dtype and device spanning their slices of ``ema_flat``, and its views shaped like them."""
-        numels = [t.numel() for t in data]
-        ranges = _chunks(self.offsets, numels, max(1, CHUNK_BYTES // self.ema_flat.element_size()))
-        ends = [self.offsets[j - 1] + numels[j - 1] for _, j in ranges]
-        temporary = torch.empty(
-            max(end - self.offsets[i] for (i, _), end in zip(ranges, ends)),
-            dtype=self.ema_flat.dtype,
-            device=self.ema_flat.device,
+    def _span(self, i: int, j: int) -> tuple[int, int]:
+        """The slice of ``ema_flat`` that tensors ``i..j`` occupy (their padding included)."""
+        return self.offsets[i], self.offsets[j] if j < len(self.offsets) else self.ema_flat.numel()
+
+    def _temporary(self) -> _Temporary:
+        """A scratch buffer of the average's dtype and device for the largest chunk, with views for every chunk."""
+        spans = [self._span(i, j) for i, j in self.chunks]
+        flat = torch.empty(
+            max(stop - start for start, stop in spans), dtype=self.ema_flat.dtype, device=self.ema_flat.device
         )
-        for (i, j), end in zip(ranges, ends):
-            base = self.offsets[i]
-            views = flat_views(temporary, data[i:j], [o - base for o in self.offsets[i:j]])
-            yield i, j, temporary[: end - base], views
-
-    def _staged(self, data: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(offset, flat)``: chunks of the model's tensors copied into the average's dtype and device."""
-        for i, j, flat, views in self._chunked(data):
-            torch._foreach_copy_(views, data[i:j])
-            yield self.offsets[i], flat
+        views = [
+            [
+                flat.as_strided(a.shape, a.stride(), offset - start)
+                for a, offset in zip(self.averages[i:j], self.offsets[i:j])
+            ]
+            for (i, j), (start, _) in zip(self.chunks, spans)
+        ]
+        return _Temporary(flat, views)
 
     def _flat_lerp(self, weight: float) -> None:
         source = self.model_flat
@@ -248,7 +288,7 @@ class FlatGroup:
     def copy_to_model(self) -> None:
         if self.model_flat is not None:
             self.model_flat.copy_(self.ema_flat)
-            _bump_versions(self.tensors)
+            _increment_versions(self.tensors)
         else:
             torch._foreach_copy_(self._data(), self.averages)
 
@@ -256,6 +296,10 @@ class FlatGroup:
     @property
     def _exchanges_pointers(self) -> bool:
         return self.exchange and self.model_flat is not None and _HAS_POINTER_EXCHANGE
+
+    def _bit_sums(self) -> torch.Tensor:
+        bounds = torch.tensor([*self.offsets, self.ema_flat.numel()], device=self.ema_flat.device) // self.row
+        return _bit_sums(self.ema_flat, self.row, bounds)
 
     def swap_in(self) -> None:
         """Put the average into the model's tensors.
@@ -269,9 +313,10 @@ class FlatGroup:
             self.copy_to_model()
         elif self._exchanges_pointers:
             self._exchange_pointers()
-            self.marks = _versions(self.tensors)
+            self.marks = _versions(self._data())
         else:
-            self.marks = _bit_sums(self.averages)
+            self.marks = self._bit_sums()
+            self.temporary = self._temporary()
             self._exchange_contents()
         self.swapped = True
 
@@ -284,51 +329,50 @@ class FlatGroup:
         if not self.exchange:
             if self.model_flat is not None:
                 self.model_flat.copy_(self.parked)
-                _bump_versions(self.tensors)
+                _increment_versions(self.tensors)
             else:
                 data = self._data()
-                torch._foreach_copy_(data, flat_views(self.parked, data, self.offsets))
+                torch._foreach_copy_(data, flat_views(self.parked, self.averages, self.offsets))
         elif self._exchanges_pointers:
             self.note_writes()
             self._exchange_pointers()
         else:
             self._exchange_contents()
-            written = _bit_sums(self.averages) != self.marks
-            self.written.update(name for name, w in zip(self.names, written.tolist()) if w)
+            written = (self._bit_sums() != self.marks).tolist()
+            self.written.update(name for name, w in zip(self.names, written) if w)
         changed = sorted(self.written, key=self.names.index)
-        self.parked, self.marks, self.written = None, None, set()
+        self.parked, self.temporary, self.marks, self.written = None, None, None, set()
         self.swapped = False
         return changed
 
     def note_writes(self) -> None:
         """Remember the tensors written since the version marks were taken (a pointer exchange only)."""
         if self.swapped and self._exchanges_pointers:
-            moved = (_versions(self.tensors) != self.marks).tolist()
+            moved = (_versions(self._data()) != self.marks).tolist()
             self.written.update(name for name, m in zip(self.names, moved) if m)
 
     def refresh_marks(self) -> None:
         """Take the version marks anew: a nested swap of another EMA wrote and restored these tensors."""
         if self.swapped and self._exchanges_pointers:
-            self.marks = _versions(self.tensors)
+            self.marks = _versions(self._data())
 
     def _park(self) -> torch.Tensor:
         data = self._data()
         parked = torch.empty(self.ema_flat.numel(), dtype=data[0].dtype, device=data[0].device)
-        torch._foreach_copy_(flat_views(parked, data, self.offsets), data)
+        torch._foreach_copy_(flat_views(parked, self.averages, self.offsets), data)
         return parked
 
     def _exchange_pointers(self) -> None:
         """Exchange the storage pointers of the model's tensors and their averages: O(1) per tensor, no data moved."""
-        collections.deque(
-            map(torch.UntypedStorage._swap_data_ptr_, _storages(self.tensors), _storages(self.averages)), 0
-        )
-        _bump_versions(self.tensors)
+        collections.deque(map(torch.UntypedStorage._swap_data_ptr_, *self.storages), 0)
+        _increment_versions(self.tensors)
 
     def _exchange_contents(self) -> None:
-        """Exchange the model's values with the averages, a chunk at a time (its own inverse)."""
-        data = self._data()
-        for i, j, flat, views in self._chunked(data):
-            flat.copy_(self.ema_flat[self.offsets[i] : self.offsets[i] + flat.numel()])
+        """Exchange the model's values with the averages, a chunk at a time through the scratch buffer."""
+        data, temporary = self._data(), self.temporary
+        for (i, j), views in zip(self.chunks, temporary.views):
+            start, stop = self._span(i, j)
+            temporary.flat[: stop - start].copy_(self.ema_flat[start:stop])
             torch._foreach_copy_(self.averages[i:j], data[i:j])
             torch._foreach_copy_(data[i:j], views)
 
