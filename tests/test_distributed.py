@@ -28,6 +28,10 @@ distributed_train = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(distributed_train)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+_FSDP_ON_CPU = distributed.TORCH_VERSION >= distributed.FSDP_ON_CPU_SINCE
+needs_fsdp_on_cpu = pytest.mark.skipif(
+    not _FSDP_ON_CPU, reason="FSDP2 on CPU is refused before torch 2.9 (tested below)"
+)
 
 
 def _torchrun(mode: str, out: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
@@ -89,6 +93,7 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, single):
     assert resumed[0]["eval"] == uninterrupted[0]["eval"]
 
 
+@needs_fsdp_on_cpu
 def test_fsdp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, single):
     _launch("fsdp", tmp_path)
     for name in distributed_train.RUNS:
@@ -110,6 +115,7 @@ def test_fsdp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, single)
         assert resumed[rank]["eval_history"] == uninterrupted[rank]["eval_history"]
 
 
+@needs_fsdp_on_cpu
 def test_fsdp_run_killed_after_a_dcp_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
     killed = _torchrun("fsdp-kill", tmp_path)
     assert killed.returncode != 0, "the run should have been killed"
@@ -125,6 +131,13 @@ def test_fsdp_run_killed_after_a_dcp_checkpoint_resumes_to_the_uninterrupted_run
             for name, tensor in reference[key].items():
                 assert torch.equal(resumed[key][name], tensor), f"{key} {name} on rank {rank}"
         assert resumed["eval"] == reference["eval"]
+
+
+@pytest.mark.skipif(_FSDP_ON_CPU, reason="this torch runs FSDP2 on CPU correctly")
+def test_fsdp_on_cpu_is_refused_where_torch_gets_it_wrong(tmp_path):
+    result = _torchrun("fsdp", tmp_path)
+    assert result.returncode != 0
+    assert "FSDP2 on the CPU (gloo) needs torch >= 2.9" in result.stdout + result.stderr
 
 
 # The subprocess timeouts below only keep a broken run from blocking the suite (a loaded machine may be slow); what

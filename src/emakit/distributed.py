@@ -36,11 +36,14 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 __all__ = [
+    "FSDP_ON_CPU_SINCE",
     "PARALLELISMS",
+    "TORCH_VERSION",
     "CollectiveError",
     "EvalShardSampler",
     "all_reduce_sums",
     "barrier",
+    "check_fsdp_device",
     "check_parallelism",
     "check_wrapping",
     "default_device",
@@ -64,6 +67,8 @@ __all__ = [
 
 PARALLELISMS = (None, "ddp", "fsdp")
 _DEFAULT_TIMEOUT_S = 300.0
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])  # (major, minor)
+FSDP_ON_CPU_SINCE = (2, 9)  # before: no CPU support (2.6), or gloo sums gradients instead of averaging (2.7, 2.8)
 _meshes: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # the DeviceMeshes _fully_shard made
 
 
@@ -159,6 +164,12 @@ def _destroy() -> None:
     """
     if not dist.is_initialized():
         return
+    if TORCH_VERSION < (
+        2,
+        8,
+    ):  # gloo's destructor holds the GIL while joining a worker that waits for it (fixed in 2.8)
+        with contextlib.suppress(Exception):
+            dist.barrier()  # every rank's last collective is finished before the group goes
     dist.destroy_process_group()
     gc.collect()
     for mesh in list(_meshes.values()):
@@ -206,6 +217,20 @@ def check_parallelism(parallelism: str | None) -> str | None:
     if parallelism not in PARALLELISMS:
         raise ValueError(f"parallelism={parallelism!r} is not supported: use one of {PARALLELISMS}")
     return parallelism
+
+
+def check_fsdp_device(device: torch.device) -> None:
+    """ValueError where FSDP2 would train the wrong model: on the CPU (gloo) before torch 2.9.
+
+    torch 2.6 has no CPU support in FSDP2; 2.7 and 2.8 sum the gradients of the ranks over gloo
+    instead of averaging them (pytorch/pytorch#162338), with no error.
+    """
+    if device.type == "cpu" and TORCH_VERSION < FSDP_ON_CPU_SINCE:
+        raise ValueError(
+            f"FSDP2 on the CPU (gloo) needs torch >= {'.'.join(map(str, FSDP_ON_CPU_SINCE))}: torch "
+            f"{torch.__version__} has no CPU support or sums the ranks' gradients instead of averaging them, "
+            "training the wrong model; use parallelism='ddp', CUDA devices, or a newer torch"
+        )
 
 
 def _is_fsdp(module: nn.Module) -> bool:

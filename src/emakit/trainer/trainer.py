@@ -165,6 +165,8 @@ class Trainer:
             raise ValueError(f"device={device!r} is not a torch device: {error}") from None
         if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
             device = torch.device("cuda", distributed.local_rank())
+        if self._fsdp:
+            distributed.check_fsdp_device(device)
 
         # Every argument is valid: from here on the trainer changes things.
         distributed.initialize(device)
