@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 
@@ -16,13 +18,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment holds ``marker``: torchrun starts its workers in sessions of their
+    own, so a worker stuck after torchrun exited is found by the mark this launch gave it."""
+    needle = f"EMAKIT_TORCHRUN_ID={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
 def torchrun(script: Path, *args: str, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node 2 script *args``, output captured."""
+    """``python -m torch.distributed.run --nproc_per_node 2 script *args``, output captured.
+
+    On timeout every process of the launch is killed (none is left running) and TimeoutExpired raised.
+    """
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args,
     ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    marker = uuid.uuid4().hex
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "EMAKIT_TORCHRUN_ID": marker, **env}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not this process's, if any
         environment.pop(name, None)
     with subprocess.Popen(
@@ -31,7 +48,7 @@ def torchrun(script: Path, *args: str, timeout: float = 90, **env: str) -> subpr
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # torchrun and every worker it started: no orphan keeps running
+            _kill_marked(marker)
             process.communicate()
             raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
