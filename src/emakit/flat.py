@@ -30,7 +30,7 @@ from emakit.tracked import local
 __all__ = ["ALIGN_BYTES", "FlatGroup", "flat_views", "is_dense", "own_storage"]
 
 ALIGN_BYTES = 64  # each tensor starts on a 64-byte boundary of its flat buffer
-CHUNK_BYTES = 64 << 20  # the most bytes (besides one tensor) a swap or a casting update holds as a temporary
+CHUNK_BYTES = 16 << 20  # the most bytes (besides one tensor) a swap or a casting update holds as a temporary
 CHUNK_SHARE = 4  # and at most 1/4 of the group's bytes: evaluation then holds under 1.3x the weights
 _HAS_POINTER_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")  # torch >= 2.12
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -83,18 +83,20 @@ def _chunk_ranges(offsets: list[int], numels: list[int], limit: int) -> list[tup
     return ranges
 
 
-def _bit_sums(flat: torch.Tensor, row: int, bounds: torch.Tensor) -> torch.Tensor:
-    """Per tensor of ``flat``, the wrapping sum of its elements' bit patterns: a change of any element changes it.
+def _bit_sums(flat: torch.Tensor, row: int, starts: list[int]) -> torch.Tensor:
+    """Per tensor of ``flat`` (starting at ``starts``, ending at the next start or the end), the wrapping sum of its
+    elements' bit patterns: a change of any element changes it.
 
     ``flat`` is read once as integers of its element size, in rows of ``row`` elements (tensors
-    start on row boundaries, padding is zeros); the rows' prefix sums at ``bounds`` (each
-    tensor's first row, and the end) give every tensor's sum in a few kernels, with no loop
-    per tensor and a temporary of 1/``row`` of the buffer.
+    start on row boundaries, padding is zeros); the rows' prefix sums at the tensors' first rows
+    give every tensor's sum in a few kernels, with no loop per tensor and temporaries of 1/``row``
+    of ``flat``.
     """
     size = min(flat.element_size(), 8)  # complex128: pairs of int64
     integers = flat.view(_INT_OF_SIZE[size])
     rows = integers.view(-1, row * flat.element_size() // size).sum(dim=1, dtype=integers.dtype)
     prefix = torch.cat([rows.new_zeros(1), rows.cumsum(0, dtype=integers.dtype)])
+    bounds = torch.tensor([*starts, flat.numel()], device=flat.device) // row
     return (prefix[bounds[1:]] - prefix[bounds[:-1]]).cpu()
 
 
@@ -298,8 +300,12 @@ class FlatGroup:
         return self.exchange and self.model_flat is not None and _HAS_POINTER_EXCHANGE
 
     def _bit_sums(self) -> torch.Tensor:
-        bounds = torch.tensor([*self.offsets, self.ema_flat.numel()], device=self.ema_flat.device) // self.row
-        return _bit_sums(self.ema_flat, self.row, bounds)
+        """The averages' bit sums (see :func:`_bit_sums`), a chunk at a time: temporaries stay small."""
+        sums = []
+        for i, j in self.chunks:
+            start, stop = self._span(i, j)
+            sums.append(_bit_sums(self.ema_flat[start:stop], self.row, [o - start for o in self.offsets[i:j]]))
+        return torch.cat(sums)
 
     def swap_in(self) -> None:
         """Put the average into the model's tensors.
