@@ -26,7 +26,7 @@ the same shape keeps its average; a new or reshaped tensor starts its average fr
 
 from __future__ import annotations
 
-import copy
+import collections
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -35,13 +35,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from emakit.average_module import AverageModule, gathered_module
 from emakit.flat import FlatGroup, is_dense
 from emakit.side_stream import SideStream
 from emakit.tracked import (
     Change,
     TrackedTensors,
     describe_mismatch,
-    fill_tensors,
     is_averaged,
     local,
     match_wrapped_names,
@@ -138,8 +138,7 @@ class ShadowWeights:
         self._key: dict[str, tuple] = {}  # per tracked name: what must stay the same to keep the layout
         self._pending: dict[str, torch.Tensor] | None = None  # loaded before any model was seen
         self._skeleton: nn.Module | None = None  # a weightless copy of the model, for ema_model under FSDP
-        self._module: nn.Module | None = None
-        self._module_tensors: dict[str, torch.Tensor] = {}
+        self._module = AverageModule()
         self.state_dict_keys: dict[str, str] = {}  # the model's state_dict key -> tracked name (tied: several)
 
     # ----------------------------------------------------------------- layout
@@ -208,16 +207,13 @@ class ShadowWeights:
                 "a model's tensors can live in one flat buffer only; use the default flatten_model=False here"
             )
         data_of = {id(t): local(t) for t in named.values()}
-        storages: dict[int, int] = {}
-        for t in data_of.values():
-            storages[t.untyped_storage()._cdata] = storages.get(t.untyped_storage()._cdata, 0) + 1
-        own = {g.model_flat.untyped_storage()._cdata for g in self._groups if g.model_flat is not None}
+        sharing = collections.Counter(t.untyped_storage()._cdata for t in data_of.values())
 
         def bindable(t: torch.Tensor) -> bool:
+            """Dense plain tensors alone in their storage (bound tensors have a storage each: they stay bindable)."""
             if not bind or type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):  # DTensor shards, subclasses
                 return False
-            storage = t.untyped_storage()._cdata
-            return (storages[storage] == 1 or storage in own) and is_dense(t)
+            return sharing[t.untyped_storage()._cdata] == 1 and is_dense(t)
 
         keyed: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for name, t in named.items():
@@ -424,47 +420,15 @@ class ShadowWeights:
     def module(self, model: nn.Module) -> nn.Module:
         """A module of ``model``'s type whose tensors hold the average, always (no copy of the weights).
 
-        It shares the average's memory, so it follows every update; while the average is swapped
-        into the model its exchanged tensors share the model's memory, which then holds the
-        average. The same object is returned while the model keeps its tensors' names and shapes.
-        For a sharded (FSDP2) model it is a plain, unsharded module holding the full average,
-        gathered at each call (collective: call it on every rank).
+        See :mod:`emakit.average_module`. The same object is returned while the model keeps its
+        tensors' names and shapes. For a sharded (FSDP2) model it is a plain, unsharded module
+        holding the full average, gathered at each call (collective: call it on every rank).
         """
         model = self.attach(model) if not self.swapped else unwrap(model)
         if any(group.sharded for group in self._groups):
-            return self._gathered_module(model)
-        if self._module is None:
-            memo: dict[int, object] = {}
-            self._module_tensors = {}
-            for group in self._groups:
-                for name, tensor, average in zip(group.names, group.tensors, group.averages):
-                    held = nn.Parameter(average, requires_grad=False) if isinstance(tensor, nn.Parameter) else average
-                    memo[id(tensor)] = self._module_tensors[name] = held
-            self._module = copy.deepcopy(model, memo)
-            self._repoint_module()
-        return self._module
+            return gathered_module(self._skeleton, dict(self._current()))
+        return self._module.get(model, (entry for group in self._groups for entry in group.current_averages()))
 
     def _repoint_module(self) -> None:
         """Point the ema_model's tensors at whatever holds the average now (a re-layout, a swap)."""
-        if self._module is None:
-            return
-        current = {name: holder for group in self._groups for name, _, holder in group.current_averages()}
-        if current.keys() != self._module_tensors.keys() or any(
-            held.shape != current[n].shape for n, held in self._module_tensors.items()
-        ):
-            self._module = None  # the model changed shape: the next ema_model is a new module
-            return
-        for name, held in self._module_tensors.items():
-            held.data = current[name]
-
-    def _gathered_module(self, model: nn.Module) -> nn.Module:
-        """A plain module of the sharded ``model``'s type holding the full average, from its remembered skeleton."""
-        if self._skeleton is None:
-            raise ValueError(
-                "ema_model of an FSDP-sharded model needs a copy of its structure taken before sharding (FSDP "
-                "refuses deepcopy): let emakit shard it (Trainer(parallelism='fsdp')) or call "
-                "ema.remember_structure(model) before fully_shard; or use `with ema.ema_weights(model):` "
-                "or ema.save_ema_weights(path)"
-            )
-        full = {name: t.full_tensor() if isinstance(t, DTensor) else t.clone() for name, t in self._current()}
-        return fill_tensors(copy.deepcopy(self._skeleton), full)
+        self._module.repoint({name: holder for group in self._groups for name, _, holder in group.current_averages()})
