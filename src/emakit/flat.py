@@ -113,8 +113,8 @@ except (TypeError, AttributeError, RuntimeError):
 _version = operator.attrgetter("_version")
 
 
-def _versions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.tensor(list(map(_version, tensors)))
+def _versions(tensors: Sequence[torch.Tensor]) -> list[int]:
+    return list(map(_version, tensors))
 
 
 @dataclass
@@ -151,7 +151,7 @@ class FlatGroup:
     storages: tuple[list, list] | None = None  # flatten_model: the tensors' and the averages' storage objects
     parked: torch.Tensor | None = None  # the model's values during a parking swap
     temporary: _Temporary | None = None  # the scratch buffer of an exchanging swap
-    marks: torch.Tensor | None = None  # during an exchanging swap: what shows a write into the average
+    marks: torch.Tensor | list[int] | None = None  # during an exchanging swap: what shows a write into the average
     written: set[str] = field(default_factory=set)  # seen written during this swap before a nested swap began
     swapped: bool = False
 
@@ -354,8 +354,9 @@ class FlatGroup:
     def note_writes(self) -> None:
         """Remember the tensors written since the version marks were taken (a pointer exchange only)."""
         if self.swapped and self._exchanges_pointers:
-            moved = (_versions(self._data()) != self.marks).tolist()
-            self.written.update(name for name, m in zip(self.names, moved) if m)
+            versions = _versions(self._data())
+            if versions != self.marks:
+                self.written.update(name for name, v, m in zip(self.names, versions, self.marks) if v != m)
 
     def refresh_marks(self) -> None:
         """Take the version marks anew: a nested swap of another EMA wrote and restored these tensors."""

@@ -431,4 +431,6 @@ class ShadowWeights:
 
     def _repoint_module(self) -> None:
         """Point the ema_model's tensors at whatever holds the average now (a re-layout, a swap)."""
-        self._module.repoint({name: holder for group in self._groups for name, _, holder in group.current_averages()})
+        if self._module.module is not None:
+            holders = {name: holder for group in self._groups for name, _, holder in group.current_averages()}
+            self._module.repoint(holders)
