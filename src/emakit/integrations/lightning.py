@@ -1,0 +1,119 @@
+"""An EMA of a LightningModule's weights as a plain Lightning callback: ``pip install emakit[lightning]``.
+
+Per optimizer step (``trainer.global_step`` advancing: gradient accumulation and several
+optimizers count steps, not micro-batches), in ``on_train_batch_end``::
+
+    first step:   ema = w                              (or at the first step at or after ema_start)
+    later steps:  ema = s * ema + (1 - s) * w,         s = 2 ** (-(update_interval / half_life))
+
+Validation and test run with the average swapped in (``on_*_epoch_start`` .. ``on_*_epoch_end``;
+nothing before the average starts, so the sanity check sees the training weights); checkpoints
+always hold the training weights, and the callback's state (the average and its counters) rides in
+them, so ``trainer.fit(..., ckpt_path=...)`` resumes exactly. Training ends on the training weights:
+export the average with :meth:`EMACallback.save_ema_weights` or use :attr:`EMACallback.ema_model`.
+
+Example::
+
+    from lightning.pytorch import Trainer
+    from emakit.integrations.lightning import EMACallback
+
+    ema = EMACallback(half_life="100ba")
+    Trainer(max_epochs=10, callbacks=[ema]).fit(module, train_loader, val_loader)  # validates with the average
+    ema.save_ema_weights("ema.safetensors")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from emakit.algorithms.ema import EMA
+
+__all__ = ["EMACallback"]
+
+
+class EMACallback(pl.Callback):
+    """Keeps an :class:`~emakit.EMA` of the LightningModule's weights and evaluates with it.
+
+    Args:
+        ema: an :class:`~emakit.EMA` to run; or leave it out and pass ``EMA``'s arguments
+            (``half_life``, ``smoothing``, ``ema_start``, ``update_interval``, ``ema_dtype``, ...)
+            as keywords. Time in ``ba`` counts optimizer steps.
+        evaluate_with_ema: run validation and test with the average (default True).
+    """
+
+    def __init__(self, ema: EMA | None = None, *, evaluate_with_ema: bool = True, **ema_arguments: Any) -> None:
+        if ema is not None and ema_arguments:
+            raise ValueError(f"pass an EMA or EMA's arguments, not both: got ema and {sorted(ema_arguments)}")
+        if ema is not None and not isinstance(ema, EMA):
+            raise ValueError(f"ema must be an emakit.EMA, got {type(ema).__name__}")
+        if not isinstance(evaluate_with_ema, bool):
+            raise ValueError(f"evaluate_with_ema={evaluate_with_ema!r} must be True or False")
+        self.ema = ema if ema is not None else EMA(**ema_arguments)
+        self.evaluate_with_ema = evaluate_with_ema
+        self._last_step = 0  # trainer.global_step at the last update
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(smoothing=self.ema.smoothing, update_interval=str(self.ema.update_interval))
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """A module of the LightningModule's type holding the average (see :attr:`emakit.EMA.ema_model`)."""
+        return self.ema.ema_model
+
+    def save_ema_weights(self, path: str | Path) -> Path:
+        """Write the average as safetensors, keyed like the module's ``state_dict`` (rank 0 writes)."""
+        return self.ema.save_ema_weights(path)
+
+    # ------------------------------------------------------------- training
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ema.shadow.attach(pl_module)  # the module is on its device now; a resumed average applies here
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step > self._last_step:  # an optimizer step happened in this batch
+            self._last_step = trainer.global_step
+            self.ema.update(pl_module)
+
+    # ----------------------------------------------------------- evaluation
+    def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evaluate_with_ema and self.ema.started and not trainer.sanity_checking:
+            self.ema.get_ema_model(pl_module)
+
+    def _swap_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ema.get_training_model(pl_module)
+
+    on_validation_epoch_start = _swap_in
+    on_validation_epoch_end = _swap_out
+    on_test_epoch_start = _swap_in
+    on_test_epoch_end = _swap_out
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.ema.get_training_model(pl_module)  # the training weights go back even when evaluation raised
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint written while the average is swapped in (from inside evaluation) gets the training weights."""
+        if self.ema.shadow.swapped:
+            self.ema.get_training_model(pl_module)
+            try:
+                checkpoint["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            finally:
+                self.ema.get_ema_model(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = {"ema", "last_step"} - set(state_dict)
+        if missing:
+            raise ValueError(f"EMACallback state lacks {sorted(missing)}")
+        self.ema.load_state_dict(state_dict["ema"])
+        self._last_step = int(state_dict["last_step"])

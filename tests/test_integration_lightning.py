@@ -1,0 +1,217 @@
+"""emakit.integrations.lightning.EMACallback with the real Lightning, against the float64 closed form.
+
+A tiny LightningModule trained on CPU for a few steps; a recorder callback listed before the EMA's
+records the weights after every optimizer step, so the average can be recomputed independently.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from closed_form import ClosedForm
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchrun import torchrun
+
+from emakit.integrations.lightning import EMACallback
+
+SMOOTHING = 0.8
+ATOL, RTOL = 1e-6, 1e-5
+DDP_SCRIPT = Path(__file__).with_name("lightning_ddp_script.py")
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, batchnorm: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+        self.net = nn.Sequential(nn.Linear(4, 8), norm, nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y), on_epoch=True, batch_size=len(y))
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def loader(seed: int, n: int = 48) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen))
+    return DataLoader(data, batch_size=8)
+
+
+def weights64(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().double().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+class StepRecorder(pl.Callback):
+    """The module's weights after each optimizer step (listed before the EMA: it sees what the EMA averages)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step not in self.steps and trainer.global_step > 0:
+            self.steps[trainer.global_step] = weights64(pl_module)
+
+
+def make_trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("max_epochs", 2)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def closed_form(steps: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    reference = ClosedForm(SMOOTHING)
+    for step in sorted(steps):
+        reference.update(steps[step])
+    return reference.ema
+
+
+def assert_close_to(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name].double(), value, atol=ATOL, rtol=RTOL, msg=name)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_average_follows_the_closed_form_of_the_optimizer_steps(tmp_path, accumulate):
+    recorder, ema = StepRecorder(), EMACallback(smoothing=SMOOTHING)
+    module = TinyModule()
+    trainer = make_trainer(tmp_path, [recorder, ema], accumulate_grad_batches=accumulate, enable_checkpointing=False)
+    trainer.fit(module, loader(1), loader(2))
+    assert len(recorder.steps) == 12 // accumulate == trainer.global_step  # one update per optimizer step
+    assert ema.ema.num_updates == trainer.global_step
+    assert_close_to(ema.ema_model.state_dict(), closed_form(recorder.steps))
+    assert_close_to(weights64(module), recorder.steps[trainer.global_step])  # training ends on the training weights
+
+
+def test_validation_and_test_use_the_average(tmp_path):
+    ema = EMACallback(smoothing=SMOOTHING)
+    module = TinyModule()
+    trainer = make_trainer(tmp_path, [ema], enable_checkpointing=False)
+    trainer.fit(module, loader(1))
+    plain = copy.deepcopy(module)
+    plain.load_state_dict(ema.ema_model.state_dict())
+    plain.eval()
+    x, y = loader(2).dataset.tensors
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(plain(x), y))
+        training = float(nn.functional.cross_entropy(module.eval()(x), y))
+    validated = trainer.validate(module, loader(2), verbose=False)[0]["val_loss"]
+    tested = trainer.test(module, loader(2), verbose=False)[0]["val_loss"]
+    assert validated == pytest.approx(expected, rel=1e-5)
+    assert tested == pytest.approx(expected, rel=1e-5)
+    assert validated != pytest.approx(training, rel=1e-3)
+    assert not ema.ema.shadow.swapped
+
+
+class SaveDuringValidation(pl.Callback):
+    """Writes a checkpoint from inside validation, while the average is swapped in (listed after the EMA)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.training: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.training is not None:
+            return
+        trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_written_during_validation_holds_the_training_weights(tmp_path):
+    recorder, ema, saver = StepRecorder(), EMACallback(smoothing=SMOOTHING), SaveDuringValidation(tmp_path / "v.ckpt")
+    # closing hooks run in list order here: the saver runs before the EMA swaps out
+    trainer = make_trainer(tmp_path, [recorder, saver, ema], max_epochs=1, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1), loader(2))
+    checkpoint = torch.load(tmp_path / "v.ckpt", weights_only=False)
+    assert_close_to(checkpoint["state_dict"], recorder.steps[6])
+    for name, value in checkpoint["state_dict"].items():
+        if value.is_floating_point():
+            assert torch.equal(value.double(), recorder.steps[6][name]), name
+
+
+def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path):
+    def run(folder: Path, ckpt_path: Path | None = None) -> tuple[TinyModule, EMACallback]:
+        module, ema = TinyModule(), EMACallback(smoothing=SMOOTHING)
+        saver = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1)
+        make_trainer(folder, [ema, saver], max_epochs=3).fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
+        return module, ema
+
+    whole_module, whole_ema = run(tmp_path / "whole")
+    first = tmp_path / "whole" / "epoch=0-step=6.ckpt"
+    assert first.exists(), list((tmp_path / "whole").iterdir())
+    resumed_module, resumed_ema = run(tmp_path / "resumed", ckpt_path=first)
+    for name, value in whole_module.state_dict().items():
+        assert torch.equal(resumed_module.state_dict()[name], value), name
+    for name, value in whole_ema.ema.state_dict()["weights"].items():
+        assert torch.equal(resumed_ema.ema.state_dict()["weights"][name], value), name
+    assert resumed_ema.ema.num_updates == whole_ema.ema.num_updates == 18
+
+
+def test_save_ema_weights_loads_into_a_plain_module(tmp_path):
+    from safetensors.torch import load_file
+
+    ema = EMACallback(smoothing=SMOOTHING)
+    module = TinyModule()
+    make_trainer(tmp_path, [ema], enable_checkpointing=False).fit(module, loader(1))
+    path = ema.save_ema_weights(tmp_path / "ema.safetensors")
+    plain = TinyModule()
+    plain.load_state_dict(load_file(path))
+    for name, value in ema.ema_model.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], value), name
+
+
+def test_bad_arguments_are_refused():
+    from emakit import EMA
+
+    with pytest.raises(ValueError, match="not both"):
+        EMACallback(EMA(smoothing=0.9), smoothing=0.9)
+    with pytest.raises(ValueError, match=r"must be an emakit\.EMA"):
+        EMACallback("ema")
+    with pytest.raises(ValueError, match="half_life"):
+        EMACallback(half_life="-3ba")
+
+
+def test_ddp_on_two_processes_keeps_the_averages_identical(tmp_path):
+    """Parameters are equal on every rank under DDP, and so are their averages. (BatchNorm statistics are not:
+    DDP leaves each rank its own until the next forward broadcasts rank 0's, so the script's module has none.)"""
+    result = torchrun(DDP_SCRIPT, str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert ranks[0]["updates"] == ranks[1]["updates"] == 6
+    for name, value in ranks[0]["average"].items():
+        assert torch.equal(ranks[1]["average"][name], value), name
+    assert_close_to(ranks[0]["average"], closed_form(ranks[0]["steps"]))
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch):
+    text = (Path(__file__).parents[1] / "docs" / "integrations" / "lightning.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "lightning.md", "exec"), namespace)
+    assert (tmp_path / "ema.safetensors").exists()
+    assert namespace["ema"].ema.num_updates == 16
