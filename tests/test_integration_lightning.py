@@ -215,3 +215,14 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "lightning.md", "exec"), namespace)
     assert (tmp_path / "ema.safetensors").exists()
     assert namespace["ema"].ema.num_updates == 16
+
+
+def test_import_emakit_imports_no_integration_package():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, emakit; print(sorted(m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
