@@ -27,7 +27,7 @@ from torch import nn
 
 from emakit.tracked import Change, TrackedTensors, describe_mismatch, is_averaged, unwrap
 
-__all__ = ["check_smoothing", "compute_ema", "smoothing_from_half_life"]
+__all__ = ["check_smoothing", "check_warmup", "compute_ema", "smoothing_from_half_life", "warmup_smoothing"]
 
 
 def smoothing_from_half_life(half_life: float, update_interval: float = 1) -> float:
@@ -48,18 +48,68 @@ def smoothing_from_half_life(half_life: float, update_interval: float = 1) -> fl
     return 2.0 ** (-(update_interval / half_life))
 
 
-def check_smoothing(smoothing: float, *, low_inclusive: bool = True, high_inclusive: bool = True) -> float:
-    """``smoothing`` as a float after checking that it lies in [0, 1] (or the open ends asked for)."""
+def check_smoothing(
+    smoothing: float, *, low_inclusive: bool = True, high_inclusive: bool = True, name: str = "smoothing"
+) -> float:
+    """``smoothing`` as a float once it lies in [0, 1] (or the open ends asked for); errors call it ``name``."""
     low, high = ("[" if low_inclusive else "("), ("]" if high_inclusive else ")")
     is_number = isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
     if not is_number or math.isnan(smoothing):
-        raise ValueError(f"smoothing={smoothing!r} must be a number in {low}0, 1{high}")
+        raise ValueError(f"{name}={smoothing!r} must be a number in {low}0, 1{high}")
     above_low = smoothing >= 0 if low_inclusive else smoothing > 0
     below_high = smoothing <= 1 if high_inclusive else smoothing < 1
     inside = above_low and below_high
     if not inside:
-        raise ValueError(f"smoothing={smoothing!r} must lie in {low}0, 1{high}")
+        raise ValueError(f"{name}={smoothing!r} must lie in {low}0, 1{high}")
     return float(smoothing)
+
+
+Warmup = tuple  # ("tf",) or ("power", gamma, power): see check_warmup
+
+
+def check_warmup(warmup: str | tuple | None) -> Warmup | None:
+    """``warmup`` as ``None``, ``("tf",)`` or ``("power", gamma, power)``; ValueError naming what is allowed.
+
+    Accepted: ``None``; ``"tf"``; ``("power", gamma, power)`` with ``gamma > 0`` and ``power > 0``
+    (timm and diffusers use ``gamma=1`` with ``power=2/3`` or ``3/4``).
+    """
+    if warmup is None:
+        return None
+    if warmup == "tf":
+        return ("tf",)
+    if isinstance(warmup, (tuple, list)) and len(warmup) == 3 and warmup[0] == "power":
+        _, gamma, power = warmup
+        numbers = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (gamma, power)
+        )
+        if numbers and gamma > 0 and power > 0:
+            return ("power", float(gamma), float(power))
+    raise ValueError(
+        f"warmup={warmup!r} must be None, 'tf', or ('power', gamma, power) with gamma > 0 and power > 0, "
+        "e.g. ('power', 1, 2/3)"
+    )
+
+
+def warmup_smoothing(smoothing: float, n: int, warmup: Warmup | None, min_smoothing: float = 0.0) -> float:
+    """The smoothing of an update that follows ``n`` earlier ones (the average's start counts as one).
+
+    ``None``: ``smoothing``. ``"tf"`` (TensorFlow, torch_ema, diffusers' default):
+    ``min(smoothing, (1 + n) / (10 + n))``. ``("power", g, p)`` (timm ``ModelEmaV3``, diffusers
+    ``use_ema_warmup``): ``min(smoothing, 1 - (1 + n / g) ** -p)``. Both are then raised to at least
+    ``min_smoothing``. Early updates so weigh the recent weights more, and the average does not
+    lag behind its random start.
+
+    Example::
+
+        >>> warmup_smoothing(0.999, 1, ("tf",))        # the second update of an average
+        0.18181818181818182
+        >>> warmup_smoothing(0.999, 10**6, ("tf",))    # long after: the smoothing itself
+        0.999
+    """
+    if warmup is None:
+        return smoothing
+    ramp = (1 + n) / (10 + n) if warmup[0] == "tf" else 1 - (1 + n / warmup[1]) ** -warmup[2]
+    return max(min(ramp, smoothing), min_smoothing)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.core.state import State
 from emakit.export import save_ema_state
-from emakit.functional import check_smoothing, smoothing_from_half_life
+from emakit.functional import check_smoothing, check_warmup, smoothing_from_half_life, warmup_smoothing
 from emakit.loggers import Logger
 from emakit.shadow import ShadowWeights
 from emakit.time import Time, TimeUnit, as_time
@@ -60,6 +60,11 @@ class EMA(Algorithm):
             (ordered before the next optimizer step and before any swap or state read).
         skip_nonfinite: skip (with a warning) updates whose weights hold NaN or Inf, instead of
             poisoning the average forever; costs one extra read of the weights per update.
+        warmup: ramp the smoothing up over the first updates, so the average does not lag behind
+            its start: ``None``, ``"tf"`` (``min(s, (1 + n) / (10 + n))``) or ``("power", gamma, power)``
+            (``min(s, 1 - (1 + n / gamma) ** -power)``), ``n`` being the number of updates already
+            applied, the start counting as one. See :func:`emakit.functional.warmup_smoothing`.
+        min_smoothing: the least smoothing a warmup may use, in [0, 1).
         flatten_model: re-point the model's tensors into one flat buffer per (device, dtype), so an
             update is one kernel and a swap moves no data. Off by default: the model's tensors then
             stay where they are, which every other library relies on. See the README for the contract.
@@ -88,6 +93,8 @@ class EMA(Algorithm):
         ema_device: str | torch.device | None = None,
         async_update: bool = False,
         skip_nonfinite: bool = False,
+        warmup: str | tuple | None = None,
+        min_smoothing: float = 0.0,
         flatten_model: bool = False,
     ) -> None:
         if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
@@ -114,6 +121,11 @@ class EMA(Algorithm):
                     f"{self.smoothing!r}, outside (0, 1)"
                 )
         self.update_interval = interval
+        self.warmup = check_warmup(warmup)
+        self.min_smoothing = check_smoothing(min_smoothing, high_inclusive=False, name="min_smoothing")
+        if self.min_smoothing > self.smoothing:
+            raise ValueError(f"min_smoothing={min_smoothing!r} must not exceed the smoothing {self.smoothing!r}")
+        self.last_smoothing: float | None = None  # the smoothing of the last averaging update (with warmup)
         self.ema_start = as_time(ema_start, name="ema_start")
         for name, flag in (("train_with_ema_weights", train_with_ema_weights), ("skip_nonfinite", skip_nonfinite)):
             if not isinstance(flag, bool):
@@ -154,7 +166,8 @@ class EMA(Algorithm):
             )
             return False
         if self.started:
-            self.shadow.update(model, 1.0 - self.smoothing)
+            self.last_smoothing = warmup_smoothing(self.smoothing, self.num_updates, self.warmup, self.min_smoothing)
+            self.shadow.update(model, 1.0 - self.last_smoothing)
         else:
             self.shadow.copy_from_model(model)
             self.started = True
@@ -279,7 +292,10 @@ class EMA(Algorithm):
         else:
             count = state.timestamp.get(self.update_interval.unit)
             if self._on_update_event(state.model, count, state.reached(self.ema_start)):
-                logger.log_metrics({"ema/num_updates": self.num_updates})
+                metrics = {"ema/num_updates": self.num_updates}
+                if self.last_smoothing is not None:
+                    metrics["ema/smoothing"] = self.last_smoothing
+                logger.log_metrics(metrics)
 
     def _check_start(self, state: State) -> None:
         start, end = state.in_batches(self.ema_start), state.in_batches(state.max_duration)
@@ -300,6 +316,7 @@ class EMA(Algorithm):
             "num_updates": self.num_updates,
             "batches_seen": self.batches_seen,
             "num_skipped": self.num_skipped,
+            "last_smoothing": self.last_smoothing,
             "weights": self.shadow.state_dict(),
             "state_dict_keys": dict(self.shadow.state_dict_keys),
         }
@@ -327,6 +344,7 @@ class EMA(Algorithm):
         self.num_updates = int(state["num_updates"])
         self.batches_seen = int(state["batches_seen"])
         self.num_skipped = int(state.get("num_skipped", 0))
+        self.last_smoothing = state.get("last_smoothing")
 
 
 class _EMAWeights(contextlib.AbstractContextManager):

@@ -1,0 +1,227 @@
+"""EMA of the weights for the Hugging Face ``transformers.Trainer`` (``pip install emakit[transformers]``).
+
+The average follows the EMA recurrence once per optimizer step (after gradient accumulation)::
+
+    first step:  ema = w                                       (the average starts at the weights)
+    later steps: ema = s * ema + (1 - s) * w,   s = 2 ** (-1 / half_life_in_steps)  (or ``smoothing=s``)
+
+Two pieces:
+
+- :class:`EMATrainerCallback` updates the average in ``on_step_end`` and writes its state
+  (``emakit_ema.pt``) into every checkpoint folder in ``on_save``. Alone, with a plain ``Trainer``,
+  it keeps the average and checkpoints it; evaluation still sees the training weights.
+- :class:`EMATrainerMixin` / :class:`EMATrainer` add what no callback can do, because the
+  ``Trainer`` has no event before an evaluation nor on resume: every ``evaluate()`` (each dataset
+  of a dict, ``eval_on_start``, the training loop's evaluations, your own calls) runs with the
+  average swapped in, checkpoints keep the training weights, ``train(resume_from_checkpoint=...)``
+  restores the average exactly, and :meth:`EMATrainerMixin.save_ema_model` writes a
+  ``from_pretrained`` folder of the averaged weights.
+
+Example (runs on a CPU in seconds)::
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+    from emakit import EMA
+    from emakit.integrations.transformers import EMATrainer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (64, 8))]
+    args = TrainingArguments("out", max_steps=20, per_device_train_batch_size=8, eval_strategy="steps",
+                             eval_steps=10, save_steps=10, report_to=[], use_cpu=True)
+    trainer = EMATrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                         ema=EMA(half_life="10ba"), ema_eval="both")
+    trainer.train()                       # eval_loss: the average's; eval_training_loss: the weights'
+    trainer.save_ema_model("out/ema")     # GPT2LMHeadModel.from_pretrained("out/ema") holds the average
+
+Relies on these ``transformers`` internals (checked against 5.24): checkpoints are written to
+``{output_dir}/checkpoint-{global_step}`` before ``on_save`` fires; the training loop evaluates
+through the public ``evaluate()`` (``Trainer._evaluate`` calls it), which calls itself once per
+dataset of a dict; ``Trainer._load_best_model`` loads ``load_best_model_at_end``'s checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+except ImportError as error:  # pragma: no cover - only without the extra
+    raise ImportError(
+        "emakit.integrations.transformers needs transformers: pip install 'emakit[transformers]'"
+    ) from error
+
+from emakit.algorithms.ema import EMA
+from emakit.tracked import unwrap
+
+__all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin"]
+
+EMA_STATE_NAME = "emakit_ema.pt"
+"""The file, inside each ``checkpoint-N`` folder, holding ``EMA.state_dict()``."""
+
+_EMA_EVAL_MODES = ("ema", "training", "both")
+
+
+def _check_ema(ema: Any) -> EMA:
+    if not isinstance(ema, EMA):
+        raise TypeError(f"ema must be an emakit.EMA, e.g. EMA(half_life='100ba'); got {type(ema).__name__}: {ema!r}")
+    return ema
+
+
+class EMATrainerCallback(TrainerCallback):
+    """Keeps an :class:`~emakit.EMA` of a ``transformers.Trainer``'s model and checkpoints it.
+
+    ``on_step_end`` (once per optimizer step, after gradient accumulation) calls
+    ``ema.update(model)``: ``ema = w`` at the first step, then ``ema = s * ema + (1 - s) * w``.
+    ``on_save`` writes ``ema.state_dict()`` to ``checkpoint-N/emakit_ema.pt`` (main process
+    only). With a plain ``Trainer`` restore it on resume yourself, before ``train``::
+
+        callback = EMATrainerCallback(EMA(half_life="100ba"))
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        callback.load_state("out/checkpoint-100")         # only when resuming
+        trainer.train(resume_from_checkpoint="out/checkpoint-100")
+        with callback.ema.ema_weights(trainer.model):    # evaluate the average
+            trainer.evaluate()
+
+    :class:`EMATrainer` does all of this (and swaps the average in for every evaluation) itself.
+    """
+
+    def __init__(self, ema: EMA) -> None:
+        self.ema = _check_ema(ema)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None:
+            raise RuntimeError("EMATrainerCallback.on_step_end got no model: add it to a transformers.Trainer")
+        self.ema.update(unwrap(model))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not args.should_save:  # the main process writes; the average is the same on every process
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():  # a hyperparameter search writes into run-*/ folders, not output_dir itself
+            warnings.warn(
+                f"EMATrainerCallback: checkpoint folder {str(folder)!r} does not exist; the EMA state was not saved",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self.save_state(folder)
+
+    def save_state(self, checkpoint_dir: str | os.PathLike) -> Path:
+        """Write ``ema.state_dict()`` to ``checkpoint_dir/emakit_ema.pt`` (atomically) and return the path."""
+        path = Path(checkpoint_dir) / EMA_STATE_NAME
+        partial = path.with_name(path.name + ".partial")
+        torch.save(self.ema.state_dict(), partial)
+        os.replace(partial, path)
+        return path
+
+    def load_state(self, checkpoint_dir: str | os.PathLike) -> None:
+        """Restore the average from ``checkpoint_dir/emakit_ema.pt``, as :meth:`on_save` wrote it."""
+        path = Path(checkpoint_dir) / EMA_STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {str(checkpoint_dir)!r} holds no {EMA_STATE_NAME}: it was not written with an "
+                "EMATrainerCallback, so the average cannot be resumed exactly"
+            )
+        self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class EMATrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (``Seq2SeqTrainer``, TRL's trainers...) to train with an EMA.
+
+    Takes two keyword arguments besides the trainer's own:
+
+    - ``ema``: the :class:`~emakit.EMA`, updated once per optimizer step by an
+      :class:`EMATrainerCallback` (``ema = s * ema + (1 - s) * w``) and saved into every checkpoint.
+    - ``ema_eval``: what :meth:`evaluate` measures once the average has started: ``"ema"``
+      (default) the average, under the usual metric names; ``"training"`` the training weights;
+      ``"both"`` the average under ``{prefix}_*`` and the training weights under
+      ``{prefix}_training_*`` (``eval_loss`` and ``eval_training_loss``).
+
+    The average is swapped in only inside ``evaluate``; checkpoints' model weights are always the
+    training weights. ``train(resume_from_checkpoint=...)`` restores the average from the
+    checkpoint, and ``load_best_model_at_end`` loads the best checkpoint's average with its weights.
+    ``predict`` uses the training weights; wrap it in ``with trainer.ema.ema_weights(trainer.model):``
+    for the average's predictions.
+
+    Example::
+
+        class EMASeq2SeqTrainer(EMATrainerMixin, Seq2SeqTrainer):
+            pass
+
+        trainer = EMASeq2SeqTrainer(model=model, args=args, train_dataset=data, ema=EMA(half_life="500ba"))
+    """
+
+    def __init__(self, *args: Any, ema: EMA, ema_eval: str = "ema", **kwargs: Any) -> None:
+        if ema_eval not in _EMA_EVAL_MODES:
+            raise ValueError(f"ema_eval={ema_eval!r} must be one of {', '.join(map(repr, _EMA_EVAL_MODES))}")
+        self.ema = _check_ema(ema)
+        self.ema_eval = ema_eval
+        self.ema_callback = EMATrainerCallback(ema)
+        super().__init__(*args, **kwargs)
+        self.add_callback(self.ema_callback)
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+        **kwargs: Any,
+    ) -> dict[str, float]:
+        """``Trainer.evaluate`` with the average swapped into the model (see ``ema_eval``)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if (
+            isinstance(dataset, dict)  # Trainer.evaluate calls evaluate once per dataset: each lands below
+            or self.ema_eval == "training"
+            or not self.ema.started
+            or self.ema.shadow.swapped  # called inside ema_weights(...): evaluate what the model holds
+        ):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        with self.ema.ema_weights(self.model):
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        if self.ema_eval == "both":
+            metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_training", **kwargs))
+        return metrics
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, restoring the average from the checkpoint when resuming."""
+        if resume_from_checkpoint is True:
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if last is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = last
+        if resume_from_checkpoint not in (None, False):
+            self.ema_callback.load_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best is not None and (Path(best) / EMA_STATE_NAME).is_file():
+            self.ema_callback.load_state(best)
+
+    def save_ema_model(self, output_dir: str | os.PathLike) -> None:
+        """Write the averaged model to ``output_dir``, loadable with ``from_pretrained``.
+
+        The average is swapped in, ``save_model`` (``save_pretrained``, plus the tokenizer or
+        processor) writes it from the main process, and the training weights come back bit for bit.
+        """
+        if not self.ema.started:
+            raise RuntimeError(
+                "the EMA has not started (no optimizer step reached ema_start yet): there is no averaged model to save"
+            )
+        with self.ema.ema_weights(self.model):
+            self.save_model(os.fspath(output_dir), _internal_call=True)
+
+
+class EMATrainer(EMATrainerMixin, Trainer):
+    """A ``transformers.Trainer`` with an EMA of the weights: ``EMATrainer(..., ema=EMA(...), ema_eval="ema")``.
+
+    See :class:`EMATrainerMixin` for what it does and the module docstring for a runnable example.
+    """
