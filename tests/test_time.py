@@ -45,6 +45,23 @@ def test_from_timestring_parses_every_unit(text: str, value: float, unit: TimeUn
     assert time.unit is unit
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4_000tok", Time(4000, "tok")),
+        ("3_0e10sp", Time(300_000_000_000, "sp")),
+        ("1_000_000ba", Time(1_000_000, "ba")),
+        ("0.2_5dur", Time(0.25, "dur")),
+        ("1e1_0tok", Time(10**10, "tok")),
+    ],
+)
+def test_digits_may_be_grouped_with_underscores_as_in_python(text: str, expected: Time) -> None:
+    parsed = Time.from_timestring(text)
+    assert parsed == expected
+    assert type(parsed.value) is type(expected.value)
+    assert parsed.value == float(text[: -len(expected.unit.value)])  # Python reads the number the same way
+
+
 @pytest.mark.parametrize("text", [" 50ba", "50ba ", "  50 ba  ", "\t50ba\n", "50 ba"])
 def test_from_timestring_ignores_surrounding_and_inner_whitespace(text: str) -> None:
     assert Time.from_timestring(text) == Time(50, TimeUnit.BATCH)
@@ -99,7 +116,11 @@ def test_large_whole_values_parse_exactly() -> None:
         "nanba",
         "infep",
         "0x10ba",
-        "1_000ba",
+        "1__000ba",  # underscores only singly between digits, as in Python
+        "_1000ba",
+        "1000_ba",
+        "1_.5dur",
+        "1e_5tok",
     ],
 )
 def test_unparseable_timestrings_raise_value_error_naming_string_and_units(text: str) -> None:

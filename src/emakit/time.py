@@ -39,7 +39,9 @@ class TimeUnit(str, enum.Enum):
 
 
 _ALLOWED = ", ".join(f"'{u.value}'" for u in TimeUnit)
-_TIMESTRING = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?|[0-9]+\.)\s*([a-z]+)\s*$")
+_DIGITS = r"[0-9](?:_?[0-9])*"  # as in Python numbers: an underscore only between two digits, "4_000"
+_NUMBER = rf"(?:{_DIGITS})?\.?{_DIGITS}(?:[eE][+-]?{_DIGITS})?|{_DIGITS}\."
+_TIMESTRING = re.compile(rf"^\s*({_NUMBER})\s*([a-z]+)\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,9 @@ class Time:
 
     @classmethod
     def from_timestring(cls, timestring: str) -> Time:
-        """Parse ``"<number><unit>"``, e.g. ``"50ba"``, ``"1ep"``, ``"0.5dur"``, ``"3e4tok"``.
+        """Parse ``"<number><unit>"``, e.g. ``"50ba"``, ``"1ep"``, ``"0.5dur"``, ``"3e4tok"``, ``"4_000tok"``.
+
+        Numbers are written as in Python: digits may be grouped with single underscores between them.
 
         Raises:
             ValueError: naming the string and the allowed units when it does not parse, or when
@@ -97,6 +101,7 @@ class Time:
                 f"{_ALLOWED}, e.g. '50ba', '1ep', '0.5dur'"
             )
         number, unit = match.groups()
+        number = number.replace("_", "")
         exact = Fraction(number)  # exact for '9007199254740993tok' and '3e4tok' alike
         whole = exact.denominator == 1 and unit != TimeUnit.DURATION.value
         value = int(exact) if whole else float(number)
