@@ -28,10 +28,18 @@ class AverageModule:
         self.module: nn.Module | None = None
         self._tensors: dict[str, torch.Tensor] = {}  # by tracked name: the module's own tensor objects
 
-    def get(self, model: nn.Module, averages: Iterable[tuple[str, torch.Tensor, torch.Tensor]]) -> nn.Module:
-        """The module, built on first use from ``model`` and ``(name, model tensor, holder of its average)``."""
+    def get(
+        self,
+        model: nn.Module,
+        averages: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+        shared: Iterable[torch.Tensor] = (),
+    ) -> nn.Module:
+        """The module, built on first use from ``model`` and ``(name, model tensor, holder of its average)``.
+
+        Tensors in ``shared`` (those the EMA does not track: a frozen base) are the model's own in it, not copies.
+        """
         if self.module is None:
-            memo: dict[int, object] = {}
+            memo: dict[int, object] = {id(t): t for t in shared}
             self._tensors = {}
             for name, tensor, holder in averages:
                 held = nn.Parameter(holder, requires_grad=False) if isinstance(tensor, nn.Parameter) else holder

@@ -39,12 +39,14 @@ from emakit.average_module import AverageModule, gathered_module
 from emakit.flat import FlatGroup, is_dense
 from emakit.side_stream import SideStream
 from emakit.tracked import (
+    EVERYTHING,
     Change,
+    Selection,
     TrackedTensors,
     describe_mismatch,
-    is_averaged,
     local,
     match_wrapped_names,
+    tracked_tensors,
     unwrap,
     weightless_copy,
 )
@@ -73,15 +75,16 @@ def resolve_ema_dtype(ema_dtype: str | torch.dtype, model_dtype: torch.dtype) ->
     raise ValueError(f"ema_dtype={ema_dtype!r} must be 'auto', 'same' or a floating-point torch.dtype")
 
 
-def _kind(tensor: torch.Tensor) -> str:
-    if not is_averaged(tensor):
+def _kind(tensor: torch.Tensor, selection: Selection) -> str:
+    is_buffer = not isinstance(tensor, nn.Parameter)
+    if not selection.averages(tensor, is_buffer):
         return "copied"
-    return "parameters" if isinstance(tensor, nn.Parameter) else "buffers"
+    return "buffers" if is_buffer else "parameters"
 
 
-def _layout_key(named: dict[str, torch.Tensor]) -> dict[str, tuple]:
+def _layout_key(named: dict[str, torch.Tensor], selection: Selection) -> dict[str, tuple]:
     """Per name, what a tensor must keep for its average to carry on in place: kind, dtype, device, shape."""
-    return {name: (_kind(t), local(t).dtype, local(t).device, t.shape) for name, t in named.items()}
+    return {name: (_kind(t, selection), local(t).dtype, local(t).device, t.shape) for name, t in named.items()}
 
 
 def _like_model(model_tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -119,6 +122,7 @@ class ShadowWeights:
         ema_device: str | torch.device | None = None,
         async_update: bool = False,
         flatten_model: bool = False,
+        selection: Selection = EVERYTHING,
     ) -> None:
         resolve_ema_dtype(ema_dtype, torch.float32)  # validates
         for name, flag in (("async_update", async_update), ("flatten_model", flatten_model)):
@@ -131,6 +135,7 @@ class ShadowWeights:
             raise ValueError(f"ema_device={ema_device!r} is not a torch device: {error}") from None
         self.async_update = async_update
         self.flatten_model = flatten_model
+        self.selection = selection
         self._side_stream: SideStream | None = None
         self._groups: list[FlatGroup] = []
         self._model: nn.Module | None = None  # the model the groups are laid out for (held: ema_model needs it)
@@ -171,8 +176,8 @@ class ShadowWeights:
                 raise RuntimeError(
                     "the model's tensors changed while the EMA weights were swapped in; swap them out first"
                 )
-            tracked = self._tracked if change is Change.MOVED else TrackedTensors(model)
-            if _layout_key(tracked.named) == self._key:
+            tracked = self._tracked if change is Change.MOVED else TrackedTensors(model, self.selection)
+            if _layout_key(tracked.named, self.selection) == self._key:
                 self._follow(tracked)
                 return model
         elif self.swapped:
@@ -194,10 +199,13 @@ class ShadowWeights:
         self._tracked = tracked
 
     def _layout(self, model: nn.Module, carried: dict[str, torch.Tensor] | None, strict: bool) -> None:
-        tracked = TrackedTensors(model)
+        tracked = TrackedTensors(model, self.selection)
         named = tracked.named
-        if not any(is_averaged(t) for t in named.values()):
-            raise ValueError(f"{type(model).__name__} has no floating-point parameters or buffers to average")
+        if not any(_kind(t, self.selection) != "copied" for t in named.values()):
+            raise ValueError(
+                f"{type(model).__name__} has no floating-point parameters or buffers to average"
+                + ("" if self.selection == EVERYTHING else f" among those selected ({self.selection})")
+            )
         if carried is not None:
             carried = self._carry(match_wrapped_names(carried, named), named, strict)
         bind = self.flatten_model and _bound.get(model, self) is self
@@ -218,7 +226,7 @@ class ShadowWeights:
         keyed: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for name, t in named.items():
             data = data_of[id(t)]
-            keyed.setdefault((_kind(t), data.device, data.dtype, bindable(t)), []).append((name, t))
+            keyed.setdefault((_kind(t, self.selection), data.device, data.dtype, bindable(t)), []).append((name, t))
         self._groups = []  # the old average stays alive through `carried` only
         self._groups = [
             FlatGroup.build(
@@ -232,7 +240,7 @@ class ShadowWeights:
             for (kind, device, dtype, bound), entries in keyed.items()
         ]
         tracked.accept_moves()  # binding moved the bound tensors
-        self._model, self._tracked, self._key = model, tracked, _layout_key(named)
+        self._model, self._tracked, self._key = model, tracked, _layout_key(named, self.selection)
         if bind:
             _bound[model] = self
         name_of = {id(t): name for name, t in named.items()}
@@ -427,7 +435,9 @@ class ShadowWeights:
         model = self.attach(model) if not self.swapped else unwrap(model)
         if any(group.sharded for group in self._groups):
             return gathered_module(self._skeleton, dict(self._current()))
-        return self._module.get(model, (entry for group in self._groups for entry in group.current_averages()))
+        untracked = [t for name, t in tracked_tensors(model) if name not in self._tracked.named]
+        averages = (entry for group in self._groups for entry in group.current_averages())
+        return self._module.get(model, averages, shared=untracked)
 
     def _repoint_module(self) -> None:
         """Point the ema_model's tensors at whatever holds the average now (a re-layout, a swap)."""

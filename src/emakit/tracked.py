@@ -16,7 +16,9 @@ replaced ``Parameter``, a re-registered buffer, a new or removed layer, and a te
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
+import fnmatch
 import itertools
 import operator
 import weakref
@@ -27,7 +29,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 __all__ = [
+    "BUFFER_POLICIES",
+    "EVERYTHING",
     "Change",
+    "Selection",
     "TrackedTensors",
     "describe_mismatch",
     "fill_tensors",
@@ -65,8 +70,69 @@ def is_averaged(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
-def tracked_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every parameter and persistent buffer of ``model``, each tensor once.
+BUFFER_POLICIES = ("average", "copy", "ignore")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which of a model's tensors an EMA tracks, and whether floating-point buffers are averaged.
+
+    ``include`` / ``exclude``: shell-style patterns (``fnmatch``: ``"encoder.*"``, ``"*.bias"``) matched
+    against ``state_dict`` names; a tensor is tracked when it matches an ``include`` pattern (or
+    ``include`` is None) and no ``exclude`` pattern. ``trainable_only``: parameters only where
+    ``requires_grad`` (a frozen base of LoRA adapters is left out). ``buffers``: ``"average"``
+    floating-point buffers, ``"copy"`` them like integer ones, or ``"ignore"`` every buffer.
+    Untracked tensors are neither averaged, copied nor swapped: the model keeps its own.
+    """
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    trainable_only: bool = False
+    buffers: str = "average"
+
+    @classmethod
+    def of(
+        cls,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        trainable_only: bool = False,
+        buffers: str = "average",
+    ) -> Selection:
+        """A checked Selection; ValueError naming the bad argument and what is allowed."""
+
+        def patterns(value: str | Iterable[str] | None, name: str) -> tuple[str, ...] | None:
+            if value is None:
+                return None
+            values = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
+            if not values or not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"{name}={value!r} must be a name pattern such as 'encoder.*' or a list of them")
+            return values
+
+        if not isinstance(trainable_only, bool):
+            raise ValueError(f"trainable_only={trainable_only!r} must be True or False")
+        if buffers not in BUFFER_POLICIES:
+            raise ValueError(f"buffers={buffers!r} must be one of {BUFFER_POLICIES}")
+        return cls(patterns(include, "include"), patterns(exclude, "exclude") or (), trainable_only, buffers)
+
+    def tracks(self, name: str, tensor: torch.Tensor, is_buffer: bool) -> bool:
+        if is_buffer and self.buffers == "ignore":
+            return False
+        if self.trainable_only and not is_buffer and not tensor.requires_grad:
+            return False
+        if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def averages(self, tensor: torch.Tensor, is_buffer: bool) -> bool:
+        """Whether a tracked tensor is averaged (else copied)."""
+        return is_averaged(tensor) and not (is_buffer and self.buffers == "copy")
+
+
+EVERYTHING = Selection()
+
+
+def tracked_tensors(model: nn.Module, selection: Selection = EVERYTHING) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every parameter and persistent buffer of ``model`` that ``selection`` keeps, once each.
 
     Example::
 
@@ -81,10 +147,12 @@ def tracked_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         for key, tensor in module._buffers.items()
         if tensor is not None and key not in module._non_persistent_buffers_set
     )
-    for name, tensor in itertools.chain(model.named_parameters(), buffers):
+    tagged = itertools.chain(((n, t, False) for n, t in model.named_parameters()), ((n, t, True) for n, t in buffers))
+    for name, tensor, is_buffer in tagged:
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            yield name, tensor
+            if selection is EVERYTHING or selection.tracks(name, tensor, is_buffer):
+                yield name, tensor
 
 
 class Change(enum.Enum):
@@ -93,6 +161,9 @@ class Change(enum.Enum):
     NONE = "none"  # the same tensor objects, at the same addresses
     MOVED = "moved"  # the same tensor objects and shapes, dtypes, devices; some ``.data`` now lives elsewhere
     STRUCTURE = "structure"  # a tensor replaced, added or removed, or one changed shape, dtype or device
+
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _data_ptr(tensor: torch.Tensor) -> int:
@@ -121,9 +192,12 @@ class TrackedTensors:
         <Change.STRUCTURE: 'structure'>
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, selection: Selection = EVERYTHING) -> None:
         self._model = weakref.ref(model)  # weak: a cache keyed by a model may hold this
-        self.named = dict(tracked_tensors(model))
+        self.named = dict(tracked_tensors(model, selection))
+        # trainable_only: a parameter frozen or unfrozen later changes what is tracked
+        self._parameters = list(model.parameters()) if selection.trainable_only else []
+        self._trainable = list(map(_requires_grad, self._parameters))
         self.tensors = list(self.named.values())
         tracked_ids = {id(t) for t in self.tensors}
         self._registries: list[dict] = []
@@ -161,6 +235,8 @@ class TrackedTensors:
         if not all(map(operator.is_, current, self._slot_values)):
             return Change.STRUCTURE
         if list(map(torch.Tensor.numel, self.tensors)) != self._numels:
+            return Change.STRUCTURE
+        if self._parameters and list(map(_requires_grad, self._parameters)) != self._trainable:
             return Change.STRUCTURE
         ptrs = self._data_ptrs()
         if ptrs == self._ptrs:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from emakit.functional import check_smoothing, check_warmup, smoothing_from_half
 from emakit.loggers import Logger
 from emakit.shadow import ShadowWeights
 from emakit.time import Time, TimeUnit, as_time
+from emakit.tracked import Selection
 
 __all__ = ["EMA"]
 
@@ -65,6 +66,13 @@ class EMA(Algorithm):
             (``min(s, 1 - (1 + n / gamma) ** -power)``), ``n`` being the number of updates already
             applied, the start counting as one. See :func:`emakit.functional.warmup_smoothing`.
         min_smoothing: the least smoothing a warmup may use, in [0, 1).
+        include, exclude: name patterns (``fnmatch``: ``"encoder.*"``, ``"*.lora_*"``) of the tensors to
+            track, matched against ``state_dict`` names; untracked tensors are neither averaged, copied
+            nor swapped (``ema_model`` shares the model's own).
+        trainable_only: track parameters only where ``requires_grad`` (e.g. LoRA adapters, not the
+            frozen base); a parameter frozen or unfrozen later is followed (its average restarts).
+        buffers: floating-point buffers are ``"average"``-d (default), ``"copy"``-ed like integer
+            ones, or ``"ignore"``-d with every other buffer.
         flatten_model: re-point the model's tensors into one flat buffer per (device, dtype), so an
             update is one kernel and a swap moves no data. Off by default: the model's tensors then
             stay where they are, which every other library relies on. See the README for the contract.
@@ -95,6 +103,10 @@ class EMA(Algorithm):
         skip_nonfinite: bool = False,
         warmup: str | tuple | None = None,
         min_smoothing: float = 0.0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        trainable_only: bool = False,
+        buffers: str = "average",
         flatten_model: bool = False,
     ) -> None:
         if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
@@ -134,7 +146,11 @@ class EMA(Algorithm):
         self.skip_nonfinite = skip_nonfinite
         self.num_skipped = 0  # update events skipped because the weights held NaN or Inf
         self.shadow = ShadowWeights(
-            ema_dtype=ema_dtype, ema_device=ema_device, async_update=async_update, flatten_model=flatten_model
+            ema_dtype=ema_dtype,
+            ema_device=ema_device,
+            async_update=async_update,
+            flatten_model=flatten_model,
+            selection=Selection.of(include, exclude, trainable_only, buffers),
         )
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
