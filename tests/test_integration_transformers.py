@@ -1,0 +1,314 @@
+"""emakit.integrations.transformers with the real Hugging Face Trainer, on a tiny GPT-2, on CPU."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+import torch
+from closed_form import ClosedForm
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from emakit import EMA  # noqa: E402
+from emakit.integrations.transformers import EMA_STATE_NAME, EMATrainer, EMATrainerCallback  # noqa: E402
+
+STEPS = 12
+
+
+def make_model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
+
+
+def make_data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 50, (n, 8), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def make_args(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=3e-2,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        eval_strategy="no",
+        save_strategy="no",
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+class Recorder(TrainerCallback):
+    """The model's state_dict after every optimizer step (float32 copies)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def closed_form(steps: list[dict[str, torch.Tensor]], smoothing: float) -> dict[str, torch.Tensor]:
+    reference = ClosedForm(smoothing)
+    for weights in steps:
+        reference.update({k: v.double() for k, v in weights.items()})
+    return reference.ema
+
+
+def assert_average(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in actual.items():
+        torch.testing.assert_close(tensor.double(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def assert_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() <= expected.keys()
+    for name, tensor in actual.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def plain_eval(model: GPT2LMHeadModel, state: dict[str, torch.Tensor], dataset, tmp_path) -> float:
+    """The eval loss of a fresh copy of the model holding ``state``, by a plain Trainer."""
+    copy = make_model()
+    copy.load_state_dict(state)
+    return Trainer(model=copy, args=make_args(tmp_path / "plain")).evaluate(dataset)["eval_loss"]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_average_is_the_closed_form_of_each_optimizer_step(tmp_path, accumulation):
+    recorder, ema = Recorder(), EMA(half_life="4ba")
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(tmp_path, gradient_accumulation_steps=accumulation),
+        train_dataset=make_data(96, seed=1),
+        callbacks=[recorder],
+        ema=ema,
+    )
+    trainer.train()
+    assert len(recorder.steps) == STEPS  # one update per optimizer step, not per micro-batch
+    assert (ema.num_updates, ema.batches_seen) == (STEPS, STEPS)
+    assert_average(ema.ema_model.state_dict(), closed_form(recorder.steps, ema.smoothing))
+    assert_equal(trainer.model.state_dict(), recorder.steps[-1])  # the model holds its training weights
+    assert not torch.equal(ema.ema_model.transformer.wte.weight, trainer.model.transformer.wte.weight)
+
+
+def test_evaluations_measure_the_average_and_both(tmp_path):
+    evals = {"a": make_data(16, seed=2), "b": make_data(16, seed=3)}
+    recorder, ema = Recorder(), EMA(half_life="4ba")
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(tmp_path / "out", eval_strategy="steps", eval_steps=STEPS, eval_on_start=True),
+        train_dataset=make_data(48, seed=1),
+        eval_dataset=evals,
+        callbacks=[recorder],
+        ema=ema,
+        ema_eval="both",
+    )
+    trainer.train()
+    average, weights = ema.ema_model.state_dict(), recorder.steps[-1]
+    start = make_model().state_dict()
+    logged = {k: v for entry in trainer.state.log_history for k, v in entry.items() if entry.get("step") == STEPS}
+    first = {k: v for entry in trainer.state.log_history for k, v in entry.items() if entry.get("step") == 0}
+    called = trainer.evaluate()
+    called_one = trainer.evaluate(evals["b"], metric_key_prefix="test")
+    for name, dataset in evals.items():
+        expected_ema = plain_eval(trainer.model, average, dataset, tmp_path)
+        expected_training = plain_eval(trainer.model, weights, dataset, tmp_path)
+        assert expected_ema != expected_training
+        assert logged[f"eval_{name}_loss"] == pytest.approx(expected_ema, rel=1e-6)
+        assert logged[f"eval_{name}_training_loss"] == pytest.approx(expected_training, rel=1e-6)
+        assert called[f"eval_{name}_loss"] == pytest.approx(expected_ema, rel=1e-6)
+        assert called[f"eval_{name}_training_loss"] == pytest.approx(expected_training, rel=1e-6)
+        # eval_on_start: the average has not started, so the training (initial) weights, under the usual names
+        assert first[f"eval_{name}_loss"] == pytest.approx(plain_eval(trainer.model, start, dataset, tmp_path))
+        assert f"eval_{name}_training_loss" not in first
+    assert called_one["test_loss"] == pytest.approx(plain_eval(trainer.model, average, evals["b"], tmp_path))
+    assert called_one["test_training_loss"] == pytest.approx(plain_eval(trainer.model, weights, evals["b"], tmp_path))
+    assert_equal(trainer.model.state_dict(), weights)  # evaluations leave the training weights bit for bit
+
+
+def test_ema_eval_training_measures_the_training_weights(tmp_path):
+    dataset = make_data(16, seed=2)
+    recorder = Recorder()
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(tmp_path / "out"),
+        train_dataset=make_data(48, seed=1),
+        callbacks=[recorder],
+        ema=EMA(half_life="4ba"),
+        ema_eval="training",
+    )
+    trainer.train()
+    metrics = trainer.evaluate(dataset)
+    assert metrics["eval_loss"] == pytest.approx(plain_eval(trainer.model, recorder.steps[-1], dataset, tmp_path))
+    assert "eval_training_loss" not in metrics
+
+
+def test_checkpoint_holds_training_weights_when_evaluation_and_saving_coincide(tmp_path):
+    recorder, ema = Recorder(), EMA(half_life="4ba")
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(tmp_path, eval_strategy="steps", eval_steps=6, save_strategy="steps", save_steps=6),
+        train_dataset=make_data(48, seed=1),
+        eval_dataset=make_data(16, seed=2),
+        callbacks=[recorder],
+        ema=ema,
+    )
+    trainer.train()
+    for step in (6, 12):
+        folder = tmp_path / f"checkpoint-{step}"
+        saved = load_file(folder / "model.safetensors")
+        assert_equal(saved, recorder.steps[step - 1])
+        state = torch.load(folder / EMA_STATE_NAME, weights_only=True)
+        assert (state["num_updates"], state["batches_seen"]) == (step, step)
+        expected = closed_form(recorder.steps[:step], ema.smoothing)
+        assert_average(state["weights"], {k: expected[k] for k in state["weights"]})
+        assert not torch.equal(state["weights"]["transformer.wte.weight"], saved["transformer.wte.weight"])
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    def run(output_dir, resume=None):
+        ema = EMA(half_life="4ba")
+        trainer = EMATrainer(
+            model=make_model(),
+            args=make_args(output_dir, save_strategy="steps", save_steps=5, eval_strategy="steps", eval_steps=5),
+            train_dataset=make_data(40, seed=1),  # 10 batches an epoch: the resume lands mid-epoch
+            eval_dataset=make_data(16, seed=2),
+            ema=ema,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, ema
+
+    whole, whole_ema = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    resumed, resumed_ema = run(tmp_path / "resumed", resume=True)
+    assert_equal(resumed.model.state_dict(), whole.model.state_dict())
+    a, b = whole_ema.state_dict(), resumed_ema.state_dict()
+    assert {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
+    assert_equal(b["weights"], a["weights"])
+    assert a["num_updates"] == STEPS
+
+    at_epoch_end, at_epoch_end_ema = run(tmp_path / "path", resume=str(tmp_path / "whole" / "checkpoint-10"))
+    assert_equal(at_epoch_end.model.state_dict(), whole.model.state_dict())
+    assert_equal(at_epoch_end_ema.state_dict()["weights"], a["weights"])
+
+
+def test_resume_without_ema_state_raises(tmp_path):
+    trainer = Trainer(
+        model=make_model(),
+        args=make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=make_data(8, seed=1),
+    )
+    trainer.train()
+    resumed = EMATrainer(model=make_model(), args=make_args(tmp_path), train_dataset=make_data(8, seed=1), ema=EMA())
+    with pytest.raises(FileNotFoundError, match=EMA_STATE_NAME):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_save_ema_model_loads_with_from_pretrained(tmp_path):
+    recorder, ema = Recorder(), EMA(smoothing=0.8)
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(tmp_path / "out"),
+        train_dataset=make_data(48, seed=1),
+        callbacks=[recorder],
+        ema=ema,
+    )
+    with pytest.raises(RuntimeError, match="not started"):
+        trainer.save_ema_model(tmp_path / "early")
+    trainer.train()
+    trainer.save_ema_model(tmp_path / "ema")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "ema")
+    assert_equal(loaded.state_dict(), ema.ema_model.state_dict())
+    assert_average(loaded.state_dict(), closed_form(recorder.steps, 0.8))
+    assert_equal(trainer.model.state_dict(), recorder.steps[-1])
+
+
+def test_callback_alone_with_a_plain_trainer(tmp_path):
+    recorder, callback = Recorder(), EMATrainerCallback(EMA(half_life="4ba"))
+    trainer = Trainer(
+        model=make_model(),
+        args=make_args(tmp_path, save_strategy="steps", save_steps=6),
+        train_dataset=make_data(48, seed=1),
+        callbacks=[recorder, callback],
+    )
+    trainer.train()
+    assert_average(callback.ema.ema_model.state_dict(), closed_form(recorder.steps, callback.ema.smoothing))
+    other = EMATrainerCallback(EMA(half_life="4ba"))
+    other.load_state(tmp_path / "checkpoint-12")
+    assert_equal(other.ema.state_dict()["weights"], callback.ema.state_dict()["weights"])
+
+
+def test_load_best_model_at_end_loads_the_best_average(tmp_path):
+    ema, evaluations = EMA(half_life="2ba"), itertools.count()
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(
+            tmp_path,
+            eval_strategy="steps",
+            eval_steps=4,
+            save_strategy="steps",
+            save_steps=4,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_earliness",
+            greater_is_better=True,
+        ),
+        train_dataset=make_data(48, seed=1),
+        eval_dataset=make_data(16, seed=2),
+        compute_metrics=lambda prediction: {"earliness": -next(evaluations)},  # the first checkpoint is best
+        ema=ema,
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-4")
+    saved = torch.load(f"{best}/{EMA_STATE_NAME}", weights_only=True)
+    assert_equal(ema.state_dict()["weights"], saved["weights"])
+    assert ema.num_updates == saved["num_updates"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ema": EMA(), "ema_eval": "average"}, ValueError, "ema_eval='average'"),
+        ({"ema": 0.999}, TypeError, "emakit.EMA"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EMATrainer(model=make_model(), args=make_args(tmp_path), **kwargs)
+    if "ema_eval" not in kwargs:
+        with pytest.raises(TypeError, match="float"):
+            EMATrainerCallback(0.999)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_hold_the_same_average(tmp_path):
+    from pathlib import Path
+
+    from torchrun import torchrun
+
+    script = Path(__file__).with_name("hf_ddp_script.py")
+    result = torchrun(script, str(tmp_path), timeout=180, PYTHONPATH=str(script.parent))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert_equal(ranks[1]["ema"]["weights"], ranks[0]["ema"]["weights"])
+    assert_equal(ranks[1]["model"], ranks[0]["model"])
+    assert ranks[0]["ema"]["num_updates"] == ranks[1]["ema"]["num_updates"] == 6
+    for key in ("eval_loss", "eval_training_loss"):  # the eval set is split across ranks and the loss gathered
+        assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key]
+    smoothing = ranks[0]["ema"]["smoothing"]
+    expected = closed_form(ranks[0]["steps"], smoothing)
+    assert_average(ranks[0]["ema"]["weights"], {k: expected[k] for k in ranks[0]["ema"]["weights"]})
+    assert ranks[0]["metrics"]["eval_loss"] != ranks[0]["metrics"]["eval_training_loss"]
+    saved = torch.load(tmp_path / "checkpoint-6" / EMA_STATE_NAME, weights_only=True)
+    assert_equal(saved["weights"], ranks[0]["ema"]["weights"])
