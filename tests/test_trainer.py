@@ -589,3 +589,28 @@ def test_a_checkpoint_written_during_an_evaluation_with_several_emas_holds_the_t
     for ema in reversed(emas):
         ema.get_training_model(model)
     assert_equal_state(snapshot(model), training)
+
+
+def test_evaluate_all_weights_measures_the_training_weights_and_every_average_in_one_run():
+    emas = [EMA(half_life="3ba"), EMA(half_life="9ba")]
+    model, plain = make_model(), make_model()
+    trainer = make_trainer(model, "2ep", eval_dataloader=eval_loader(), algorithms=emas, evaluate_all_weights=True)
+    trainer.fit()
+    make_trainer(plain, "2ep", eval_dataloader=eval_loader(), algorithms=[EMA(half_life="9ba")]).fit()
+    assert_equal_state(snapshot(model), snapshot(plain))  # measuring more weights changes nothing in training
+    last = trainer.state.eval_history[-1]
+    expected = {"training": manual_eval(model, eval_loader())}
+    for ema in emas:
+        with ema.ema_weights(model):
+            expected[ema.label] = manual_eval(model, eval_loader())
+    assert set(expected) == {"training", "ema@3ba", "ema@9ba"}
+    for label, metrics in expected.items():
+        for name, value in metrics.items():
+            assert last[f"{name}/{label}"] == pytest.approx(value, rel=1e-5), f"{name}/{label}"
+    assert last["loss"] == pytest.approx(expected["ema@9ba"]["loss"], rel=1e-5)  # the plain names: the default
+    assert not any(ema.shadow.swapped for ema in emas)
+
+
+def test_evaluate_all_weights_must_be_a_bool():
+    with pytest.raises(ValueError, match="evaluate_all_weights='yes'"):
+        make_trainer(make_model(), evaluate_all_weights="yes")

@@ -284,6 +284,15 @@ class EMA(Algorithm):
             if swapped:
                 self.shadow.swap_in(state.model)
 
+    @property
+    def label(self) -> str:
+        """A short name of this average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
+        return f"ema@{self.half_life}" if self.half_life is not None else f"ema@{self.smoothing:g}"
+
+    def evaluation_weights(self, state: State) -> dict[str, contextlib.AbstractContextManager]:
+        """The average, once it has started, under :attr:`label`."""
+        return {self.label: self.ema_weights(state.model)} if self.started else {}
+
     # --------------------------------------------------------------- trainer
     def match(self, event: Event, state: State) -> bool:
         if event in (Event.EVAL_START, Event.EVAL_END):

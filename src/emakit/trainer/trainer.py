@@ -62,6 +62,14 @@ def _copy_state(state: Any) -> Any:
     return copy.deepcopy(state)
 
 
+def _means(totals: dict[str, tuple[float, int]]) -> dict[str, float]:
+    return {name: total / max(count, 1) for name, (total, count) in totals.items()}
+
+
+def _ignore(*_: Any) -> None:
+    """An evaluation batch's outputs, unused."""
+
+
 class Trainer:
     """Trains ``model`` on ``train_dataloader`` for ``max_duration``, firing events for algorithms and callbacks.
 
@@ -87,6 +95,10 @@ class Trainer:
         parallelism: with several processes (``torchrun``): ``"ddp"`` (DistributedDataParallel), ``"fsdp"``
             (FSDP2 ``fully_shard``, in place), or ``None``: DDP, or the model as it is when you wrapped it
             yourself. No effect in one process. See :mod:`emakit.distributed`.
+        evaluate_all_weights: every evaluation also measures the training weights (``loss/training``,
+            ``accuracy/training``, ...) and each other set of weights the algorithms offer (every EMA's
+            average: ``loss/ema@50ba``), all in the same ``state.eval_history`` entry and log record.
+            The plain names stay the default evaluation's (the last EMA's average, as without it).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer starts the process group (``gloo`` on CPU, ``nccl`` on
     CUDA, one GPU per process: ``cuda:LOCAL_RANK``), gives each rank its share of a ``DataLoader`` with a default
@@ -125,6 +137,7 @@ class Trainer:
         autoresume: bool = False,
         progress_bar: bool = True,
         parallelism: str | None = None,
+        evaluate_all_weights: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module) or not callable(getattr(unwrap(model), "loss", None)):
             raise ValueError(
@@ -143,6 +156,8 @@ class Trainer:
         keep = save_num_checkpoints_to_keep
         if isinstance(keep, bool) or not isinstance(keep, int) or keep == 0 or keep < -1:
             raise ValueError(f"save_num_checkpoints_to_keep={keep!r} must be a positive int, or -1 to keep all")
+        if not isinstance(evaluate_all_weights, bool):
+            raise ValueError(f"evaluate_all_weights={evaluate_all_weights!r} must be True or False")
         if autoresume and save_folder is None:
             raise ValueError("autoresume=True needs a save_folder to look for checkpoints in")
         distributed.check_parallelism(parallelism)
@@ -209,6 +224,7 @@ class Trainer:
         self.load_path = Path(load_path) if load_path is not None else None
         self.autoresume = autoresume
         self.progress_bar = progress_bar
+        self.evaluate_all_weights = evaluate_all_weights
         self._user_sampler = getattr(train_dataloader, "sampler", None)
         self._epoch_rng: torch.Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None
@@ -361,8 +377,10 @@ class Trainer:
                 state.batch, state.outputs = batch, outputs
                 run(Event.EVAL_BATCH_END)
 
-            totals = sum_metrics(model, dataloader, state.device, self._autocast, after_batch, forwards)
-            state.eval_metrics = {name: total / max(n, 1) for name, (total, n) in totals.items()}
+            metrics = _means(sum_metrics(model, dataloader, state.device, self._autocast, after_batch, forwards))
+            if self.evaluate_all_weights:
+                metrics.update(self._eval_other_weights(dataloader, forwards))
+            state.eval_metrics = metrics
         except BaseException:
             run(Event.EVAL_END)
             model.train(was_training)
@@ -374,6 +392,24 @@ class Trainer:
         run(Event.EVAL_END)
         model.train(was_training)
         return dict(state.eval_metrics)
+
+    def _eval_other_weights(self, dataloader: Iterable, forwards: int) -> dict[str, float]:
+        """Metrics of the training weights and of the algorithms' other weights, as ``NAME/LABEL``."""
+        state = self.state
+        metrics: dict[str, float] = {}
+        with contextlib.ExitStack() as stack:
+            for algorithm in reversed(self.engine.algorithms):  # the model holds the training weights inside
+                stack.enter_context(algorithm.training_weights(state))
+            weights: dict[str, contextlib.AbstractContextManager] = {"training": contextlib.nullcontext()}
+            for algorithm in self.engine.algorithms:
+                for label, context in algorithm.evaluation_weights(state).items():
+                    unique = label if label not in weights else f"{label}#{len(weights)}"
+                    weights[unique] = context
+            for label, context in weights.items():
+                with context:
+                    totals = sum_metrics(state.model, dataloader, state.device, self._autocast, _ignore, forwards)
+                metrics.update({f"{name}/{label}": value for name, value in _means(totals).items()})
+        return metrics
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
