@@ -2,6 +2,7 @@
 
 from emakit import distributed, functional
 from emakit.algorithms import EMA
+from emakit.batchnorm import update_bn
 from emakit.core import Algorithm, Callback, Event, State
 from emakit.models import Classifier
 from emakit.time import Time, Timestamp, TimeUnit
@@ -20,5 +21,6 @@ __all__ = [
     "Trainer",
     "distributed",
     "functional",
+    "update_bn",
 ]
 __version__ = "0.1.0"

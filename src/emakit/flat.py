@@ -212,7 +212,8 @@ class FlatGroup:
                 group.staging = torch.empty(total, dtype=dtype, pin_memory=pin)
         return group
 
-    def _data(self) -> list[torch.Tensor]:
+    def local_tensors(self) -> list[torch.Tensor]:
+        """The model's tensors as this process holds them (a DTensor's local shard)."""
         return [local(t) for t in self.tensors] if self.sharded else self.tensors
 
     @torch.no_grad()
@@ -231,7 +232,7 @@ class FlatGroup:
         """Whether no tensor of the model holds NaN or Inf (a bool tensor on the model's device)."""
         if self.model_flat is not None:
             return torch.isfinite(self.model_flat).all()
-        return torch.stack([torch.isfinite(t).all() for t in self._data()]).all()
+        return torch.stack([torch.isfinite(t).all() for t in self.local_tensors()]).all()
 
     # ---------------------------------------------------------------- updating
     def update(self, weight: float) -> None:
@@ -241,9 +242,9 @@ class FlatGroup:
         elif self.model_flat is not None:
             self._flat_lerp(weight)
         elif not self.cast:
-            torch._foreach_lerp_(self.averages, self._data(), weight)
+            torch._foreach_lerp_(self.averages, self.local_tensors(), weight)
         else:  # cast (fp32 average of bf16 weights) or move (average on the CPU) a chunk at a time
-            data = self._data()
+            data = self.local_tensors()
             temporary = self._temporary()
             for (i, j), views in zip(self.chunks, temporary.views):
                 torch._foreach_copy_(views, data[i:j])
@@ -285,14 +286,14 @@ class FlatGroup:
         if self.model_flat is not None:
             self.ema_flat.copy_(self.model_flat)
         else:
-            torch._foreach_copy_(self.averages, self._data())
+            torch._foreach_copy_(self.averages, self.local_tensors())
 
     def copy_to_model(self) -> None:
         if self.model_flat is not None:
             self.model_flat.copy_(self.ema_flat)
             _increment_versions(self.tensors)
         else:
-            torch._foreach_copy_(self._data(), self.averages)
+            torch._foreach_copy_(self.local_tensors(), self.averages)
 
     # ----------------------------------------------------------------- swapping
     @property
@@ -319,7 +320,7 @@ class FlatGroup:
             self.copy_to_model()
         elif self._exchanges_pointers:
             self._exchange_pointers()
-            self.marks = _versions(self._data())
+            self.marks = _versions(self.local_tensors())
         else:
             self.marks = self._bit_sums()
             self.temporary = self._temporary()
@@ -337,7 +338,7 @@ class FlatGroup:
                 self.model_flat.copy_(self.parked)
                 _increment_versions(self.tensors)
             else:
-                data = self._data()
+                data = self.local_tensors()
                 torch._foreach_copy_(data, flat_views(self.parked, self.averages, self.offsets))
         elif self._exchanges_pointers:
             self.note_writes()
@@ -354,17 +355,17 @@ class FlatGroup:
     def note_writes(self) -> None:
         """Remember the tensors written since the version marks were taken (a pointer exchange only)."""
         if self.swapped and self._exchanges_pointers:
-            versions = _versions(self._data())
+            versions = _versions(self.local_tensors())
             if versions != self.marks:
                 self.written.update(name for name, v, m in zip(self.names, versions, self.marks) if v != m)
 
     def refresh_marks(self) -> None:
         """Take the version marks anew: a nested swap of another EMA wrote and restored these tensors."""
         if self.swapped and self._exchanges_pointers:
-            self.marks = _versions(self._data())
+            self.marks = _versions(self.local_tensors())
 
     def _park(self) -> torch.Tensor:
-        data = self._data()
+        data = self.local_tensors()
         parked = torch.empty(self.ema_flat.numel(), dtype=data[0].dtype, device=data[0].device)
         torch._foreach_copy_(flat_views(parked, self.averages, self.offsets), data)
         return parked
@@ -376,7 +377,7 @@ class FlatGroup:
 
     def _exchange_contents(self) -> None:
         """Exchange the model's values with the averages, a chunk at a time through the scratch buffer."""
-        data, temporary = self._data(), self.temporary
+        data, temporary = self.local_tensors(), self.temporary
         for (i, j), views in zip(self.chunks, temporary.views):
             start, stop = self._span(i, j)
             temporary.flat[: stop - start].copy_(self.ema_flat[start:stop])
@@ -385,7 +386,7 @@ class FlatGroup:
 
     def current_averages(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(name, model tensor, tensor holding the average now)``: the model's own while exchanged in."""
-        holders = self._data() if self.swapped and self.exchange else self.averages
+        holders = self.local_tensors() if self.swapped and self.exchange else self.averages
         yield from zip(self.names, self.tensors, holders)
 
 

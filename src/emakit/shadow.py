@@ -380,6 +380,15 @@ class ShadowWeights:
                 "average with copy_from_model"
             )
 
+    @torch.no_grad()
+    def keep_buffers_from_model(self) -> None:
+        """While swapped in: make the model's buffers (measured on the average, e.g. by update_bn) the average's."""
+        if not self.swapped:
+            raise RuntimeError("keep_buffers_from_model needs the EMA weights swapped in")
+        for group in self._groups:
+            if group.kind != "parameters":
+                torch._foreach_copy_(group.averages, group.local_tensors())
+
     # ------------------------------------------------------------------ state
     def _current(self) -> Iterator[tuple[str, torch.Tensor]]:
         for group in self._groups:

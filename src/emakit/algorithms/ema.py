@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from emakit.batchnorm import update_bn
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.core.state import State
@@ -248,6 +249,18 @@ class EMA(Algorithm):
         Swaps nest: an inner block of another EMA must end first.
         """
         return _EMAWeights(self, model)
+
+    def update_bn(self, loader: Iterable, model: nn.Module, **kwargs: Any) -> None:
+        """Measure the average's own BatchNorm statistics over ``loader`` (see :func:`emakit.update_bn`).
+
+        The average's parameters are swapped in, every BatchNorm layer's running statistics are
+        recomputed over one pass, stored as the average's buffers, and the training weights and their
+        statistics go back unchanged. Keyword arguments (``device``, ``inputs``) go to :func:`emakit.update_bn`.
+        """
+        self._require_average()
+        with self.ema_weights(model):
+            update_bn(loader, model, **kwargs)
+            self.shadow.keep_buffers_from_model()
 
     def remember_structure(self, model: nn.Module) -> None:
         """Keep a weightless copy of ``model``'s structure for :attr:`ema_model`; call before FSDP2 shards it.
