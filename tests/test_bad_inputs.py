@@ -437,7 +437,7 @@ def test_trainer_bad_max_duration_raises(max_duration: object) -> None:
     tracked.assert_unchanged()
 
 
-@pytest.mark.parametrize("precision", ["fp16", "amp_fp16", "bf16", "FP32", None], ids=repr)
+@pytest.mark.parametrize("precision", ["fp16", "amp_fp8", "bf16", "FP32", None], ids=repr)
 def test_trainer_unsupported_precision_raises(precision: object) -> None:
     tracked = Tracked()
     with pytest.raises(ValueError, match=re.escape(f"precision={precision!r}")) as error:

@@ -614,3 +614,48 @@ def test_evaluate_all_weights_measures_the_training_weights_and_every_average_in
 def test_evaluate_all_weights_must_be_a_bool():
     with pytest.raises(ValueError, match="evaluate_all_weights='yes'"):
         make_trainer(make_model(), evaluate_all_weights="yes")
+
+
+def test_amp_fp16_trains_like_autocast_with_a_grad_scaler_by_hand(tmp_path):
+    model, by_hand = make_model(), make_model()
+    trainer = make_trainer(
+        model,
+        "2ep",
+        precision="amp_fp16",
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.5),
+        save_folder=tmp_path,
+        save_interval="1ep",
+    )
+    trainer.fit()
+    optimizer, scaler = torch.optim.SGD(by_hand.parameters(), lr=0.5), torch.amp.GradScaler("cpu")
+    scaler_states = []
+    for _ in range(2):
+        for batch in train_loader():
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = by_hand.loss(by_hand(batch), batch)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+        scaler_states.append(dict(scaler.state_dict()))
+    assert_equal_state(snapshot(model), snapshot(by_hand))
+    for epoch, expected in enumerate(scaler_states, start=1):
+        checkpoint = torch.load(tmp_path / f"ep{epoch}-ba{6 * epoch}.pt", weights_only=True)
+        assert checkpoint["grad_scaler"] == expected
+
+
+def test_amp_fp16_resume_restores_the_grad_scaler(tmp_path):
+    whole = make_model()
+    make_trainer(whole, "3ep", precision="amp_fp16", optimizers=torch.optim.SGD(whole.parameters(), lr=0.5)).fit()
+    first = make_model()
+    make_trainer(
+        first, "1ep", precision="amp_fp16", optimizers=torch.optim.SGD(first.parameters(), lr=0.5), save_folder=tmp_path
+    ).fit()
+    resumed = make_model()
+    trainer = make_trainer(
+        resumed, "3ep", precision="amp_fp16", optimizers=torch.optim.SGD(resumed.parameters(), lr=0.5),
+        load_path=tmp_path / "ep1-ba6.pt",
+    )  # fmt: skip
+    trainer.fit()
+    assert_equal_state(snapshot(resumed), snapshot(whole))
+    assert trainer._scaler.get_scale() > 0

@@ -40,7 +40,7 @@ from emakit.trainer.sharded import load_sharded_checkpoint, save_sharded_checkpo
 
 __all__ = ["Trainer"]
 
-_PRECISIONS = ("fp32", "amp_bf16")
+_PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 _SEED_STRIDE = 1_000_003  # epoch e of a run seeded s shuffles with the permutation seeded s * _SEED_STRIDE + e
 
 
@@ -85,7 +85,8 @@ class Trainer:
             :mod:`emakit.loggers`. At each event algorithms run first, then callbacks.
         eval_interval: ``"1ep"``, ``"100ba"``, or an int of epochs.
         device: default CUDA when available, else CPU.
-        precision: ``"fp32"`` or ``"amp_bf16"`` (autocast to bfloat16 for forward and loss).
+        precision: ``"fp32"``, ``"amp_bf16"`` (autocast to bfloat16 for forward and loss) or ``"amp_fp16"``
+            (autocast to float16, with a ``torch.amp.GradScaler`` scaling the loss; its state is checkpointed).
         seed: seeds Python, NumPy and torch, and the shuffling order of each epoch.
         save_folder, save_interval: write a checkpoint every ``save_interval`` (``"1ep"``, ``"5ba"``).
         save_num_checkpoints_to_keep: delete all but the newest N checkpoints (-1: keep all).
@@ -225,6 +226,7 @@ class Trainer:
         self.autoresume = autoresume
         self.progress_bar = progress_bar
         self.evaluate_all_weights = evaluate_all_weights
+        self._scaler = torch.amp.GradScaler(device.type) if precision == "amp_fp16" else None
         self._user_sampler = getattr(train_dataloader, "sampler", None)
         self._epoch_rng: torch.Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None
@@ -233,6 +235,8 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.state.precision == "amp_bf16":
             return torch.autocast(self.state.device.type, dtype=torch.bfloat16)
+        if self.state.precision == "amp_fp16":
+            return torch.autocast(self.state.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     def fit(self) -> None:
@@ -316,11 +320,17 @@ class Trainer:
             run(Event.AFTER_FORWARD)
             state.loss = module.loss(state.outputs, state.batch)
             run(Event.AFTER_LOSS)
-        state.loss.backward()
+        scaler = self._scaler
+        (scaler.scale(state.loss) if scaler is not None else state.loss).backward()
         run(Event.AFTER_BACKWARD)
         for optimizer in state.optimizers:
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # unscales the gradients; skips the step when they hold inf/NaN
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
         for scheduler in state.schedulers:
             scheduler.step()
         loss = float(state.loss.detach())
@@ -433,6 +443,7 @@ class Trainer:
             "seed": self.seed,
             "rng": rng_state(),
             "epoch_rng": self._epoch_rng,
+            "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
         }
 
     def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -491,6 +502,8 @@ class Trainer:
         self.seed = int(checkpoint["seed"])
         self._epoch_rng = checkpoint["epoch_rng"]
         self._resume_rng = checkpoint["rng"]
+        if self._scaler is not None and checkpoint.get("grad_scaler"):
+            self._scaler.load_state_dict(checkpoint["grad_scaler"])
 
     def _load_stateful(self, checkpoint: dict[str, Any], stateful: dict[str, list[Any]]) -> None:
         unwrap(self.state.model).load_state_dict(checkpoint["model"])
