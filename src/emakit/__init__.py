@@ -1,7 +1,7 @@
 """emakit: exponential moving averages of model weights for PyTorch training."""
 
 from emakit import distributed, functional
-from emakit.algorithms import EMA
+from emakit.algorithms import EMA, PostHocEMA
 from emakit.batchnorm import update_bn
 from emakit.core import Algorithm, Callback, Event, State
 from emakit.models import Classifier
@@ -14,6 +14,7 @@ __all__ = [
     "Callback",
     "Classifier",
     "Event",
+    "PostHocEMA",
     "State",
     "Time",
     "TimeUnit",
