@@ -242,8 +242,9 @@ def synthesize(
     """The weights of a power-function EMA of width ``sigma_rel`` at step ``at`` (default: the last snapshot's).
 
     Mixes the snapshots of ``folder`` taken at or before ``at`` (of the ``sources`` sigma_rels only,
-    if given) by :func:`snapshot_coefficients`; floating-point tensors are mixed in float64 and returned
-    in their stored dtype, others taken from the latest snapshot. Keys are the model's ``state_dict``
+    if given) by :func:`snapshot_coefficients`, reading one snapshot at a time: floating-point tensors
+    are summed in float64 (memory: twice an fp32 model, plus one snapshot) and returned in their stored
+    dtype; other tensors are taken from the latest snapshot. Keys are the model's ``state_dict``
     keys: ``model.load_state_dict(synthesize(...))``.
     """
     gamma = gamma_from_sigma_rel(sigma_rel)
@@ -253,17 +254,21 @@ def synthesize(
     chosen = [(t, s, p) for t, s, p in found if 0 < t <= (at or 0) and (sources is None or s in sources)]
     if not chosen:
         raise ValueError(f"no snapshots in {str(folder)!r} at or before step {at} (sources {sources})")
-    loaded = [torch.load(p, map_location="cpu", weights_only=True) for _, _, p in chosen]
-    x = snapshot_coefficients([s["t"] for s in loaded], [s["gamma"] for s in loaded], at, gamma)
-    latest = loaded[-1]["weights"]
+    headers = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for _, _, p in chosen]  # no copy
+    x = snapshot_coefficients([h["t"] for h in headers], [h["gamma"] for h in headers], at, gamma)
+    del headers
     mixed: dict[str, torch.Tensor] = {}
-    for key, value in latest.items():
-        if value.is_floating_point():
-            total = sum(float(c) * s["weights"][key].double() for c, s in zip(x, loaded))
-            mixed[key] = total.to(value.dtype)
-        else:
-            mixed[key] = value.clone()
-    return mixed
+    dtypes: dict[str, torch.dtype] = {}
+    for coefficient, (_, _, path) in zip(x.tolist(), chosen):  # one snapshot in memory at a time
+        weights = torch.load(path, map_location="cpu", weights_only=True)["weights"]
+        for key, value in weights.items():
+            if not value.is_floating_point():
+                mixed[key] = value.clone()  # integer tensors: the latest snapshot's
+                continue
+            dtypes[key] = value.dtype
+            term = coefficient * value.double()
+            mixed[key] = term if key not in mixed else mixed[key].add_(term)
+    return {key: value.to(dtypes[key]) if key in dtypes else value for key, value in mixed.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
