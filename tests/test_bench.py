@@ -145,3 +145,12 @@ def test_layouts_are_those_of_the_design() -> None:
     with torch.device("meta"):
         resnet = ResNet18()
     assert sum(p.numel() for p in resnet.parameters()) == 11_689_512
+
+
+def test_quick_bench_measures_posthoc_update_snapshots_and_synthesis(results: dict) -> None:
+    posthoc = results["posthoc"]
+    assert posthoc["snapshots"] == 8
+    assert posthoc["update_ratio"] == posthoc["posthoc_update_s"] / posthoc["ema_update_s"] > 0
+    # a snapshot holds the weights (fp32, as the model) and a few counters: about the model's bytes
+    assert posthoc["model_bytes"] <= posthoc["snapshot_bytes"] < 1.2 * posthoc["model_bytes"] + 4096
+    assert posthoc["synthesis_s"] > 0 and posthoc["snapshot_write_s"] > 0

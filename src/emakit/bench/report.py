@@ -124,6 +124,33 @@ def summary_tables(results: dict[str, Any]) -> str:
         "swap's temporaries, parked buffers; from the profiler's allocation events) vs the model's bytes\n"
         f"{memory}",
     ]
+    posthoc = results.get("posthoc")
+    if posthoc:
+        table = format_table(
+            [
+                "layout",
+                "model MB",
+                "update / one EMA's",
+                "snapshot ms",
+                "snapshot / model bytes",
+                "synthesis ms/snapshot",
+            ],
+            [
+                [
+                    posthoc["layout"],
+                    f"{posthoc['model_bytes'] / 1e6:.2f}",
+                    f"{posthoc['update_ratio']:.2f}",
+                    _ms(posthoc["snapshot_write_s"]),
+                    f"{posthoc['snapshot_bytes'] / posthoc['model_bytes']:.3f}",
+                    _ms(posthoc["synthesis_s_per_snapshot"]),
+                ]
+            ],
+        )
+        parts.append(
+            f"== posthoc: PostHocEMA(sigma_rels={tuple(posthoc['sigma_rels'])}) — its update against one EMA's "
+            "(round-robin medians), one snapshot's write time and file size, and synthesis from "
+            f"{posthoc['snapshots']} snapshots (one in memory at a time), per snapshot\n{table}"
+        )
     attach = results.get("attach_memory")
     if attach:
         limit = f"target {targets.ATTACH_MEMORY.op} {targets.ATTACH_MEMORY.limit:g}"
