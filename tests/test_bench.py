@@ -154,3 +154,10 @@ def test_quick_bench_measures_posthoc_update_snapshots_and_synthesis(results: di
     # a snapshot holds the weights (fp32, as the model) and a few counters: about the model's bytes
     assert posthoc["model_bytes"] <= posthoc["snapshot_bytes"] < 1.2 * posthoc["model_bytes"] + 4096
     assert posthoc["synthesis_s"] > 0 and posthoc["snapshot_write_s"] > 0
+
+
+def test_quick_bench_times_several_averages_against_one_and_against_separate_emas(results: dict) -> None:
+    several = results["several"]
+    assert several["averages"] == 3
+    assert several["several_vs_one"] == several["several_s"] / several["one_s"] > 0
+    assert several["separate_vs_one"] == several["separate_s"] / several["one_s"] > 0

@@ -659,3 +659,15 @@ def test_amp_fp16_resume_restores_the_grad_scaler(tmp_path):
     trainer.fit()
     assert_equal_state(snapshot(resumed), snapshot(whole))
     assert trainer._scaler.get_scale() > 0
+
+
+def test_one_ema_with_several_half_lives_is_evaluated_under_each_label():
+    ema = EMA(half_life=("3ba", "9ba"))
+    model = make_model()
+    trainer = make_trainer(model, "1ep", eval_dataloader=eval_loader(), algorithms=[ema], evaluate_all_weights=True)
+    trainer.fit()
+    last = trainer.state.eval_history[-1]
+    for index, label in enumerate(("ema@3ba", "ema@9ba")):
+        with ema.ema_weights(model, index=index):
+            assert last[f"loss/{label}"] == pytest.approx(manual_eval(model, eval_loader())["loss"], rel=1e-5)
+    assert last["loss"] == last["loss/ema@3ba"]  # the default evaluation: the first average

@@ -51,12 +51,17 @@ from emakit.tracked import (
     weightless_copy,
 )
 
-__all__ = ["ShadowWeights", "resolve_ema_dtype"]
+__all__ = ["ShadowWeights", "resolve_ema_dtype", "swapped_into"]
 
 # Per model, the averages swapped into it, innermost last: swaps must nest.
 _swaps: weakref.WeakKeyDictionary[nn.Module, list[ShadowWeights]] = weakref.WeakKeyDictionary()
 # Per model, the flatten_model average its tensors are bound to: a model's tensors live in one place.
 _bound: weakref.WeakKeyDictionary[nn.Module, ShadowWeights] = weakref.WeakKeyDictionary()
+
+
+def swapped_into(model: nn.Module) -> list[ShadowWeights]:
+    """The averages swapped into ``model`` now, innermost last."""
+    return list(_swaps.get(unwrap(model), []))
 
 
 def resolve_ema_dtype(ema_dtype: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:

@@ -29,7 +29,7 @@ from emakit.core.state import State
 from emakit.export import save_ema_state
 from emakit.functional import check_smoothing, check_warmup, smoothing_from_half_life, warmup_smoothing
 from emakit.loggers import Logger
-from emakit.shadow import ShadowWeights
+from emakit.shadow import ShadowWeights, swapped_into
 from emakit.time import Time, TimeUnit, as_time
 from emakit.tracked import Selection
 
@@ -114,30 +114,39 @@ class EMA(Algorithm):
             raise ValueError(f"pass exactly one of half_life={half_life!r} and smoothing={smoothing!r}, not both")
         if smoothing is None and half_life is None:
             raise ValueError("pass one of half_life (e.g. '100ba') or smoothing (e.g. 0.999)")
+        given = smoothing if smoothing is not None else half_life
+        values = list(given) if isinstance(given, (tuple, list)) else [given]
+        if not values:
+            raise ValueError(f"{'smoothing' if smoothing is not None else 'half_life'}={given!r} is empty")
         if smoothing is not None:
             interval = self._check_interval(update_interval if update_interval is not None else "1ba")
-            self.half_life = None
-            self.smoothing = check_smoothing(smoothing, low_inclusive=False, high_inclusive=False)
+            self.half_lives = None
+            self.smoothings = tuple(check_smoothing(v, low_inclusive=False, high_inclusive=False) for v in values)
         else:
-            self.half_life = as_time(half_life, name="half_life")
-            if self.half_life.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or self.half_life.value <= 0:
+            self.half_lives = tuple(as_time(v, name="half_life") for v in values)
+            if any(h.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or h.value <= 0 for h in self.half_lives):
                 raise ValueError(f"half_life={half_life!r} must be > 0 and in 'ba' or 'ep', e.g. '100ba'")
-            interval = self._check_interval(
-                update_interval if update_interval is not None else Time(1, self.half_life.unit)
-            )
-            if interval.unit is not self.half_life.unit:
+            if len({h.unit for h in self.half_lives}) != 1:
+                raise ValueError(f"half_life={half_life!r}: several half-lives must share a unit")
+            unit = self.half_lives[0].unit
+            interval = self._check_interval(update_interval if update_interval is not None else Time(1, unit))
+            if interval.unit is not unit:
                 raise ValueError(f"update_interval={update_interval!r} and half_life={half_life!r} must share a unit")
-            self.smoothing = smoothing_from_half_life(self.half_life.value, interval.value)
-            if not 0 < self.smoothing < 1:
+            self.smoothings = tuple(smoothing_from_half_life(h.value, interval.value) for h in self.half_lives)
+            if not all(0 < s < 1 for s in self.smoothings):
                 raise ValueError(
                     f"update_interval={update_interval!r} over half_life={half_life!r} gives smoothing "
-                    f"{self.smoothing!r}, outside (0, 1)"
+                    f"{self.smoothings!r}, outside (0, 1)"
                 )
+        if len(set(self.smoothings)) != len(self.smoothings):
+            raise ValueError(f"{given!r} repeats an average: give each once")
+        self.half_life = self.half_lives[0] if self.half_lives else None  # of the first average
+        self.smoothing = self.smoothings[0]
         self.update_interval = interval
         self.warmup = check_warmup(warmup)
         self.min_smoothing = check_smoothing(min_smoothing, high_inclusive=False, name="min_smoothing")
-        if self.min_smoothing > self.smoothing:
-            raise ValueError(f"min_smoothing={min_smoothing!r} must not exceed the smoothing {self.smoothing!r}")
+        if self.min_smoothing > min(self.smoothings):
+            raise ValueError(f"min_smoothing={min_smoothing!r} must not exceed the smoothing {min(self.smoothings)!r}")
         self.last_smoothing: float | None = None  # the smoothing of the last averaging update (with warmup)
         self.ema_start = as_time(ema_start, name="ema_start")
         for name, flag in (("train_with_ema_weights", train_with_ema_weights), ("skip_nonfinite", skip_nonfinite)):
@@ -146,13 +155,12 @@ class EMA(Algorithm):
         self.train_with_ema_weights = train_with_ema_weights
         self.skip_nonfinite = skip_nonfinite
         self.num_skipped = 0  # update events skipped because the weights held NaN or Inf
-        self.shadow = ShadowWeights(
-            ema_dtype=ema_dtype,
-            ema_device=ema_device,
-            async_update=async_update,
-            flatten_model=flatten_model,
-            selection=Selection.of(include, exclude, trainable_only, buffers),
-        )
+        selection = Selection.of(include, exclude, trainable_only, buffers)
+        self.shadows = [  # one per average; only the first may bind the model (flatten_model)
+            ShadowWeights(ema_dtype, ema_device, async_update, flatten_model and index == 0, selection)
+            for index in range(len(self.smoothings))
+        ]
+        self.shadow = self.shadows[0]
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
@@ -165,7 +173,12 @@ class EMA(Algorithm):
         return interval
 
     def __repr__(self) -> str:
-        rate = f"half_life='{self.half_life}'" if self.half_life is not None else f"smoothing={self.smoothing}"
+        if self.half_lives is not None:
+            rate = "half_life=" + (
+                f"'{self.half_life}'" if len(self.half_lives) == 1 else str(tuple(map(str, self.half_lives)))
+            )
+        else:
+            rate = f"smoothing={self.smoothing if len(self.smoothings) == 1 else self.smoothings}"
         return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
 
     # ------------------------------------------------------------ the schedule
@@ -183,10 +196,15 @@ class EMA(Algorithm):
             )
             return False
         if self.started:
-            self.last_smoothing = warmup_smoothing(self.smoothing, self.num_updates, self.warmup, self.min_smoothing)
-            self.shadow.update(model, 1.0 - self.last_smoothing)
+            used = [warmup_smoothing(s, self.num_updates, self.warmup, self.min_smoothing) for s in self.smoothings]
+            for shadow, smoothing in zip(
+                self.shadows, used
+            ):  # each reads the weights: about 1x one average's time each
+                shadow.update(model, 1.0 - smoothing)
+            self.last_smoothing = used[0]
         else:
-            self.shadow.copy_from_model(model)
+            for shadow in self.shadows:
+                shadow.copy_from_model(model)
             self.started = True
         self.num_updates += 1
         if self.train_with_ema_weights:
@@ -226,21 +244,33 @@ class EMA(Algorithm):
                 f"('{self.ema_start}') yet, so there are no EMA weights"
             )
 
-    def get_ema_model(self, model: nn.Module) -> nn.Module:
-        """Put the EMA weights into ``model`` (swapping, not copying, where dtypes agree) and return it."""
+    def _average(self, index: int) -> ShadowWeights:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.shadows):
+            raise ValueError(f"index={index!r} must be an int in [0, {len(self.shadows)}): this EMA keeps that many")
+        return self.shadows[index]
+
+    @property
+    def swapped(self) -> bool:
+        """Whether one of this EMA's averages is in the model now."""
+        return any(shadow.swapped for shadow in self.shadows)
+
+    def get_ema_model(self, model: nn.Module, index: int = 0) -> nn.Module:
+        """Put average ``index`` into ``model`` and return it (see :meth:`ema_weights`)."""
+        shadow = self._average(index)
         self._require_average()
-        if not self.shadow.swapped:
-            self.shadow.swap_in(model)
+        if not shadow.swapped:
+            shadow.swap_in(model)
         return model
 
     def get_training_model(self, model: nn.Module) -> nn.Module:
         """Put ``model``'s training weights back (bit for bit) and return it."""
-        if self.shadow.swapped:
-            self.shadow.swap_out(model)
+        for shadow in swapped_into(model)[::-1]:
+            if any(shadow is mine for mine in self.shadows):
+                shadow.swap_out(model)
         return model
 
-    def ema_weights(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-        """Inside the block ``model`` holds the EMA weights; on exit, even by exception, its own again.
+    def ema_weights(self, model: nn.Module, index: int = 0) -> contextlib.AbstractContextManager[nn.Module]:
+        """Inside the block ``model`` holds average ``index`` (the first by default); on exit its own weights again.
 
         On exit the training weights are back bit for bit and the average is as it was: buffers
         (BatchNorm statistics a train-mode forward updates) are restored from a copy, and a
@@ -248,7 +278,7 @@ class EMA(Algorithm):
         across the block's edges raises (the swap is an in-place change of the parameters).
         Swaps nest: an inner block of another EMA must end first.
         """
-        return _EMAWeights(self, model)
+        return _EMAWeights(self, model, self._average(index))
 
     def update_bn(self, loader: Iterable, model: nn.Module, **kwargs: Any) -> None:
         """Measure the average's own BatchNorm statistics over ``loader`` (see :func:`emakit.update_bn`).
@@ -258,16 +288,18 @@ class EMA(Algorithm):
         statistics go back unchanged. Keyword arguments (``device``, ``inputs``) go to :func:`emakit.update_bn`.
         """
         self._require_average()
-        with self.ema_weights(model):
-            update_bn(loader, model, **kwargs)
-            self.shadow.keep_buffers_from_model()
+        for index, shadow in enumerate(self.shadows):  # every average gets statistics of its own
+            with self.ema_weights(model, index):
+                update_bn(loader, model, **kwargs)
+                shadow.keep_buffers_from_model()
 
     def remember_structure(self, model: nn.Module) -> None:
         """Keep a weightless copy of ``model``'s structure for :attr:`ema_model`; call before FSDP2 shards it.
 
         The Trainer does this itself when it shards the model (``parallelism="fsdp"``).
         """
-        self.shadow.remember_structure(model)
+        for shadow in self.shadows:
+            shadow.remember_structure(model)
 
     @property
     def ema_model(self) -> nn.Module:
@@ -279,32 +311,46 @@ class EMA(Algorithm):
         model it is instead a plain module holding the gathered average, made at each access
         (collective: read it on every rank).
         """
+        return self.ema_model_at(0)
+
+    def ema_model_at(self, index: int) -> nn.Module:
+        """:attr:`ema_model` of average ``index`` (several half-lives: in the order given)."""
+        shadow = self._average(index)
         self._require_average()
-        model = self.shadow.attached_model()
+        model = shadow.attached_model()
         if model is None:
             raise RuntimeError("the EMA has not seen its model yet: call get_ema_model(model) instead")
-        return self.shadow.module(model)
+        return shadow.module(model)
 
     @contextlib.contextmanager
     def training_weights(self, state: State) -> Iterator[None]:
         """Inside, ``state.model`` holds its training weights, even during an evaluation."""
-        swapped = self.shadow.swapped
-        if swapped:
-            self.shadow.swap_out(state.model)
+        swapped = [shadow for shadow in swapped_into(state.model) if any(shadow is mine for mine in self.shadows)]
+        for shadow in reversed(swapped):
+            shadow.swap_out(state.model)
         try:
             yield
         finally:
-            if swapped:
-                self.shadow.swap_in(state.model)
+            for shadow in swapped:
+                shadow.swap_in(state.model)
+
+    @property
+    def labels(self) -> list[str]:
+        """A short name per average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
+        if self.half_lives is not None:
+            return [f"ema@{h}" for h in self.half_lives]
+        return [f"ema@{s:g}" for s in self.smoothings]
 
     @property
     def label(self) -> str:
-        """A short name of this average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
-        return f"ema@{self.half_life}" if self.half_life is not None else f"ema@{self.smoothing:g}"
+        """The first average's :attr:`labels` entry."""
+        return self.labels[0]
 
     def evaluation_weights(self, state: State) -> dict[str, contextlib.AbstractContextManager]:
-        """The average, once it has started, under :attr:`label`."""
-        return {self.label: self.ema_weights(state.model)} if self.started else {}
+        """Every average, once they have started, under its label."""
+        if not self.started:
+            return {}
+        return {label: self.ema_weights(state.model, i) for i, label in enumerate(self.labels)}
 
     # --------------------------------------------------------------- trainer
     def match(self, event: Event, state: State) -> bool:
@@ -316,13 +362,13 @@ class EMA(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.INIT:
             if state.parallelism == "fsdp":  # FSDP refuses deepcopy: ema_model is built from this weightless copy
-                self.shadow.remember_structure(state.model)
+                self.remember_structure(state.model)
         elif event is Event.BEFORE_LOAD:  # allocate now: a sharded checkpoint is loaded into the average in place
-            self.shadow.attach(state.model)
+            self.attach(state.model)
         elif event is Event.FIT_START:
             self._check_start(state)
             if self.started:  # resumed: bind the model now, so ema_model and exports work before the next update
-                self.shadow.attach(state.model)
+                self.attach(state.model)
         elif event is Event.EVAL_START:
             self.get_ema_model(state.model)
         elif event is Event.EVAL_END:
@@ -355,16 +401,23 @@ class EMA(Algorithm):
             "batches_seen": self.batches_seen,
             "num_skipped": self.num_skipped,
             "last_smoothing": self.last_smoothing,
-            "weights": self.shadow.state_dict(),
+            "weights": self.shadow.state_dict(),  # the first average
+            "more_weights": [shadow.state_dict() for shadow in self.shadows[1:]],  # the others, in order
             "state_dict_keys": dict(self.shadow.state_dict_keys),
         }
 
-    def save_ema_weights(self, path: str | Path) -> Path:
-        """Write the EMA weights to ``path`` as safetensors, keyed like the model's ``state_dict``.
+    def attach(self, model: nn.Module) -> None:
+        """Lay every average out for ``model`` now (allocating it) rather than at the first update."""
+        for shadow in self.shadows:
+            shadow.attach(model)
+
+    def save_ema_weights(self, path: str | Path, index: int = 0) -> Path:
+        """Write average ``index``'s weights to ``path`` as safetensors, keyed like the model's ``state_dict``.
 
         The file loads into a plain model: ``model.load_state_dict(safetensors.torch.load_file(path))``.
         """
-        return save_ema_state(self.state_dict(), path)
+        shadow = self._average(index)
+        return save_ema_state({**self.state_dict(), "weights": shadow.state_dict()}, path)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
@@ -375,9 +428,13 @@ class EMA(Algorithm):
             raise ValueError(f"EMA state lacks {sorted(missing)}")
         if state["started"] and not state["weights"]:
             raise ValueError("EMA state says the average started but holds no weights")
-        self.shadow.load_state_dict(state["weights"])
-        if self.shadow.attached_model() is None:
-            self.shadow.state_dict_keys = dict(state.get("state_dict_keys") or {})
+        more = state.get("more_weights", [])
+        if len(more) != len(self.shadows) - 1:
+            raise ValueError(f"EMA state holds {1 + len(more)} averages; this EMA keeps {len(self.shadows)}")
+        for shadow, weights in zip(self.shadows, [state["weights"], *more]):
+            shadow.load_state_dict(weights)
+            if shadow.attached_model() is None:
+                shadow.state_dict_keys = dict(state.get("state_dict_keys") or {})
         self.started = bool(state["started"])
         self.num_updates = int(state["num_updates"])
         self.batches_seen = int(state["batches_seen"])
@@ -388,13 +445,16 @@ class EMA(Algorithm):
 class _EMAWeights(contextlib.AbstractContextManager):
     """``with ema.ema_weights(model):`` — a plain class rather than a generator: cheaper to enter and leave."""
 
-    def __init__(self, ema: EMA, model: nn.Module) -> None:
-        self.ema, self.model = ema, model
+    def __init__(self, ema: EMA, model: nn.Module, shadow: ShadowWeights) -> None:
+        self.ema, self.model, self.shadow = ema, model, shadow
 
     def __enter__(self) -> nn.Module:
-        self.already_in = self.ema.shadow.swapped
-        return self.ema.get_ema_model(self.model)
+        self.ema._require_average()
+        self.already_in = self.shadow.swapped
+        if not self.already_in:
+            self.shadow.swap_in(self.model)
+        return self.model
 
     def __exit__(self, *exc_info: object) -> None:
         if not self.already_in:
-            self.ema.get_training_model(self.model)
+            self.shadow.swap_out(self.model)

@@ -35,8 +35,8 @@ import torch
 from emakit.bench.layouts import LAYOUTS
 from emakit.bench.measure import bench_attach_memory, bench_eval_memory, bench_swap, bench_trainer, bench_updates
 from emakit.bench.peers import IMPLEMENTATIONS, import_error
-from emakit.bench.posthoc import bench_posthoc
 from emakit.bench.report import layout_table, machine, summary_tables
+from emakit.bench.variants import bench_posthoc, bench_several
 
 __all__ = ["IMPLEMENTATIONS", "LAYOUTS", "add_arguments", "import_error", "main", "run"]
 
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         results["layouts"][name] = _bench_layout(name, args)
         print(layout_table(name, results["layouts"][name], args) + "\n", flush=True)
     first = args.layouts[0]
+    results["several"] = bench_several(first, LAYOUTS[first](args.quick).to(args.device), args)
     results["posthoc"] = bench_posthoc(first, LAYOUTS[first](args.quick).to(args.device), args)
     if args.attach:
         results["attach_memory"] = bench_attach_memory(args)

@@ -124,6 +124,23 @@ def summary_tables(results: dict[str, Any]) -> str:
         "swap's temporaries, parked buffers; from the profiler's allocation events) vs the model's bytes\n"
         f"{memory}",
     ]
+    several = results.get("several")
+    if several:
+        table = format_table(
+            ["layout", "one EMA ms", f"{several['averages']} averages in one EMA", f"{several['averages']} EMAs"],
+            [
+                [
+                    several["layout"],
+                    _ms(several["one_s"]),
+                    f"{_ms(several['several_s'])} ({several['several_vs_one']:.2f}x)",
+                    f"{_ms(several['separate_s'])} ({several['separate_vs_one']:.2f}x)",
+                ]
+            ],
+        )
+        parts.append(
+            "== several: EMA(smoothing=(0.99, 0.999, 0.9999)) against one EMA and three EMAs, round-robin medians "
+            f"(each average reads the weights: no single pass for all yet)\n{table}"
+        )
     posthoc = results.get("posthoc")
     if posthoc:
         table = format_table(

@@ -71,7 +71,7 @@ class EMACallback(pl.Callback):
 
     # ------------------------------------------------------------- training
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ema.shadow.attach(pl_module)  # the module is on its device now; a resumed average applies here
+        self.ema.attach(pl_module)  # the module is on its device now; a resumed average applies here
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -101,7 +101,7 @@ class EMACallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """A checkpoint written while the average is swapped in (from inside evaluation) gets the training weights."""
-        if self.ema.shadow.swapped:
+        if self.ema.swapped:
             self.ema.get_training_model(pl_module)
             try:
                 checkpoint["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}

@@ -180,7 +180,7 @@ class EMATrainerMixin:
             isinstance(dataset, dict)  # Trainer.evaluate calls evaluate once per dataset: each lands below
             or self.ema_eval == "training"
             or not self.ema.started
-            or self.ema.shadow.swapped  # called inside ema_weights(...): evaluate what the model holds
+            or self.ema.swapped  # called inside ema_weights(...): evaluate what the model holds
         ):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         with self.ema.ema_weights(self.model):

@@ -1,4 +1,4 @@
-"""Post-hoc EMA's costs: its update against one EMA's, a snapshot's time and size, a synthesis's time."""
+"""The averaging variants' costs: several averages in one EMA, and post-hoc EMA (update, snapshots, synthesis)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,41 @@ from emakit.algorithms.posthoc import snapshots_in, synthesize
 from emakit.bench.measure import model_bytes, time_round_robin
 from emakit.bench.peers import SMOOTHING
 
-__all__ = ["bench_posthoc"]
+__all__ = ["bench_posthoc", "bench_several"]
 
 SIGMA_RELS = (0.05, 0.10)
+SEVERAL = (0.99, 0.999, 0.9999)
+
+
+def bench_several(name: str, template: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """``EMA(smoothing=SEVERAL)`` (three averages) against one EMA and against three EMAs, round-robin medians."""
+    import copy
+
+    models = [copy.deepcopy(template) for _ in range(3)]
+    one, several, separate = EMA(smoothing=SMOOTHING), EMA(smoothing=SEVERAL), [EMA(smoothing=s) for s in SEVERAL]
+    one.update(models[0])
+    several.update(models[1])
+    for ema in separate:
+        ema.update(models[2])
+    times = time_round_robin(
+        {
+            "one": lambda: one.update(models[0]),
+            "several": lambda: several.update(models[1]),
+            "separate": lambda: [ema.update(models[2]) for ema in separate],
+        },
+        args.repeats,
+        args.warmup,
+        args.device,
+    )
+    return {
+        "layout": name,
+        "averages": len(SEVERAL),
+        **{f"{key}_s": value for key, value in times.items()},
+        "several_vs_one": times["several"] / times["one"],
+        "separate_vs_one": times["separate"] / times["one"],
+    }
+
+
 SNAPSHOTS = 4  # per sigma_rel
 
 

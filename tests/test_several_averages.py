@@ -1,0 +1,104 @@
+"""One EMA keeping several averages (several half-lives), against single EMAs and the float64 closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from closed_form import ClosedForm
+from safetensors.torch import load_file
+from torch import nn
+
+from emakit import EMA
+
+SMOOTHINGS = (0.5, 0.8, 0.95)
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+
+
+def train(model: nn.Module, emas: list[EMA], steps: int = 5) -> list[dict[str, torch.Tensor]]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(1)
+    history = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, generator=gen)).square().mean().backward()
+        optimizer.step()
+        history.append({k: v.detach().double().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
+        for ema in emas:
+            ema.update(model)
+    return history
+
+
+def test_each_average_equals_a_single_ema_and_its_closed_form():
+    model = make_model()
+    several, singles = EMA(smoothing=SMOOTHINGS), [EMA(smoothing=s) for s in SMOOTHINGS]
+    history = train(model, [several, *singles])
+    for index, (single, smoothing) in enumerate(zip(singles, SMOOTHINGS)):
+        reference = ClosedForm(smoothing)
+        for weights in history:
+            reference.update(weights)
+        average = several.ema_model_at(index).state_dict()
+        for name, value in single.ema_model.state_dict().items():
+            assert torch.equal(average[name], value), (index, name)
+            if value.is_floating_point():
+                torch.testing.assert_close(average[name].double(), reference.ema[name], rtol=1e-5, atol=1e-6)
+
+
+def test_ema_weights_and_exports_by_index(tmp_path):
+    model = make_model()
+    ema = EMA(half_life=("2ba", "8ba"))
+    train(model, [ema])
+    training = {k: v.clone() for k, v in model.state_dict().items()}
+    for index in (0, 1):
+        with ema.ema_weights(model, index=index):
+            for name, value in ema.ema_model_at(index).state_dict().items():
+                assert torch.equal(model.state_dict()[name], value), name
+        saved = load_file(ema.save_ema_weights(tmp_path / f"{index}.safetensors", index=index))
+        assert all(torch.equal(saved[k], v) for k, v in ema.ema_model_at(index).state_dict().items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in training.items())
+    assert ema.labels == ["ema@2ba", "ema@8ba"]
+    with pytest.raises(ValueError, match=r"index=2 must be an int in \[0, 2\)"):
+        ema.ema_weights(model, index=2)
+
+
+def test_state_resumes_every_average_exactly():
+    model = make_model()
+    whole = EMA(smoothing=SMOOTHINGS, warmup="tf")
+    history_model = make_model()
+    train(history_model, [whole], steps=8)
+    first = EMA(smoothing=SMOOTHINGS, warmup="tf")
+    train(model, [first], steps=4)
+    resumed = EMA(smoothing=SMOOTHINGS, warmup="tf")
+    resumed.load_state_dict(first.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):  # the same batches as steps 1-4 of train(): draw them, then continue with steps 5-8
+        torch.randn(8, 4, generator=gen)
+    for _ in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, generator=gen)).square().mean().backward()
+        optimizer.step()
+        resumed.update(model)
+    # the optimizer restarted (plain SGD keeps no state), so the weights match step for step
+    for index in range(3):
+        a, b = whole.ema_model_at(index).state_dict(), resumed.ema_model_at(index).state_dict()
+        assert all(torch.equal(a[k], v) for k, v in b.items()), index
+    with pytest.raises(ValueError, match="holds 3 averages; this EMA keeps 1"):
+        EMA(smoothing=0.5).load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"smoothing": (0.9, 0.9)}, "repeats"),
+        ({"smoothing": ()}, "is empty"),
+        ({"half_life": ("10ba", "1ep")}, "share a unit"),
+        ({"half_life": ("10ba", "0ba")}, "must be > 0"),
+    ],
+)
+def test_bad_sets_of_averages_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EMA(**kwargs)
