@@ -6,26 +6,16 @@ import os
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from test_integration_lightning import StepRecorder, TinyModule, loader
+from test_integration_lightning import StepRecorder, TinyModule, loader, make_trainer
 
 from emakit.integrations.lightning import EMACallback
 
 
 def main(out: str) -> None:
     recorder, ema = StepRecorder(), EMACallback(smoothing=0.8)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=out,
-        callbacks=[recorder, ema],
+    trainer = make_trainer(
+        Path(out), [recorder, ema], devices=2, strategy="ddp", max_epochs=1, enable_checkpointing=False
     )
     trainer.fit(TinyModule(batchnorm=False), loader(1, n=96))
     rank = trainer.global_rank

@@ -70,16 +70,17 @@ class StepRecorder(pl.Callback):
 
 
 def make_trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
+    """A quiet CPU trainer (one device unless ``devices`` is given; deterministic unless told otherwise)."""
     kwargs.setdefault("max_epochs", 2)
+    kwargs.setdefault("devices", 1)
+    kwargs.setdefault("deterministic", True)
     return pl.Trainer(
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=callbacks,
-        deterministic=True,
         **kwargs,
     )
 
