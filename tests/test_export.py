@@ -346,7 +346,7 @@ def test_an_ema_start_beyond_max_duration_warns_at_fit_start(ema_start, max_dura
 
 @pytest.mark.parametrize("ema_start", ["10ba", "8ba", "0.9dur", "2ep"])
 def test_an_ema_start_within_max_duration_does_not_warn(ema_start):
-    ema = EMA(half_life="2ba", ema_start=ema_start)
+    ema = EMA(smoothing=0.001, ema_start=ema_start)  # short enough for the one batch it may average
     trainer = Trainer(make_classifier(), loader(), "10ba", algorithms=[ema], progress_bar=False, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

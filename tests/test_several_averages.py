@@ -47,6 +47,49 @@ def test_each_average_equals_a_single_ema_and_its_closed_form():
                 torch.testing.assert_close(average[name].double(), reference.ema[name], rtol=1e-5, atol=1e-6)
 
 
+class Wide(nn.Module):
+    """A weight of 1.4 MB with an odd size, a channels_last conv, BatchNorm buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Linear(701, 501)
+        self.conv = nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last)
+        self.norm = nn.BatchNorm1d(501)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.wide(x)).sum() + self.conv(x[:, :75].reshape(-1, 3, 5, 5)).sum()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"flatten_model": True}, {"ema_dtype": torch.float64}, {"buffers": "copy"}],
+    ids=["default", "flatten_model", "cast", "copied_buffers"],
+)
+def test_several_averages_equal_separate_emas_bit_for_bit_in_every_mode(options):
+    torch.manual_seed(0)
+    model = Wide()
+    several = EMA(smoothing=SMOOTHINGS, **options)
+    singles = [EMA(smoothing=s, ema_dtype=options.get("ema_dtype", "auto")) for s in SMOOTHINGS]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = [ClosedForm(s) for s in SMOOTHINGS]
+    for step in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(6, 701, generator=torch.Generator().manual_seed(step))).backward()
+        optimizer.step()
+        weights = {k: v.detach().double().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        for ema, closed_form in zip([several, *singles], [None, *reference]):
+            ema.update(model)
+            if closed_form is not None:
+                closed_form.update(weights)
+    for index, single in enumerate(singles):
+        average = several.ema_model_at(index).state_dict()
+        for name, value in single.ema_model.state_dict().items():
+            if options.get("buffers") == "copy" and name in dict(model.named_buffers()):
+                value = model.state_dict()[name]
+            assert torch.equal(average[name], value), (index, name)
+        torch.testing.assert_close(average["wide.weight"].double(), reference[index].ema["wide.weight"])
+
+
 def test_ema_weights_and_exports_by_index(tmp_path):
     model = make_model()
     ema = EMA(half_life=("2ba", "8ba"))

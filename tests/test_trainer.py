@@ -7,6 +7,7 @@ callbacks run after algorithms, so they see the weights the EMA just averaged.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -671,3 +672,29 @@ def test_one_ema_with_several_half_lives_is_evaluated_under_each_label():
         with ema.ema_weights(model, index=index):
             assert last[f"loss/{label}"] == pytest.approx(manual_eval(model, eval_loader())["loss"], rel=1e-5)
     assert last["loss"] == last["loss/ema@3ba"]  # the default evaluation: the first average
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "max_duration", "expected"),
+    [
+        ({"half_life": ("2ba", "50ba")}, "100ba", {"ema@50ba": 0.5 ** (100 / 50)}),  # 2ba: 2e-15, quiet
+        ({"smoothing": 0.99, "ema_start": "20ba"}, "100ba", {"ema@0.99": 0.99**80}),  # by smoothing, late start
+        ({"half_life": "1ep"}, "3ep", {"ema@1ep": 0.5**3}),  # in epochs
+    ],
+)
+def test_a_half_life_too_long_for_the_run_warns_with_the_first_weights_share(kwargs, max_duration, expected):
+    trainer = make_trainer(make_model(), max_duration, algorithms=[EMA(**kwargs)])
+    with pytest.warns(UserWarning, match="too few for the half-life") as caught:
+        trainer.fit()
+    message = str(next(w.message for w in caught if "half-life" in str(w.message)))
+    for label, share in expected.items():
+        assert f"{label} (" in message and f"ends holding {share:.0%}" in message
+    assert "ema@2ba" not in message
+
+
+@pytest.mark.parametrize("kwargs", [{"half_life": "2ba"}, {"half_life": "1000ba", "warmup": "tf"}])
+def test_a_short_half_life_or_a_warmup_does_not_warn(kwargs):
+    trainer = make_trainer(make_model(), "100ba", algorithms=[EMA(**kwargs)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.fit()

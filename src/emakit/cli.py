@@ -1,4 +1,4 @@
-"""The ``emakit`` command: ``demo`` (the main job), ``bench`` (update speed), ``export`` (EMA weights), ``posthoc``."""
+"""The ``emakit`` command: ``demo`` (the main job), ``bench``, ``evidence``, ``export``, ``posthoc``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emakit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from emakit import bench, demo, export
+    from emakit import bench, demo, evidence, export
     from emakit.algorithms import posthoc
 
-    subcommands = {"demo": demo, "bench": bench, "export": export, "posthoc": posthoc}
+    subcommands = {"demo": demo, "bench": bench, "evidence": evidence, "export": export, "posthoc": posthoc}
     for name, module in subcommands.items():
         module.add_arguments(commands.add_parser(name, help=module.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)

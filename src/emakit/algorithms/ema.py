@@ -14,6 +14,7 @@ With ``train_with_ema_weights=True`` the training weights are then set to ``ema`
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from emakit.tracked import Selection
 __all__ = ["EMA"]
 
 _STATE_VERSION = 1
+INITIAL_SHARE_WARNING = 0.01  # a Trainer warns when the first weights keep more of the final average
 
 
 class _DefaultHalfLife(str):
@@ -387,6 +389,26 @@ class EMA(Algorithm):
             warnings.warn(
                 f"EMA ema_start='{self.ema_start}' lies beyond max_duration='{state.max_duration}': "
                 "the average will never start",
+                stacklevel=2,
+            )
+        interval = state.in_batches(self.update_interval)
+        if start is None or end is None or interval is None or end <= start or self.warmup is not None:
+            return
+        averaged = end - start
+        too_long = [  # (label, half-life in batches, the first weights' share of the average at the end)
+            (label, half_life, 0.5 ** (averaged / half_life))
+            for label, half_life in zip(self.labels, (interval * math.log(0.5) / math.log(s) for s in self.smoothings))
+            if 0.5 ** (averaged / half_life) > INITIAL_SHARE_WARNING
+        ]
+        if too_long:
+            details = "; ".join(
+                f"{label} ({h:.0f} batches, {h / averaged:.0%} of the run) ends holding {share:.0%}"
+                for label, h, share in too_long
+            )
+            warnings.warn(
+                f"EMA: {averaged:.0f} batches are averaged, too few for the half-life: {details} of the "
+                "weights it started from. Half-lives of 1-5% of the run did best (docs/evidence.md): "
+                "pass a shorter half_life, or warmup='tf'",
                 stacklevel=2,
             )
 
