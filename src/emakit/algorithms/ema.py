@@ -394,20 +394,16 @@ class EMA(Algorithm):
         interval = state.in_batches(self.update_interval)
         if start is None or end is None or interval is None or end <= start or self.warmup is not None:
             return
-        averaged = end - start
-        too_long = [  # (label, half-life in batches, the first weights' share of the average at the end)
-            (label, half_life, 0.5 ** (averaged / half_life))
-            for label, half_life in zip(self.labels, (interval * math.log(0.5) / math.log(s) for s in self.smoothings))
-            if 0.5 ** (averaged / half_life) > INITIAL_SHARE_WARNING
+        averaged = end - start  # the first weights keep smoothing ** (averaged / interval) of the final average
+        too_long = [
+            f"{label} ({math.log(0.5) / math.log(s) * interval:.0f} batches) ends holding {share:.0%}"
+            for label, s in zip(self.labels, self.smoothings)
+            if (share := s ** (averaged / interval)) > INITIAL_SHARE_WARNING
         ]
         if too_long:
-            details = "; ".join(
-                f"{label} ({h:.0f} batches, {h / averaged:.0%} of the run) ends holding {share:.0%}"
-                for label, h, share in too_long
-            )
             warnings.warn(
-                f"EMA: {averaged:.0f} batches are averaged, too few for the half-life: {details} of the "
-                "weights it started from. Half-lives of 1-5% of the run did best (docs/evidence.md): "
+                f"EMA: {averaged:.0f} batches are averaged, too few for the half-life: {'; '.join(too_long)} of "
+                "the weights it started from. Half-lives of 1-5% of the run did best (docs/evidence.md): "
                 "pass a shorter half_life, or warmup='tf'",
                 stacklevel=2,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,7 +70,9 @@ def train_once(
             evaluate_all_weights=True,
         )
         started = time.perf_counter()
-        trainer.fit()
+        with warnings.catch_warnings():  # the study measures half-lives too long for the run on purpose
+            warnings.filterwarnings("ignore", "EMA: .* too few for the half-life", UserWarning)
+            trainer.fit()
         seconds = time.perf_counter() - started
     history = trainer.state.eval_history
     labels = [TRAINING, *(ema.labels if ema is not None else [])]

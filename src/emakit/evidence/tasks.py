@@ -66,10 +66,6 @@ class Task:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     threads: int | None = None  # torch threads; 1 for models so small that more threads only wait
 
-    def reached(self, value: float) -> bool:
-        """Whether ``value`` is at the target or past it, in the metric's good direction."""
-        return value >= self.target if self.higher_is_better else value <= self.target
-
 
 def learning_rate_factor(step: int, steps: int, schedule: str, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
     """The multiple of the peak learning rate used for optimizer step ``step`` (0-based) of ``steps``.
