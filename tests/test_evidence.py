@@ -104,6 +104,19 @@ def test_report_only_redoes_table_and_plot_from_the_json(short_study: tuple[str,
     assert (out / f"{name}.png").exists()
 
 
+def test_embed_replaces_only_its_section_and_refuses_a_doc_without_one(short_study: tuple[str, Path, str]) -> None:
+    name, out, _ = short_study
+    doc = out / "doc.md"
+    doc.write_text(f"intro\n<!-- evidence:{name} -->\nold\n<!-- /evidence -->\noutro\n", encoding="utf-8")
+    _cli(name, "--report-only", "--out", str(out), "--embed", str(doc))
+    text = doc.read_text(encoding="utf-8")
+    tables = (out / f"{name}.md").read_text(encoding="utf-8").split("\n", 2)[2]
+    assert text == f"intro\n<!-- evidence:{name} -->\n{tables}\n<!-- /evidence -->\noutro\n"
+    doc.write_text("no sections\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"no '<!-- evidence:{name} -->'"):
+        _cli(name, "--report-only", "--out", str(out), "--embed", str(doc))
+
+
 def test_the_averages_never_change_the_training_trajectory() -> None:
     """The "training" curve of a run with three averages is, bit for bit, the curve of a run without EMA."""
     task = tasks.TASKS["mnist1d"]
