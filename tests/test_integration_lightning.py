@@ -109,6 +109,17 @@ def test_the_average_follows_the_closed_form_of_the_optimizer_steps(tmp_path, ac
     assert_close_to(weights64(module), recorder.steps[trainer.global_step])  # training ends on the training weights
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_half_life_too_long_for_the_run_warns_with_the_optimizer_steps(tmp_path, accumulate):
+    ema = EMACallback(half_life="100ba")
+    trainer = make_trainer(tmp_path, [ema], accumulate_grad_batches=accumulate, enable_checkpointing=False)
+    steps = 12 // accumulate
+    with pytest.warns(UserWarning, match=f"{steps} batches are averaged") as caught:
+        trainer.fit(TinyModule(), loader(1))
+    message = next(str(w.message) for w in caught if "half-life" in str(w.message))
+    assert f"ema@100ba (100 batches) ends holding {0.5 ** (steps / 100):.0%}" in message
+
+
 def test_validation_and_test_use_the_average(tmp_path):
     ema = EMACallback(smoothing=SMOOTHING)
     module = TinyModule()

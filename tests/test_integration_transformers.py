@@ -102,6 +102,14 @@ def test_average_is_the_closed_form_of_each_optimizer_step(tmp_path, accumulatio
     assert not torch.equal(ema.ema_model.transformer.wte.weight, trainer.model.transformer.wte.weight)
 
 
+def test_a_half_life_too_long_for_the_run_warns_with_the_optimizer_steps(tmp_path):
+    trainer = EMATrainer(
+        model=make_model(), args=make_args(tmp_path), train_dataset=make_data(96, seed=1), ema=EMA(half_life="100ba")
+    )
+    with pytest.warns(UserWarning, match=f"{STEPS} batches are averaged.*ema@100ba \\(100 batches\\) ends holding"):
+        trainer.train()
+
+
 def test_evaluations_measure_the_average_and_both(tmp_path):
     evals = {"a": make_data(16, seed=2), "b": make_data(16, seed=3)}
     recorder, ema = Recorder(), EMA(half_life="4ba")

@@ -391,19 +391,39 @@ class EMA(Algorithm):
                 "the average will never start",
                 stacklevel=2,
             )
-        interval = state.in_batches(self.update_interval)
-        if start is None or end is None or interval is None or end <= start or self.warmup is not None:
+        if start is not None and end is not None:
+            self.check_run_length(end, start, state.in_batches(self.update_interval))
+
+    def check_run_length(self, batches: float, start: float | None = None, interval: float | None = None) -> None:
+        """Warn when a run of ``batches`` optimizer steps is too short for a half-life (a Trainer calls this).
+
+        Without warmup, after ``u`` updates the weights the average started from still hold
+        ``smoothing ** u`` of it. Above 1% the average lags the training weights (``docs/evidence.md``:
+        half-lives of 1-5% of the run did best); the warning names each such average and its share.
+        ``start`` is the batch where the average starts (default: ``ema_start`` when in batches, else 0),
+        ``interval`` the batches between updates (default: ``update_interval`` when in batches).
+        The Lightning and Hugging Face integrations call it with their trainer's step count.
+
+        Example::
+
+            >>> EMA(half_life="1000ba").check_run_length(2000)  # warns: the first weights keep 25%
+        """
+        if start is None:
+            start = self.ema_start.value if self.ema_start.unit is TimeUnit.BATCH else 0
+        if interval is None and self.update_interval.unit is TimeUnit.BATCH:
+            interval = self.update_interval.value
+        if interval is None or batches <= start or self.warmup is not None:
             return
-        averaged = end - start  # the first weights keep smoothing ** (averaged / interval) of the final average
+        updates = (batches - start) / interval
         too_long = [
             f"{label} ({math.log(0.5) / math.log(s) * interval:.0f} batches) ends holding {share:.0%}"
             for label, s in zip(self.labels, self.smoothings)
-            if (share := s ** (averaged / interval)) > INITIAL_SHARE_WARNING
+            if (share := s**updates) > INITIAL_SHARE_WARNING
         ]
         if too_long:
             warnings.warn(
-                f"EMA: {averaged:.0f} batches are averaged, too few for the half-life: {'; '.join(too_long)} of "
-                "the weights it started from. Half-lives of 1-5% of the run did best (docs/evidence.md): "
+                f"EMA: {batches - start:.0f} batches are averaged, too few for the half-life: {'; '.join(too_long)} "
+                "of the weights it started from. Half-lives of 1-5% of the run did best (docs/evidence.md): "
                 "pass a shorter half_life, or warmup='tf'",
                 stacklevel=2,
             )

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,9 @@ class EMACallback(pl.Callback):
     # ------------------------------------------------------------- training
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ema.attach(pl_module)  # the module is on its device now; a resumed average applies here
+        steps = trainer.estimated_stepping_batches  # optimizer steps; inf when the run has no set length
+        if math.isfinite(steps):
+            self.ema.check_run_length(steps)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -95,6 +95,10 @@ class EMATrainerCallback(TrainerCallback):
     def __init__(self, ema: EMA) -> None:
         self.ema = _check_ema(ema)
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0:  # optimizer steps of the whole run
+            self.ema.check_run_length(state.max_steps)
+
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
             raise RuntimeError("EMATrainerCallback.on_step_end got no model: add it to a transformers.Trainer")
