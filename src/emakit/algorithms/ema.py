@@ -14,7 +14,6 @@ With ``train_with_ema_weights=True`` the training weights are then set to ``ema`
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -23,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from emakit.algorithms.rates import parse_rates, run_length_warning
 from emakit.batchnorm import update_bn
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.core.state import State
 from emakit.export import save_ema_state
-from emakit.functional import check_smoothing, check_warmup, smoothing_from_half_life, warmup_smoothing
+from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
 from emakit.loggers import Logger
 from emakit.shadow import ShadowWeights, swapped_into
 from emakit.time import Time, TimeUnit, as_time
@@ -37,7 +37,6 @@ from emakit.tracked import Selection
 __all__ = ["EMA"]
 
 _STATE_VERSION = 1
-INITIAL_SHARE_WARNING = 0.01  # a Trainer warns when the first weights keep more of the final average
 
 
 class _DefaultHalfLife(str):
@@ -112,36 +111,8 @@ class EMA(Algorithm):
         buffers: str = "average",
         flatten_model: bool = False,
     ) -> None:
-        if smoothing is not None and half_life is not None and half_life is not _DEFAULT_HALF_LIFE:
-            raise ValueError(f"pass exactly one of half_life={half_life!r} and smoothing={smoothing!r}, not both")
-        if smoothing is None and half_life is None:
-            raise ValueError("pass one of half_life (e.g. '100ba') or smoothing (e.g. 0.999)")
-        given = smoothing if smoothing is not None else half_life
-        values = list(given) if isinstance(given, (tuple, list)) else [given]
-        if not values:
-            raise ValueError(f"{'smoothing' if smoothing is not None else 'half_life'}={given!r} is empty")
-        if smoothing is not None:
-            interval = self._check_interval(update_interval if update_interval is not None else "1ba")
-            self.half_lives = None
-            self.smoothings = tuple(check_smoothing(v, low_inclusive=False, high_inclusive=False) for v in values)
-        else:
-            self.half_lives = tuple(as_time(v, name="half_life") for v in values)
-            if any(h.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or h.value <= 0 for h in self.half_lives):
-                raise ValueError(f"half_life={half_life!r} must be > 0 and in 'ba' or 'ep', e.g. '100ba'")
-            if len({h.unit for h in self.half_lives}) != 1:
-                raise ValueError(f"half_life={half_life!r}: several half-lives must share a unit")
-            unit = self.half_lives[0].unit
-            interval = self._check_interval(update_interval if update_interval is not None else Time(1, unit))
-            if interval.unit is not unit:
-                raise ValueError(f"update_interval={update_interval!r} and half_life={half_life!r} must share a unit")
-            self.smoothings = tuple(smoothing_from_half_life(h.value, interval.value) for h in self.half_lives)
-            if not all(0 < s < 1 for s in self.smoothings):
-                raise ValueError(
-                    f"update_interval={update_interval!r} over half_life={half_life!r} gives smoothing "
-                    f"{self.smoothings!r}, outside (0, 1)"
-                )
-        if len(set(self.smoothings)) != len(self.smoothings):
-            raise ValueError(f"{given!r} repeats an average: give each once")
+        rates = parse_rates(half_life, smoothing, update_interval, half_life_given=half_life is not _DEFAULT_HALF_LIFE)
+        self.half_lives, self.smoothings, interval = rates.half_lives, rates.smoothings, rates.update_interval
         self.half_life = self.half_lives[0] if self.half_lives else None  # of the first average
         self.smoothing = self.smoothings[0]
         self.update_interval = interval
@@ -166,13 +137,6 @@ class EMA(Algorithm):
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
-
-    @staticmethod
-    def _check_interval(update_interval: str | Time) -> Time:
-        interval = as_time(update_interval, name="update_interval")
-        if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
-            raise ValueError(f"update_interval={update_interval!r} must be > 0 and in 'ba' or 'ep', e.g. '1ba'")
-        return interval
 
     def __repr__(self) -> str:
         if self.half_lives is not None:
@@ -412,21 +376,10 @@ class EMA(Algorithm):
             start = self.ema_start.value if self.ema_start.unit is TimeUnit.BATCH else 0
         if interval is None and self.update_interval.unit is TimeUnit.BATCH:
             interval = self.update_interval.value
-        if interval is None or batches <= start or self.warmup is not None:
-            return
-        updates = (batches - start) / interval
-        too_long = [
-            f"{label} ({math.log(0.5) / math.log(s) * interval:.0f} batches) ends holding {share:.0%}"
-            for label, s in zip(self.labels, self.smoothings)
-            if (share := s**updates) > INITIAL_SHARE_WARNING
-        ]
-        if too_long:
-            warnings.warn(
-                f"EMA: {batches - start:.0f} batches are averaged, too few for the half-life: {'; '.join(too_long)} "
-                "of the weights it started from. Half-lives of 1-5% of the run did best (docs/evidence.md): "
-                "pass a shorter half_life, or warmup='tf'",
-                stacklevel=2,
-            )
+        if interval is not None and batches > start and self.warmup is None:
+            message = run_length_warning(self.labels, self.smoothings, batches - start, interval)
+            if message:
+                warnings.warn(message, stacklevel=2)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
