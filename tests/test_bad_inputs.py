@@ -86,8 +86,8 @@ def test_ema_with_smoothing_alone_is_accepted() -> None:
     assert str(ema.update_interval) == "1ba"
 
 
-@pytest.mark.parametrize("half_life", ["100sp", "1000tok", "0.5dur", "1dur", "0ba", "0ep"])
-def test_ema_half_life_not_positive_batches_or_epochs_raises(half_life: str) -> None:
+@pytest.mark.parametrize("half_life", ["100sp", "1000tok", "0dur", "0ba", "0ep"])
+def test_ema_half_life_not_positive_batches_epochs_or_fraction_of_the_run_raises(half_life: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"half_life={half_life!r}")):
         EMA(half_life=half_life)
 
@@ -99,7 +99,8 @@ def test_ema_half_life_not_a_time_string_raises(half_life: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("half_life", "update_interval"), [("10ba", "1ep"), ("10ep", "1ba"), ("10ba", "5sp"), ("10ba", "0.1dur")]
+    ("half_life", "update_interval"),
+    [("10ba", "1ep"), ("10ep", "1ba"), ("10ba", "5sp"), ("10ba", "0.1dur"), ("0.1dur", "1ep"), ("0.1dur", "0.01dur")],
 )
 def test_ema_update_interval_in_another_unit_than_half_life_raises(half_life: str, update_interval: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"update_interval={update_interval!r}")):

@@ -120,6 +120,17 @@ def test_a_half_life_too_long_for_the_run_warns_with_the_optimizer_steps(tmp_pat
     assert f"ema@100ba (100 batches) ends holding {0.5 ** (steps / 100):.0%}" in message
 
 
+def test_a_half_life_in_dur_is_a_fraction_of_the_optimizer_steps(tmp_path):
+    recorder, ema = StepRecorder(), EMACallback(half_life="0.25dur")
+    trainer = make_trainer(tmp_path, [recorder, ema], accumulate_grad_batches=2, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1))
+    assert ema.ema.smoothing == 2 ** (-1 / (0.25 * 6))  # 6 optimizer steps
+    reference = ClosedForm(ema.ema.smoothing)
+    for step in sorted(recorder.steps):
+        reference.update(recorder.steps[step])
+    assert_close_to(ema.ema_model.state_dict(), reference.ema)
+
+
 def test_validation_and_test_use_the_average(tmp_path):
     ema = EMACallback(smoothing=SMOOTHING)
     module = TinyModule()
@@ -165,9 +176,10 @@ def test_a_checkpoint_written_during_validation_holds_the_training_weights(tmp_p
             assert torch.equal(value.double(), recorder.steps[6][name]), name
 
 
-def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("rate", [{"smoothing": SMOOTHING}, {"half_life": "0.1dur"}])
+def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path, rate):
     def run(folder: Path, ckpt_path: Path | None = None) -> tuple[TinyModule, EMACallback]:
-        module, ema = TinyModule(), EMACallback(smoothing=SMOOTHING)
+        module, ema = TinyModule(), EMACallback(**rate)
         saver = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1)
         make_trainer(folder, [ema, saver], max_epochs=3).fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
         return module, ema
@@ -181,6 +193,7 @@ def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path):
     for name, value in whole_ema.ema.state_dict()["weights"].items():
         assert torch.equal(resumed_ema.ema.state_dict()["weights"][name], value), name
     assert resumed_ema.ema.num_updates == whole_ema.ema.num_updates == 18
+    assert resumed_ema.ema.smoothing == whole_ema.ema.smoothing  # "0.1dur" of 18 steps: 1.8 batches
 
 
 def test_save_ema_weights_loads_into_a_plain_module(tmp_path):

@@ -110,6 +110,15 @@ def test_a_half_life_too_long_for_the_run_warns_with_the_optimizer_steps(tmp_pat
         trainer.train()
 
 
+def test_a_half_life_in_dur_is_a_fraction_of_max_steps(tmp_path):
+    recorder, ema = Recorder(), EMA(half_life="0.25dur")
+    EMATrainer(
+        model=make_model(), args=make_args(tmp_path), train_dataset=make_data(96, seed=1), callbacks=[recorder], ema=ema
+    ).train()
+    assert ema.smoothing == 2 ** (-1 / (0.25 * STEPS))
+    assert_average(ema.ema_model.state_dict(), closed_form(recorder.steps, ema.smoothing))
+
+
 def test_evaluations_measure_the_average_and_both(tmp_path):
     evals = {"a": make_data(16, seed=2), "b": make_data(16, seed=3)}
     recorder, ema = Recorder(), EMA(half_life="4ba")

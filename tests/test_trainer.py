@@ -708,3 +708,32 @@ def test_check_run_length_by_hand_counts_from_ema_start_in_updates():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EMA(half_life="1000ba").check_run_length(20_000)  # 2 ** -20
+
+
+@pytest.mark.parametrize(("half_life", "max_duration", "batches"), [("0.25dur", "24ba", 6), ("0.5dur", "2ep", 6)])
+def test_a_half_life_in_dur_is_that_fraction_of_the_run(half_life, max_duration, batches):
+    """``"0.25dur"`` of a 24-batch run is 6 batches: the closed form with ``s = 2 ** (-1 / 6)``."""
+    ema = EMA(half_life=half_life)
+    recorder = Recorder(ema)
+    make_trainer(make_model(), max_duration, algorithms=[ema], callbacks=[recorder]).fit()
+    assert ema.smoothing == 2 ** (-1 / batches) and ema.labels == [f"ema@{half_life}"]
+    reference = ClosedForm(2 ** (-1 / batches))
+    for batch in sorted(recorder.batch_weights):
+        reference.update(recorder.batch_weights[batch])
+    assert_close_to(snapshot(ema.ema_model), reference.ema)
+
+
+def test_a_half_life_in_dur_by_hand_needs_the_run_length():
+    model, ema = make_model(), EMA(half_life="0.02dur")
+    with pytest.raises(RuntimeError, match=r"set_run_length\(total_optimizer_steps\)"):
+        ema.update(model)
+    assert not ema.started and ema.smoothing is None
+    ema.set_run_length(5000)  # 100 batches
+    assert ema.smoothing == 2 ** (-1 / 100)
+    assert ema.update(model) and ema.started
+
+
+def test_a_half_life_in_dur_needs_a_run_counted_in_batches():
+    trainer = make_trainer(make_model(), "480sp", algorithms=[EMA(half_life="0.1dur")])
+    with pytest.raises(ValueError, match=r"max_duration='480sp' does not say how many batches"):
+        trainer.fit()

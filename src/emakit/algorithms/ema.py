@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emakit.algorithms.rates import parse_rates, run_length_warning
+from emakit.algorithms.rates import parse_rates, run_length_warning, smoothings_for_run
 from emakit.batchnorm import update_bn
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
@@ -50,7 +50,9 @@ class EMA(Algorithm):
     """An exponential moving average of a model's weights, for evaluation with smoother metrics.
 
     Args:
-        half_life: time for a term's weight in the average to halve, ``"Nba"`` or ``"Nep"``.
+        half_life: time for a term's weight in the average to halve, ``"Nba"`` or ``"Nep"``; or a
+            fraction of the run, ``"0.02dur"`` (2% of its optimizer steps), resolved when the run's
+            length is known (:meth:`set_run_length`: a Trainer and the integrations call it).
         smoothing: the per-update factor instead of ``half_life``, in (0, 1).
         ema_start: when the average starts (initialised from the weights at the first update
             event at or after it); any unit, ``"0.3dur"`` meaning 30% of ``max_duration``.
@@ -111,15 +113,16 @@ class EMA(Algorithm):
         buffers: str = "average",
         flatten_model: bool = False,
     ) -> None:
-        rates = parse_rates(half_life, smoothing, update_interval, half_life_given=half_life is not _DEFAULT_HALF_LIFE)
-        self.half_lives, self.smoothings, interval = rates.half_lives, rates.smoothings, rates.update_interval
+        given = half_life is not _DEFAULT_HALF_LIFE
+        self._rates = parse_rates(half_life, smoothing, update_interval, half_life_given=given)
+        self.half_lives, self.update_interval = self._rates.half_lives, self._rates.update_interval
         self.half_life = self.half_lives[0] if self.half_lives else None  # of the first average
-        self.smoothing = self.smoothings[0]
-        self.update_interval = interval
         self.warmup = check_warmup(warmup)
         self.min_smoothing = check_smoothing(min_smoothing, high_inclusive=False, name="min_smoothing")
-        if self.min_smoothing > min(self.smoothings):
-            raise ValueError(f"min_smoothing={min_smoothing!r} must not exceed the smoothing {min(self.smoothings)!r}")
+        self.smoothings: tuple[float, ...] | None = None  # until the run's length is known, for 'dur' half-lives
+        self.smoothing: float | None = None  # the first average's
+        if not self._rates.of_run:
+            self._set_smoothings(self._rates.smoothings)
         self.last_smoothing: float | None = None  # the smoothing of the last averaging update (with warmup)
         self.ema_start = as_time(ema_start, name="ema_start")
         for name, flag in (("train_with_ema_weights", train_with_ema_weights), ("skip_nonfinite", skip_nonfinite)):
@@ -131,12 +134,34 @@ class EMA(Algorithm):
         selection = Selection.of(include, exclude, trainable_only, buffers)
         self.shadows = [  # one per average; only the first may bind the model (flatten_model)
             ShadowWeights(ema_dtype, ema_device, async_update, flatten_model and index == 0, selection)
-            for index in range(len(self.smoothings))
+            for index in range(self._rates.count)
         ]
         self.shadow = self.shadows[0]
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
+
+    def _set_smoothings(self, smoothings: tuple[float, ...]) -> None:
+        if self.min_smoothing > min(smoothings):
+            raise ValueError(f"min_smoothing={self.min_smoothing!r} must not exceed the smoothing {min(smoothings)!r}")
+        self.smoothings, self.smoothing = smoothings, smoothings[0]
+
+    def set_run_length(self, batches: float) -> None:
+        """Give half-lives in ``dur`` their smoothing for a run of ``batches`` optimizer steps.
+
+        ``half_life="0.02dur"`` in a 5000-step run is 100 batches: ``smoothing = 2 ** (-1 / 100)``.
+        emakit's Trainer, the Lightning callback and the Hugging Face callback call this when training
+        starts; by hand, call it before the first update. No effect on half-lives in ``ba`` or ``ep``.
+
+        Example::
+
+            >>> ema = EMA(half_life="0.02dur")
+            >>> ema.set_run_length(5000)
+            >>> round(ema.smoothing, 6)
+            0.993092
+        """
+        if self._rates.of_run:
+            self._set_smoothings(smoothings_for_run(self._rates, batches))
 
     def __repr__(self) -> str:
         if self.half_lives is not None:
@@ -161,6 +186,11 @@ class EMA(Algorithm):
                 stacklevel=3,
             )
             return False
+        if self.smoothings is None:
+            raise RuntimeError(
+                f"half_life='{self.half_life}' is a fraction of the run, whose length the EMA does not know: "
+                "call ema.set_run_length(total_optimizer_steps) before the first update, or train in a Trainer"
+            )
         if self.started:
             used = [warmup_smoothing(s, self.num_updates, self.warmup, self.min_smoothing) for s in self.smoothings]
             for shadow, smoothing in zip(
@@ -349,6 +379,13 @@ class EMA(Algorithm):
 
     def _check_start(self, state: State) -> None:
         start, end = state.in_batches(self.ema_start), state.in_batches(state.max_duration)
+        if self._rates.of_run:
+            if end is None:
+                raise ValueError(
+                    f"half_life='{self.half_life}' is a fraction of the run, but max_duration='{state.max_duration}' "
+                    "does not say how many batches the run has: give max_duration in 'ba' or 'ep'"
+                )
+            self.set_run_length(end)
         if start is not None and end is not None and start > end:
             warnings.warn(
                 f"EMA ema_start='{self.ema_start}' lies beyond max_duration='{state.max_duration}': "
@@ -372,6 +409,8 @@ class EMA(Algorithm):
 
             >>> EMA(half_life="1000ba").check_run_length(2000)  # warns: the first weights keep 25%
         """
+        if self.smoothings is None:  # half-lives in 'dur', before set_run_length
+            return
         if start is None:
             start = self.ema_start.value if self.ema_start.unit is TimeUnit.BATCH else 0
         if interval is None and self.update_interval.unit is TimeUnit.BATCH:

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from emakit.algorithms.ema import EMA
+from emakit.time import TimeUnit
 
 __all__ = ["EMACallback"]
 
@@ -59,7 +60,10 @@ class EMACallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(smoothing=self.ema.smoothing, update_interval=str(self.ema.update_interval))
+        half_life = self.ema.half_life
+        of_run = half_life is not None and half_life.unit is TimeUnit.DURATION  # its smoothing comes at fit start
+        rate = str(half_life) if of_run else self.ema.smoothing
+        return self._generate_state_key(smoothing=rate, update_interval=str(self.ema.update_interval))
 
     @property
     def ema_model(self) -> nn.Module:
@@ -75,6 +79,7 @@ class EMACallback(pl.Callback):
         self.ema.attach(pl_module)  # the module is on its device now; a resumed average applies here
         steps = trainer.estimated_stepping_batches  # optimizer steps; inf when the run has no set length
         if math.isfinite(steps):
+            self.ema.set_run_length(steps)  # gives half-lives in 'dur' their smoothing
             self.ema.check_run_length(steps)
 
     def on_train_batch_end(
