@@ -197,7 +197,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``emakit demo`` options."""
     parser.add_argument("--epochs", type=_int_at_least(1), default=40, help="epochs per run (default: 40)")
     parser.add_argument(
-        "--half-life", type=_half_life, default="100ba", help="the EMA's half_life, e.g. 100ba or 2ep (default: 100ba)"
+        "--half-life",
+        type=_half_life,
+        default="100ba",
+        help="the EMA's half_life, e.g. 100ba, 2ep or 0.05dur (default: 100ba)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of both runs (default: 0)")
