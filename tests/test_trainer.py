@@ -700,14 +700,14 @@ def test_a_short_half_life_or_a_warmup_does_not_warn(kwargs):
         trainer.fit()
 
 
-def test_check_run_length_by_hand_counts_from_ema_start_in_updates():
+def test_set_run_length_by_hand_warns_counting_from_ema_start_in_updates():
     with pytest.warns(UserWarning, match=f"500 batches are averaged.*ends holding {0.5**0.5:.0%}"):
-        EMA(half_life="1000ba", ema_start="1500ba").check_run_length(2000)
+        EMA(half_life="1000ba", ema_start="1500ba").set_run_length(2000)
     with pytest.warns(UserWarning, match=f"ends holding {0.99 ** (2000 / 10):.0%}"):
-        EMA(smoothing=0.99, update_interval="10ba").check_run_length(2000)  # 200 updates
+        EMA(smoothing=0.99, update_interval="10ba").set_run_length(2000)  # 200 updates
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        EMA(half_life="1000ba").check_run_length(20_000)  # 2 ** -20
+        EMA(half_life="1000ba").set_run_length(20_000)  # 2 ** -20
 
 
 @pytest.mark.parametrize(("half_life", "max_duration", "batches"), [("0.25dur", "24ba", 6), ("0.5dur", "2ep", 6)])

@@ -76,14 +76,18 @@ def make_model() -> nn.Module:
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside: for a model this small, more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run torch on ``count`` CPU threads inside (``None``: as many as before).
+
+    For models as small as this one, more threads only wait on each other.
+    """
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def train(data: tuple[TensorDataset, TensorDataset], args: argparse.Namespace, ema: EMA) -> list[dict[str, float]]:
@@ -219,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ema = EMA(half_life=args.half_life)
     started = time.perf_counter()
-    with one_thread():
+    with torch_threads(1):
         histories = split_runs(train(data, args, ema))
     seconds = time.perf_counter() - started
     summaries = {name: summarize(history) for name, history in histories.items()}

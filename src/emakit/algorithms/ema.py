@@ -146,23 +146,6 @@ class EMA(Algorithm):
             raise ValueError(f"min_smoothing={self.min_smoothing!r} must not exceed the smoothing {min(smoothings)!r}")
         self.smoothings, self.smoothing = smoothings, smoothings[0]
 
-    def set_run_length(self, batches: float) -> None:
-        """Give half-lives in ``dur`` their smoothing for a run of ``batches`` optimizer steps.
-
-        ``half_life="0.02dur"`` in a 5000-step run is 100 batches: ``smoothing = 2 ** (-1 / 100)``.
-        emakit's Trainer, the Lightning callback and the Hugging Face callback call this when training
-        starts; by hand, call it before the first update. No effect on half-lives in ``ba`` or ``ep``.
-
-        Example::
-
-            >>> ema = EMA(half_life="0.02dur")
-            >>> ema.set_run_length(5000)
-            >>> round(ema.smoothing, 6)
-            0.993092
-        """
-        if self._rates.of_run:
-            self._set_smoothings(smoothings_for_run(self._rates, batches))
-
     def __repr__(self) -> str:
         if self.half_lives is not None:
             rate = "half_life=" + (
@@ -193,9 +176,7 @@ class EMA(Algorithm):
             )
         if self.started:
             used = [warmup_smoothing(s, self.num_updates, self.warmup, self.min_smoothing) for s in self.smoothings]
-            for shadow, smoothing in zip(
-                self.shadows, used
-            ):  # each reads the weights: about 1x one average's time each
+            for shadow, smoothing in zip(self.shadows, used):  # each reads the weights: ~1x one average's time
                 shadow.update(model, 1.0 - smoothing)
             self.last_smoothing = used[0]
         else:
@@ -379,38 +360,44 @@ class EMA(Algorithm):
 
     def _check_start(self, state: State) -> None:
         start, end = state.in_batches(self.ema_start), state.in_batches(state.max_duration)
-        if self._rates.of_run:
-            if end is None:
+        if end is None:
+            if self._rates.of_run:
                 raise ValueError(
                     f"half_life='{self.half_life}' is a fraction of the run, but max_duration='{state.max_duration}' "
                     "does not say how many batches the run has: give max_duration in 'ba' or 'ep'"
                 )
-            self.set_run_length(end)
-        if start is not None and end is not None and start > end:
+            return
+        if start is not None and start > end:
             warnings.warn(
                 f"EMA ema_start='{self.ema_start}' lies beyond max_duration='{state.max_duration}': "
                 "the average will never start",
                 stacklevel=2,
             )
-        if start is not None and end is not None:
-            self.check_run_length(end, start, state.in_batches(self.update_interval))
+        self.set_run_length(end, start, state.in_batches(self.update_interval))
 
-    def check_run_length(self, batches: float, start: float | None = None, interval: float | None = None) -> None:
-        """Warn when a run of ``batches`` optimizer steps is too short for a half-life (a Trainer calls this).
+    def set_run_length(self, batches: float, start: float | None = None, interval: float | None = None) -> None:
+        """Tell the EMA its run has ``batches`` optimizer steps: half-lives in ``dur`` get their smoothing, and
+        a half-life too long for the run is warned about.
 
+        ``half_life="0.02dur"`` in a 5000-step run is 100 batches: ``smoothing = 2 ** (-1 / 100)``.
         Without warmup, after ``u`` updates the weights the average started from still hold
-        ``smoothing ** u`` of it. Above 1% the average lags the training weights (``docs/evidence.md``:
-        half-lives of 1-5% of the run did best); the warning names each such average and its share.
+        ``smoothing ** u`` of it; above 1% the average lags the training weights (``docs/evidence.md``:
+        half-lives of 1-5% of the run did best), and the warning names each such average and its share.
         ``start`` is the batch where the average starts (default: ``ema_start`` when in batches, else 0),
         ``interval`` the batches between updates (default: ``update_interval`` when in batches).
-        The Lightning and Hugging Face integrations call it with their trainer's step count.
+        emakit's Trainer, the Lightning callback and the Hugging Face callback call this when training
+        starts; by hand, call it before the first update.
 
         Example::
 
-            >>> EMA(half_life="1000ba").check_run_length(2000)  # warns: the first weights keep 25%
+            >>> ema = EMA(half_life="0.02dur")
+            >>> ema.set_run_length(5000)
+            >>> round(ema.smoothing, 6)
+            0.993092
+            >>> EMA(half_life="1000ba").set_run_length(2000)  # warns: the first weights keep 25%
         """
-        if self.smoothings is None:  # half-lives in 'dur', before set_run_length
-            return
+        if self._rates.of_run:
+            self._set_smoothings(smoothings_for_run(self._rates, batches))
         if start is None:
             start = self.ema_start.value if self.ema_start.unit is TimeUnit.BATCH else 0
         if interval is None and self.update_interval.unit is TimeUnit.BATCH:

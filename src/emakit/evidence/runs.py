@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -11,22 +10,12 @@ from typing import Any
 import torch
 
 from emakit import EMA, Trainer
+from emakit.demo import torch_threads
 from emakit.evidence.tasks import Task
 
 __all__ = ["TRAINING", "train_once"]
 
 TRAINING = "training"  # the curve of the training weights: a run without EMA
-
-
-@contextlib.contextmanager
-def _threads(count: int | None):
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def train_once(
@@ -52,7 +41,7 @@ def train_once(
     steps = task.steps if steps is None else steps
     eval_every = task.eval_every if eval_every is None else eval_every
     ema = EMA(half_life=tuple(half_lives), warmup=warmup) if half_lives else None
-    with _threads(task.threads):
+    with torch_threads(task.threads):
         torch.manual_seed(seed)
         setup = task.setup(schedule, steps)
         trainer = Trainer(

@@ -79,8 +79,7 @@ class EMACallback(pl.Callback):
         self.ema.attach(pl_module)  # the module is on its device now; a resumed average applies here
         steps = trainer.estimated_stepping_batches  # optimizer steps; inf when the run has no set length
         if math.isfinite(steps):
-            self.ema.set_run_length(steps)  # gives half-lives in 'dur' their smoothing
-            self.ema.check_run_length(steps)
+            self.ema.set_run_length(steps)  # half-lives in 'dur' get their smoothing; too long ones, a warning
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

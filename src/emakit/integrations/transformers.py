@@ -97,8 +97,7 @@ class EMATrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.max_steps > 0:  # optimizer steps of the whole run
-            self.ema.set_run_length(state.max_steps)  # gives half-lives in 'dur' their smoothing
-            self.ema.check_run_length(state.max_steps)
+            self.ema.set_run_length(state.max_steps)  # 'dur' half-lives get their smoothing; too long ones, a warning
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
