@@ -160,22 +160,24 @@ def test_ema_bad_ema_dtype_raises(ema_dtype: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "fragment"),
+    ("kwargs", "error", "fragment"),
     [
-        ({"half_life": "10ep"}, "update_interval"),
-        ({"half_life": "10ep", "update_interval": "2ep"}, "update_interval"),
-        ({"smoothing": 0.9, "update_interval": "1ep"}, "update_interval"),
-        ({"half_life": "10ba", "ema_start": "10ep"}, "ema_start='10ep'"),
-        ({"half_life": "10ba", "ema_start": "0.5dur"}, "ema_start='0.5dur'"),
-        ({"half_life": "10ba", "ema_start": "100sp"}, "ema_start='100sp'"),
+        ({"half_life": "10ep"}, ValueError, "update_interval"),
+        ({"half_life": "10ep", "update_interval": "2ep"}, ValueError, "update_interval"),
+        ({"smoothing": 0.9, "update_interval": "1ep"}, ValueError, "update_interval"),
+        ({"half_life": "10ba", "ema_start": "10ep"}, ValueError, "ema_start='10ep' counts epochs: pass the current"),
+        ({"half_life": "10ba", "ema_start": "0.5dur"}, RuntimeError, "ema_start='0.5dur' is a fraction of the run"),
+        ({"half_life": "10ba", "ema_start": "100sp"}, ValueError, "ema_start='100sp'"),
     ],
 )
-def test_update_by_hand_with_units_needing_a_trainer_raises_and_counts_nothing(kwargs: dict, fragment: str) -> None:
+def test_update_by_hand_without_the_clock_its_units_need_raises_and_counts_nothing(
+    kwargs: dict, error: type, fragment: str
+) -> None:
     model = make_model()
     before_model = snapshot(model)
     ema = EMA(**kwargs)
     before = ema_snapshot(ema)
-    with pytest.raises(ValueError, match=re.escape(fragment)):
+    with pytest.raises(error, match=re.escape(fragment)):
         ema.update(model)
     assert_ema_unchanged(ema, before)
     assert not ema.started and ema.batches_seen == 0 and ema.num_updates == 0

@@ -14,19 +14,37 @@ and the average's parameters as they were.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["update_bn"]
+from emakit.tracked import unwrap
+
+__all__ = ["running_statistics", "update_bn"]
 
 _NONE = object()
 
 
 def _first_element(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _batchnorm_layers(model: nn.Module) -> Iterator[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            yield name, module
+
+
+def running_statistics(model: nn.Module) -> list[str]:
+    """The ``state_dict`` names of the running statistics :func:`update_bn` recomputes (and their batch counts)."""
+    return [
+        f"{name}{'.' if name else ''}{key}"
+        for name, layer in _batchnorm_layers(unwrap(model))
+        for key in ("running_mean", "running_var", "num_batches_tracked")
+        if getattr(layer, key, None) is not None
+    ]
 
 
 @torch.no_grad()
@@ -52,7 +70,7 @@ def update_bn(
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
         >>> update_bn([(torch.randn(8, 3), None)], net)    # running stats = that batch's statistics
     """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = [layer for _, layer in _batchnorm_layers(model)]
     if not layers:
         return
     batches = iter(loader)

@@ -14,6 +14,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from emakit.atomic import atomic_path
+
 __all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state"]
 
 
@@ -30,8 +32,8 @@ def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     if dist.is_initialized() and dist.get_rank() != 0:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "producer": "emakit"})
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt", "producer": "emakit"})
     return path
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from emakit.algorithms.rates import parse_rates, run_length_warning, smoothings_for_run
-from emakit.batchnorm import update_bn
+from emakit.batchnorm import running_statistics, update_bn
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.core.state import State
@@ -140,6 +140,7 @@ class EMA(Algorithm):
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
+        self._run_batches: float | None = None  # the run's optimizer steps, once set_run_length was called
 
     def _set_smoothings(self, smoothings: tuple[float, ...]) -> None:
         if self.min_smoothing > min(smoothings):
@@ -188,20 +189,23 @@ class EMA(Algorithm):
             self.shadow.copy_to_model(model)
         return True
 
-    def update(self, model: nn.Module) -> bool:
+    def update(self, model: nn.Module, *, epoch: int | None = None) -> bool:
         """Count one batch (one optimizer step) of ``model``; update the average when one is due.
 
-        Returns whether the average was updated. For loops without a trainer, where only
-        ``ba`` units are meaningful.
+        Returns whether the average was updated. For loops without an emakit Trainer, where
+        ``update_interval`` counts batches. ``epoch`` (the current epoch, from 0) is needed only
+        when ``ema_start`` is in epochs: the average starts at the first due batch of that epoch.
+        ``ema_start`` in ``dur`` needs the run's length (:meth:`set_run_length`).
+
+        Example::
+
+            >>> ema = EMA(half_life="100ba", ema_start="2ep")
+            >>> ema.update(model, epoch=0)     # False: epoch 2 has not begun
         """
         if self.update_interval.unit is not TimeUnit.BATCH:
             raise ValueError(
                 f"update(model) counts batches, but update_interval is {self.update_interval}: "
                 "use 'ba' units by hand, or run the EMA in an emakit Trainer"
-            )
-        if self.ema_start.unit is not TimeUnit.BATCH and self.ema_start.value != 0:
-            raise ValueError(
-                f"ema_start='{self.ema_start}' needs a Trainer's clock; by hand use 'ba' units, e.g. '100ba'"
             )
         if self.shadow.swapped:
             raise RuntimeError(
@@ -209,9 +213,34 @@ class EMA(Algorithm):
                 "leave ema_weights(...) or call get_training_model(model) first"
             )
         count = self.batches_seen + 1
-        updated = self._on_update_event(model, count, count >= self.ema_start.value)
+        updated = self._on_update_event(model, count, self._start_reached(count, epoch))
         self.batches_seen = count  # counted only once the update event went through
         return updated
+
+    def _start_reached(self, batch: int, epoch: int | None) -> bool:
+        """Whether ``ema_start`` is reached at optimizer step ``batch`` (counted from 1) of epoch ``epoch``."""
+        start = self.ema_start
+        if start.value == 0:
+            return True
+        if start.unit is TimeUnit.BATCH:
+            return batch >= start.value
+        if start.unit is TimeUnit.EPOCH:
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(
+                    f"ema_start='{start}' counts epochs: pass the current epoch (from 0), "
+                    f"ema.update(model, epoch=epoch); got epoch={epoch!r}"
+                )
+            return epoch >= start.value
+        if start.unit is TimeUnit.DURATION:
+            if self._run_batches is None:
+                raise RuntimeError(
+                    f"ema_start='{start}' is a fraction of the run, whose length the EMA does not know: "
+                    "call ema.set_run_length(total_optimizer_steps) before the first update"
+                )
+            return batch >= start.value * self._run_batches
+        raise ValueError(
+            f"ema_start='{start}' needs a Trainer's clock (samples or tokens); by hand use 'ba', 'ep' or 'dur'"
+        )
 
     # -------------------------------------------------------------- swapping
     def _require_average(self) -> None:
@@ -265,6 +294,15 @@ class EMA(Algorithm):
         statistics go back unchanged. Keyword arguments (``device``, ``inputs``) go to :func:`emakit.update_bn`.
         """
         self._require_average()
+        self.attach(model)
+        untracked = [name for name in running_statistics(model) if name not in self.shadow.state_dict_keys]
+        if untracked:
+            raise ValueError(
+                f"update_bn: this EMA does not track the BatchNorm statistics {', '.join(untracked[:5])} "
+                f"(buffers={self.shadow.selection.buffers!r}, include/exclude patterns): the average has no place "
+                "to keep them, and measuring them would overwrite the training model's; track them "
+                "(buffers='average' or 'copy', patterns that keep them) or call emakit.update_bn on a model you own"
+            )
         for index, shadow in enumerate(self.shadows):  # every average gets statistics of its own
             with self.ema_weights(model, index):
                 update_bn(loader, model, **kwargs)
@@ -398,8 +436,11 @@ class EMA(Algorithm):
         """
         if self._rates.of_run:
             self._set_smoothings(smoothings_for_run(self._rates, batches))
+        self._run_batches = batches
         if start is None:
-            start = self.ema_start.value if self.ema_start.unit is TimeUnit.BATCH else 0
+            start = {TimeUnit.BATCH: self.ema_start.value, TimeUnit.DURATION: self.ema_start.value * batches}.get(
+                self.ema_start.unit, 0
+            )
         if interval is None and self.update_interval.unit is TimeUnit.BATCH:
             interval = self.update_interval.value
         if interval is not None and batches > start and self.warmup is None:
@@ -412,7 +453,7 @@ class EMA(Algorithm):
         return {
             "version": _STATE_VERSION,
             "smoothing": self.smoothing,
-            "update_interval": str(self.update_interval),
+            **self.state_dict_rates(),
             "started": self.started,
             "num_updates": self.num_updates,
             "batches_seen": self.batches_seen,
@@ -436,7 +477,13 @@ class EMA(Algorithm):
         shadow = self._average(index)
         return save_ema_state({**self.state_dict(), "weights": shadow.state_dict()}, path)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue from ``state`` (as :meth:`state_dict` gave it): the averages, their counters and clock.
+
+        The state must come from an EMA with the same rates (half-lives or smoothings, update interval,
+        warmup): resuming with other ones would silently continue another average. ``strict=False``
+        continues with this EMA's rates instead, with a warning.
+        """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"EMA state has version {found!r}; this emakit reads version {_STATE_VERSION}")
@@ -448,6 +495,14 @@ class EMA(Algorithm):
         more = state.get("more_weights", [])
         if len(more) != len(self.shadows) - 1:
             raise ValueError(f"EMA state holds {1 + len(more)} averages; this EMA keeps {len(self.shadows)}")
+        differences = self._rate_differences(state)
+        if differences and strict:
+            raise ValueError(
+                f"EMA state was saved with other rates ({'; '.join(differences)}): build the EMA with the saved "
+                "ones to resume, or load with strict=False to continue these weights at the new rates"
+            )
+        if differences:
+            warnings.warn(f"EMA: continuing a state saved with other rates ({'; '.join(differences)})", stacklevel=2)
         for shadow, weights in zip(self.shadows, [state["weights"], *more]):
             shadow.load_state_dict(weights)
             if shadow.attached_model() is None:
@@ -457,6 +512,34 @@ class EMA(Algorithm):
         self.batches_seen = int(state["batches_seen"])
         self.num_skipped = int(state.get("num_skipped", 0))
         self.last_smoothing = state.get("last_smoothing")
+
+    def _rate_differences(self, state: dict[str, Any]) -> list[str]:
+        """What of the rates in ``state`` differs from this EMA's (entries a state lacks are not compared)."""
+        mine = self.state_dict_rates()
+        if state.get("half_lives") is not None and mine["half_lives"] is not None:
+            mine.pop("smoothings")  # half-lives in 'dur' get their smoothing only once the run's length is known
+        elif state.get("smoothings") is None and self.smoothing is not None:
+            mine = {"smoothing": self.smoothing, **mine}  # a state from before 'smoothings' was saved
+        return [
+            f"{key} {state[key]!r} saved, {value!r} here"
+            for key, value in mine.items()
+            if key in state and state[key] != value and value is not None
+        ]
+
+    def state_dict_rates(self) -> dict[str, Any]:
+        """The entries of :meth:`state_dict` that say how the average moves."""
+        return {
+            "half_lives": None if self.half_lives is None else [str(h) for h in self.half_lives],
+            "smoothings": None if self.smoothings is None else list(self.smoothings),
+            "update_interval": str(self.update_interval),
+            "warmup": _warmup_state(self.warmup),
+            "min_smoothing": self.min_smoothing,
+        }
+
+
+def _warmup_state(warmup: str | tuple | None) -> str | list | None:
+    """A warmup as plain values (``torch.load(weights_only=True)`` reads lists, not tuples of mixed types)."""
+    return list(warmup) if isinstance(warmup, tuple) else warmup
 
 
 class _EMAWeights(contextlib.AbstractContextManager):

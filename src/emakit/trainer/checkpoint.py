@@ -2,14 +2,12 @@
 
 A checkpoint is a dict of tensors and plain Python values saved with ``torch.save``; it is
 read with ``torch.load(weights_only=True)``, which refuses anything that would execute code
-while unpickling. Writes go to a temporary file in the same folder, are flushed to disk,
-and are then renamed into place, so a crash never leaves a partial file under a
+while unpickling. Writes are atomic (:mod:`emakit.atomic`), so a crash never leaves a partial file under a
 checkpoint's name.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from emakit.atomic import atomic_write, remove_partial_files
 
 __all__ = [
     "FORMAT_VERSION",
@@ -40,24 +40,10 @@ def checkpoint_name(epoch: int, batch: int, sharded: bool = False) -> str:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with partial.open("wb") as file:
-            torch.save({"format_version": FORMAT_VERSION, **state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path
+    """Write ``state`` to ``path`` atomically (see :func:`emakit.atomic.atomic_write`); returns the path."""
+    with atomic_write(path) as file:
+        torch.save({"format_version": FORMAT_VERSION, **state}, file)
+    return Path(path)
 
 
 def _check_integrity(path: Path) -> None:
@@ -98,14 +84,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} has format version {version!r}; this emakit reads version {FORMAT_VERSION}"
         )
     return state
-
-
-def remove_partial_files(folder: str | Path) -> None:
-    """Delete what a save killed mid-write left behind (never mistaken for a checkpoint, but it takes space)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for leftover in folder.glob(".*.partial*"):
-            remove_checkpoint(leftover)
 
 
 def remove_checkpoint(path: str | Path) -> None:

@@ -13,7 +13,6 @@ every rank has finished, so a crash never leaves a folder under a checkpoint's n
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from torch.distributed.tensor import DTensor
 
 from emakit import distributed
+from emakit.atomic import replace_folder
 from emakit.trainer.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["PLAIN_FILE", "load_sharded_checkpoint", "merge_sharded", "save_sharded_checkpoint", "split_sharded"]
@@ -81,14 +81,7 @@ def save_sharded_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         save_checkpoint(partial / PLAIN_FILE, plain)
     distributed.barrier()
     if distributed.is_main():
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(partial, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        replace_folder(partial, path)
     distributed.barrier()
     return path
 
