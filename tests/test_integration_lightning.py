@@ -7,12 +7,14 @@ records the weights after every optimizer step, so the average can be recomputed
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from closed_form import ClosedForm
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchrun import torchrun
@@ -85,11 +87,34 @@ def make_trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
     )
 
 
-def closed_form(steps: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    reference = ClosedForm(SMOOTHING)
-    for step in sorted(steps):
-        reference.update(steps[step])
+def closed_form(*runs: dict[int, dict[str, torch.Tensor]], smoothing: float = SMOOTHING) -> dict[str, torch.Tensor]:
+    """The float64 EMA of each run's recorded weights (step -> weights), in step order, one run after another."""
+    reference = ClosedForm(smoothing)
+    for steps in runs:
+        for step in sorted(steps):
+            reference.update({k: v.double() for k, v in steps[step].items()})
     return reference.ema
+
+
+class AverageRecorder(pl.Callback):
+    """After each optimizer step, the epoch and the average (None before it starts); listed after the EMA."""
+
+    def __init__(self, ema: EMACallback) -> None:
+        self.ema = ema
+        self.steps: dict[int, tuple[int, dict[str, torch.Tensor] | None]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step not in self.steps and trainer.global_step > 0:
+            average = weights64(self.ema.ema_model) if self.ema.ema.started else None
+            self.steps[trainer.global_step] = (trainer.current_epoch, average)
+
+
+class LateRestoreStrategy(SingleDeviceStrategy):
+    """Lightning's single-device strategy, restoring checkpoints after setup (and on_fit_start) like FSDP/DeepSpeed."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
 
 
 def assert_close_to(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -124,11 +149,63 @@ def test_a_half_life_in_dur_is_a_fraction_of_the_optimizer_steps(tmp_path):
     recorder, ema = StepRecorder(), EMACallback(half_life="0.25dur")
     trainer = make_trainer(tmp_path, [recorder, ema], accumulate_grad_batches=2, enable_checkpointing=False)
     trainer.fit(TinyModule(), loader(1))
-    assert ema.ema.smoothing == 2 ** (-1 / (0.25 * 6))  # 6 optimizer steps
-    reference = ClosedForm(ema.ema.smoothing)
-    for step in sorted(recorder.steps):
-        reference.update(recorder.steps[step])
-    assert_close_to(ema.ema_model.state_dict(), reference.ema)
+    smoothing = 2 ** (-1 / 1.5)  # 0.25 of the 6 optimizer steps
+    assert ema.ema.smoothing == smoothing
+    assert_close_to(ema.ema_model.state_dict(), closed_form(recorder.steps, smoothing=smoothing))
+
+
+def assert_starts_at(averages: AverageRecorder, steps: StepRecorder, first: int) -> None:
+    """The average is absent before optimizer step ``first``, a copy of its weights there, then the closed form."""
+    assert sorted(averages.steps) == sorted(steps.steps)
+    for step, (_, average) in averages.steps.items():
+        if step < first:
+            assert average is None, f"the average started at step {step}, before step {first}"
+            continue
+        assert average is not None, f"the average has not started at step {step}"
+        expected = closed_form({s: w for s, w in steps.steps.items() if first <= s <= step})
+        if step == first:  # a copy of the weights, bit for bit
+            for name, value in expected.items():
+                assert torch.equal(average[name], value), name
+        assert_close_to(average, expected)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ema_start_in_epochs_starts_at_the_first_optimizer_step_of_that_epoch(tmp_path, accumulate):
+    ema = EMACallback(smoothing=SMOOTHING, ema_start="2ep")
+    steps, averages = StepRecorder(), AverageRecorder(ema)
+    trainer = make_trainer(
+        tmp_path, [steps, ema, averages], max_epochs=4, accumulate_grad_batches=accumulate, enable_checkpointing=False
+    )
+    trainer.fit(TinyModule(), loader(1), loader(2))  # validation runs on the training weights until the start
+    per_epoch = 6 // accumulate  # 6 batches an epoch
+    first = 2 * per_epoch + 1
+    assert averages.steps[first][0] == 2 and averages.steps[first - 1][0] == 1  # the first step of epoch 2
+    assert_starts_at(averages, steps, first)
+    assert ema.ema.num_updates == 2 * per_epoch
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ema_start_in_dur_starts_at_that_fraction_of_the_optimizer_steps(tmp_path, accumulate):
+    ema = EMACallback(smoothing=SMOOTHING, ema_start="0.25dur")
+    steps, averages = StepRecorder(), AverageRecorder(ema)
+    trainer = make_trainer(tmp_path, [steps, ema, averages], accumulate_grad_batches=accumulate)
+    trainer.fit(TinyModule(), loader(1), loader(2))
+    total = 12 // accumulate  # 2 epochs of 6 batches
+    first = math.ceil(0.25 * total)  # 3 of 12 steps, or 2 of 6 (step 1.5 is not reached before step 2)
+    assert_starts_at(averages, steps, first)
+    assert ema.ema.num_updates == total - first + 1
+
+
+def test_a_second_fit_with_the_same_callback_continues_the_average(tmp_path):
+    ema, module = EMACallback(smoothing=SMOOTHING), TinyModule()
+    first, second = StepRecorder(), StepRecorder()
+    make_trainer(tmp_path / "a", [first, ema], max_epochs=1, enable_checkpointing=False).fit(module, loader(1))
+    trainer = make_trainer(tmp_path / "b", [second, ema], max_epochs=1, enable_checkpointing=False)
+    trainer.fit(module, loader(3), loader(2))
+    assert (len(first.steps), len(second.steps)) == (6, 6)
+    assert ema.ema.num_updates == 12  # each fit counts its own optimizer steps
+    assert_close_to(ema.ema_model.state_dict(), closed_form(first.steps, second.steps))
+    assert_close_to(weights64(module), second.steps[6])
 
 
 def test_validation_and_test_use_the_average(tmp_path):
@@ -176,12 +253,17 @@ def test_a_checkpoint_written_during_validation_holds_the_training_weights(tmp_p
             assert torch.equal(value.double(), recorder.steps[6][name]), name
 
 
+@pytest.mark.parametrize("late_restore", [False, True])
 @pytest.mark.parametrize("rate", [{"smoothing": SMOOTHING}, {"half_life": "0.1dur"}])
-def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path, rate):
+def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path, rate, late_restore):
+    """Also when the strategy restores the callback's state after on_fit_start (FSDP, DeepSpeed)."""
+
     def run(folder: Path, ckpt_path: Path | None = None) -> tuple[TinyModule, EMACallback]:
         module, ema = TinyModule(), EMACallback(**rate)
         saver = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1)
-        make_trainer(folder, [ema, saver], max_epochs=3).fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
+        strategy = {"strategy": LateRestoreStrategy(device="cpu")} if late_restore else {}
+        trainer = make_trainer(folder, [ema, saver], max_epochs=3, **strategy)
+        trainer.fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
         return module, ema
 
     whole_module, whole_ema = run(tmp_path / "whole")
@@ -194,6 +276,35 @@ def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path, rate):
         assert torch.equal(resumed_ema.ema.state_dict()["weights"][name], value), name
     assert resumed_ema.ema.num_updates == whole_ema.ema.num_updates == 18
     assert resumed_ema.ema.smoothing == whole_ema.ema.smoothing  # "0.1dur" of 18 steps: 1.8 batches
+
+
+class SaveAtStep(pl.Callback):
+    """Writes a checkpoint in on_train_batch_end of one optimizer step; listed before the EMA, so before it averages."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.path.exists():
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended")
+def test_resume_from_a_checkpoint_written_before_the_step_was_averaged(tmp_path):
+    """The checkpoint holds step 4's weights and an average of steps 1-3: resuming averages step 4 first."""
+    first, path = StepRecorder(), tmp_path / "step4.ckpt"
+    make_trainer(
+        tmp_path / "a", [first, SaveAtStep(path, 4), EMACallback(smoothing=SMOOTHING)], enable_checkpointing=False
+    ).fit(TinyModule(), loader(1))
+    assert torch.load(path, weights_only=False)["global_step"] == 4
+    resumed, ema = StepRecorder(), EMACallback(smoothing=SMOOTHING)
+    make_trainer(tmp_path / "b", [resumed, ema], enable_checkpointing=False).fit(
+        TinyModule(), loader(1), ckpt_path=path
+    )
+    assert min(resumed.steps) == 5
+    before = {step: weights for step, weights in first.steps.items() if step <= 4}
+    assert ema.ema.num_updates == 4 + len(resumed.steps)
+    assert_close_to(ema.ema_model.state_dict(), closed_form(before, resumed.steps))
 
 
 def test_save_ema_weights_loads_into_a_plain_module(tmp_path):

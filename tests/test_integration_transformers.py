@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import shutil
 
 import pytest
@@ -11,12 +13,20 @@ from closed_form import ClosedForm
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    EarlyStoppingCallback,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from emakit import EMA  # noqa: E402
 from emakit.integrations.transformers import EMA_STATE_NAME, EMATrainer, EMATrainerCallback  # noqa: E402
 
 STEPS = 12
+SMOOTHING_4BA = 2 ** (-1 / 4)  # half_life="4ba", one update per optimizer step
 
 
 def make_model() -> GPT2LMHeadModel:
@@ -49,13 +59,36 @@ def make_args(output_dir, **overrides) -> TrainingArguments:
 
 
 class Recorder(TrainerCallback):
-    """The model's state_dict after every optimizer step (float32 copies)."""
+    """The model's state_dict after every optimizer step (float32 copies), and ``state.epoch`` there."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, torch.Tensor]] = []
+        self.epochs: list[float] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.steps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        self.epochs.append(state.epoch)
+
+
+class EvaluateRecorder(TrainerCallback):
+    """The metrics of every on_evaluate event, with its step."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, dict[str, float]]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.events.append((state.global_step, dict(metrics)))
+
+
+class WarningRecords(logging.Handler):
+    """Collects the warnings transformers logs (its loggers do not propagate to the root, so caplog misses them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def closed_form(steps: list[dict[str, torch.Tensor]], smoothing: float) -> dict[str, torch.Tensor]:
@@ -78,9 +111,10 @@ def assert_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 
 
 def plain_eval(model: GPT2LMHeadModel, state: dict[str, torch.Tensor], dataset, tmp_path) -> float:
-    """The eval loss of a fresh copy of the model holding ``state``, by a plain Trainer."""
+    """The eval loss of a fresh copy of the model holding ``state`` (float64 values rounded to the model's float32),
+    by a plain Trainer."""
     copy = make_model()
-    copy.load_state_dict(state)
+    copy.load_state_dict({k: v.float() for k, v in state.items()})
     return Trainer(model=copy, args=make_args(tmp_path / "plain")).evaluate(dataset)["eval_loss"]
 
 
@@ -97,7 +131,8 @@ def test_average_is_the_closed_form_of_each_optimizer_step(tmp_path, accumulatio
     trainer.train()
     assert len(recorder.steps) == STEPS  # one update per optimizer step, not per micro-batch
     assert (ema.num_updates, ema.batches_seen) == (STEPS, STEPS)
-    assert_average(ema.ema_model.state_dict(), closed_form(recorder.steps, ema.smoothing))
+    assert ema.smoothing == SMOOTHING_4BA
+    assert_average(ema.ema_model.state_dict(), closed_form(recorder.steps, SMOOTHING_4BA))
     assert_equal(trainer.model.state_dict(), recorder.steps[-1])  # the model holds its training weights
     assert not torch.equal(ema.ema_model.transformer.wte.weight, trainer.model.transformer.wte.weight)
 
@@ -115,24 +150,50 @@ def test_a_half_life_in_dur_is_a_fraction_of_max_steps(tmp_path):
     EMATrainer(
         model=make_model(), args=make_args(tmp_path), train_dataset=make_data(96, seed=1), callbacks=[recorder], ema=ema
     ).train()
-    assert ema.smoothing == 2 ** (-1 / (0.25 * STEPS))
-    assert_average(ema.ema_model.state_dict(), closed_form(recorder.steps, ema.smoothing))
+    smoothing = 2 ** (-1 / 3)  # 0.25 of the 12 steps
+    assert ema.smoothing == smoothing
+    assert_average(ema.ema_model.state_dict(), closed_form(recorder.steps, smoothing))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_ema_start_in_epochs_starts_at_the_first_step_of_that_epoch(tmp_path, accumulation):
+    recorder, ema = Recorder(), EMA(smoothing=0.8, ema_start="1ep")
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(tmp_path, gradient_accumulation_steps=accumulation),
+        train_dataset=make_data(24 * accumulation, seed=1),  # 6 optimizer steps an epoch: STEPS make 2 epochs
+        callbacks=[recorder],
+        ema=ema,
+    )
+    trainer.train()
+    # on_step_end sees the fractional epoch, reaching 1.0 at the last step of the first epoch (epoch 0)
+    assert recorder.epochs[0] == pytest.approx(1 / 6) and recorder.epochs[5] == 1.0
+    assert recorder.epochs[6] == pytest.approx(1 + 1 / 6)
+    assert ema.num_updates == 6  # steps 7-12: the average starts at the first step of epoch 1
+    assert_average(ema.ema_model.state_dict(), closed_form(recorder.steps[6:], 0.8))
 
 
 def test_evaluations_measure_the_average_and_both(tmp_path):
     evals = {"a": make_data(16, seed=2), "b": make_data(16, seed=3)}
-    recorder, ema = Recorder(), EMA(half_life="4ba")
+    recorder, events, ema = Recorder(), EvaluateRecorder(), EMA(half_life="4ba")
     trainer = EMATrainer(
         model=make_model(),
         args=make_args(tmp_path / "out", eval_strategy="steps", eval_steps=STEPS, eval_on_start=True),
         train_dataset=make_data(48, seed=1),
         eval_dataset=evals,
-        callbacks=[recorder],
+        callbacks=[recorder, events],
         ema=ema,
         ema_eval="both",
     )
     trainer.train()
-    average, weights = ema.ema_model.state_dict(), recorder.steps[-1]
+    average, weights = closed_form(recorder.steps, SMOOTHING_4BA), recorder.steps[-1]
+    # one event per dataset and evaluation, the average's and the training weights' metrics together
+    assert [(step, sorted(k for k in metrics if k.endswith("_loss"))) for step, metrics in events.events] == [
+        (0, ["eval_a_loss"]),
+        (0, ["eval_b_loss"]),
+        (STEPS, ["eval_a_loss", "eval_a_training_loss"]),
+        (STEPS, ["eval_b_loss", "eval_b_training_loss"]),
+    ]
     start = make_model().state_dict()
     logged = {k: v for entry in trainer.state.log_history for k, v in entry.items() if entry.get("step") == STEPS}
     first = {k: v for entry in trainer.state.log_history for k, v in entry.items() if entry.get("step") == 0}
@@ -141,17 +202,63 @@ def test_evaluations_measure_the_average_and_both(tmp_path):
     for name, dataset in evals.items():
         expected_ema = plain_eval(trainer.model, average, dataset, tmp_path)
         expected_training = plain_eval(trainer.model, weights, dataset, tmp_path)
-        assert expected_ema != expected_training
-        assert logged[f"eval_{name}_loss"] == pytest.approx(expected_ema, rel=1e-6)
+        assert expected_ema != pytest.approx(expected_training, rel=1e-3)
+        assert logged[f"eval_{name}_loss"] == pytest.approx(expected_ema, rel=1e-5)
         assert logged[f"eval_{name}_training_loss"] == pytest.approx(expected_training, rel=1e-6)
-        assert called[f"eval_{name}_loss"] == pytest.approx(expected_ema, rel=1e-6)
+        assert called[f"eval_{name}_loss"] == pytest.approx(expected_ema, rel=1e-5)
         assert called[f"eval_{name}_training_loss"] == pytest.approx(expected_training, rel=1e-6)
         # eval_on_start: the average has not started, so the training (initial) weights, under the usual names
         assert first[f"eval_{name}_loss"] == pytest.approx(plain_eval(trainer.model, start, dataset, tmp_path))
         assert f"eval_{name}_training_loss" not in first
-    assert called_one["test_loss"] == pytest.approx(plain_eval(trainer.model, average, evals["b"], tmp_path))
+    assert called_one["test_loss"] == pytest.approx(plain_eval(trainer.model, average, evals["b"], tmp_path), rel=1e-5)
     assert called_one["test_training_loss"] == pytest.approx(plain_eval(trainer.model, weights, evals["b"], tmp_path))
     assert_equal(trainer.model.state_dict(), weights)  # evaluations leave the training weights bit for bit
+    assert len(events.events) == 4 + 2 + 1  # the two calls after training: one event per dataset
+
+
+def test_ema_eval_both_is_one_evaluation_event_that_early_stopping_and_the_best_model_read(tmp_path):
+    recorder, events, warned = Recorder(), EvaluateRecorder(), WarningRecords()
+    dataset = make_data(16, seed=2)
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(
+            tmp_path,
+            eval_strategy="steps",
+            eval_steps=6,
+            save_strategy="steps",
+            save_steps=6,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+        ),
+        train_dataset=make_data(48, seed=1),
+        eval_dataset=dataset,
+        callbacks=[recorder, events, EarlyStoppingCallback(early_stopping_patience=3)],
+        ema=EMA(half_life="4ba"),
+        ema_eval="both",
+    )
+    library_logger = logging.getLogger("transformers")
+    library_logger.addHandler(warned)
+    try:
+        trainer.train()
+    finally:
+        library_logger.removeHandler(warned)
+    assert not [m for m in warned.messages if "metric_for_best_model" in m or "did not find" in m], warned.messages
+    assert [step for step, _ in events.events] == [6, 12]  # one on_evaluate per evaluation
+    logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry or "eval_training_loss" in entry]
+    assert [entry["step"] for entry in logged] == [6, 12]  # one log entry per evaluation
+    for (step, metrics), entry in zip(events.events, logged, strict=True):
+        assert metrics.keys() >= {"eval_loss", "eval_training_loss", "eval_runtime"}
+        assert (
+            entry["eval_loss"] == metrics["eval_loss"] and entry["eval_training_loss"] == metrics["eval_training_loss"]
+        )
+        expected_ema = plain_eval(trainer.model, closed_form(recorder.steps[:step], SMOOTHING_4BA), dataset, tmp_path)
+        expected_training = plain_eval(trainer.model, recorder.steps[step - 1], dataset, tmp_path)
+        assert expected_ema != pytest.approx(expected_training, rel=1e-3)
+        assert metrics["eval_loss"] == pytest.approx(expected_ema, rel=1e-5)
+        assert metrics["eval_training_loss"] == pytest.approx(expected_training, rel=1e-6)
+    best = min(events.events, key=lambda event: event[1]["eval_loss"])
+    assert trainer.state.best_metric == best[1]["eval_loss"]  # ranked by the average's loss
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best[0]}")
 
 
 def test_ema_eval_training_measures_the_training_weights(tmp_path):
@@ -188,7 +295,7 @@ def test_checkpoint_holds_training_weights_when_evaluation_and_saving_coincide(t
         assert_equal(saved, recorder.steps[step - 1])
         state = torch.load(folder / EMA_STATE_NAME, weights_only=True)
         assert (state["num_updates"], state["batches_seen"]) == (step, step)
-        expected = closed_form(recorder.steps[:step], ema.smoothing)
+        expected = closed_form(recorder.steps[:step], SMOOTHING_4BA)
         assert_average(state["weights"], {k: expected[k] for k in state["weights"]})
         assert not torch.equal(state["weights"]["transformer.wte.weight"], saved["transformer.wte.weight"])
 
@@ -260,10 +367,34 @@ def test_callback_alone_with_a_plain_trainer(tmp_path):
         callbacks=[recorder, callback],
     )
     trainer.train()
-    assert_average(callback.ema.ema_model.state_dict(), closed_form(recorder.steps, callback.ema.smoothing))
+    assert_average(callback.ema.ema_model.state_dict(), closed_form(recorder.steps, SMOOTHING_4BA))
     other = EMATrainerCallback(EMA(half_life="4ba"))
     other.load_state(tmp_path / "checkpoint-12")
     assert_equal(other.ema.state_dict()["weights"], callback.ema.state_dict()["weights"])
+
+
+def test_save_state_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    callback = EMATrainerCallback(EMA(smoothing=0.8))
+    callback.ema.update(make_model())
+    path = callback.save_state(tmp_path)
+    assert path == tmp_path / EMA_STATE_NAME and os.listdir(tmp_path) == [EMA_STATE_NAME]
+    saved, first = path.read_bytes(), {k: v.clone() for k, v in callback.ema.state_dict()["weights"].items()}
+    real_save = torch.save
+
+    def save_then_fail(obj, file, *args, **kwargs):  # the state is written, then the write fails (disk full)
+        real_save(obj, file, *args, **kwargs)
+        raise OSError("No space left on device")
+
+    callback.ema.update(make_model())
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        callback.save_state(tmp_path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [EMA_STATE_NAME], "a partial file was left behind"
+    assert path.read_bytes() == saved  # the old state, whole
+    other = EMATrainerCallback(EMA(smoothing=0.8))
+    other.load_state(tmp_path)
+    assert_equal(other.ema.state_dict()["weights"], first)
 
 
 def test_load_best_model_at_end_loads_the_best_average(tmp_path):
@@ -323,8 +454,8 @@ def test_ddp_two_processes_hold_the_same_average(tmp_path):
     assert ranks[0]["ema"]["num_updates"] == ranks[1]["ema"]["num_updates"] == 6
     for key in ("eval_loss", "eval_training_loss"):  # the eval set is split across ranks and the loss gathered
         assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key]
-    smoothing = ranks[0]["ema"]["smoothing"]
-    expected = closed_form(ranks[0]["steps"], smoothing)
+    assert ranks[0]["ema"]["smoothing"] == SMOOTHING_4BA
+    expected = closed_form(ranks[0]["steps"], SMOOTHING_4BA)
     assert_average(ranks[0]["ema"]["weights"], {k: expected[k] for k in ranks[0]["ema"]["weights"]})
     assert ranks[0]["metrics"]["eval_loss"] != ranks[0]["metrics"]["eval_training_loss"]
     saved = torch.load(tmp_path / "checkpoint-6" / EMA_STATE_NAME, weights_only=True)

@@ -6,6 +6,13 @@ optimizers count steps, not micro-batches), in ``on_train_batch_end``::
     first step:   ema = w                              (or at the first step at or after ema_start)
     later steps:  ema = s * ema + (1 - s) * w,         s = 2 ** (-(update_interval / half_life))
 
+``ema_start`` may be in optimizer steps (``"100ba"``), epochs (``"2ep"``: the first optimizer step of
+``trainer.current_epoch == 2``, counted from 0) or a fraction of the run (``"0.3dur"``: of
+``trainer.estimated_stepping_batches``). Each ``fit`` counts its own optimizer steps, so one callback
+can serve several ``fit`` calls (new ``Trainer`` or not): the average carries on across them. (An
+average not started yet then starts by the EMA's own count of optimizer steps, over all fits, for
+``ba`` and ``dur``, and by the running trainer's ``current_epoch`` for ``ep``.)
+
 Validation and test run with the average swapped in (``on_*_epoch_start`` .. ``on_*_epoch_end``;
 nothing before the average starts, so the sanity check sees the training weights); checkpoints
 always hold the training weights, and the callback's state (the average and its counters) rides in
@@ -43,7 +50,8 @@ class EMACallback(pl.Callback):
     Args:
         ema: an :class:`~emakit.EMA` to run; or leave it out and pass ``EMA``'s arguments
             (``half_life``, ``smoothing``, ``ema_start``, ``update_interval``, ``ema_dtype``, ...)
-            as keywords. Time in ``ba`` counts optimizer steps.
+            as keywords. Time in ``ba`` counts optimizer steps, ``ep`` the trainer's epochs (from 0) and
+            ``dur`` fractions of ``trainer.estimated_stepping_batches``.
         evaluate_with_ema: run validation and test with the average (default True).
     """
 
@@ -56,7 +64,8 @@ class EMACallback(pl.Callback):
             raise ValueError(f"evaluate_with_ema={evaluate_with_ema!r} must be True or False")
         self.ema = ema if ema is not None else EMA(**ema_arguments)
         self.evaluate_with_ema = evaluate_with_ema
-        self._last_step = 0  # trainer.global_step at the last update
+        self._last_step = 0  # trainer.global_step of the running fit at the last update (or at its start)
+        self._restored_step: int | None = None  # last_step of a checkpoint loaded into the running fit
 
     @property
     def state_key(self) -> str:
@@ -75,18 +84,40 @@ class EMACallback(pl.Callback):
         return self.ema.save_ema_weights(path)
 
     # ------------------------------------------------------------- training
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Forget a checkpoint loaded into an earlier ``fit``/``validate``: this run restores its own, if any."""
+        self._restored_step = None
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bind the average to the module (now on its device) and tell the EMA the run's optimizer steps."""
         self.ema.attach(pl_module)  # the module is on its device now; a resumed average applies here
         steps = trainer.estimated_stepping_batches  # optimizer steps; inf when the run has no set length
         if math.isfinite(steps):
-            self.ema.set_run_length(steps)  # half-lives in 'dur' get their smoothing; too long ones, a warning
+            self.ema.set_run_length(steps)  # 'dur' half-lives and starts get their steps; too long ones, a warning
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start counting this fit's optimizer steps from ``trainer.global_step``.
+
+        Runs after everything a resume restores, whatever the strategy: the callback's state (before
+        ``on_fit_start``, or after it when ``strategy.restore_checkpoint_after_setup``) and
+        ``trainer.global_step`` (after ``on_fit_start``). A fresh ``Trainer`` starts at step 0, so a
+        second ``fit`` with this callback updates again instead of waiting for its old step count.
+        """
+        step = trainer.global_step
+        restored, self._restored_step = self._restored_step, None
+        if restored is not None and restored < step:
+            # the checkpoint was written after optimizer step `step` but before this callback averaged it
+            # (by a callback listed ahead of this one): the module holds that step's weights, average them now
+            self.ema.update(pl_module, epoch=trainer.current_epoch)
+        self._last_step = step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step > self._last_step:  # an optimizer step happened in this batch
+        """Update the average once per optimizer step (when ``trainer.global_step`` advanced in this batch)."""
+        if trainer.global_step > self._last_step:
             self._last_step = trainer.global_step
-            self.ema.update(pl_module)
+            self.ema.update(pl_module, epoch=trainer.current_epoch)  # the epoch, for ema_start in 'ep'
 
     # ----------------------------------------------------------- evaluation
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,6 +153,6 @@ class EMACallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"ema", "last_step"} - set(state_dict)
         if missing:
-            raise ValueError(f"EMACallback state lacks {sorted(missing)}")
+            raise ValueError(f"EMACallback state lacks {sorted(missing)}; got the keys {sorted(state_dict)}")
         self.ema.load_state_dict(state_dict["ema"])
-        self._last_step = int(state_dict["last_step"])
+        self._last_step = self._restored_step = int(state_dict["last_step"])

@@ -5,6 +5,9 @@ The average follows the EMA recurrence once per optimizer step (after gradient a
     first step:  ema = w                                       (the average starts at the weights)
     later steps: ema = s * ema + (1 - s) * w,   s = 2 ** (-1 / half_life_in_steps)  (or ``smoothing=s``)
 
+``EMA(ema_start=...)`` may be in optimizer steps, epochs (``"1ep"``: the first optimizer step of the
+second epoch) or a fraction of ``max_steps`` (``"0.3dur"``).
+
 Two pieces:
 
 - :class:`EMATrainerCallback` updates the average in ``on_step_end`` and writes its state
@@ -13,9 +16,10 @@ Two pieces:
 - :class:`EMATrainerMixin` / :class:`EMATrainer` add what no callback can do, because the
   ``Trainer`` has no event before an evaluation nor on resume: every ``evaluate()`` (each dataset
   of a dict, ``eval_on_start``, the training loop's evaluations, your own calls) runs with the
-  average swapped in, checkpoints keep the training weights, ``train(resume_from_checkpoint=...)``
-  restores the average exactly, and :meth:`EMATrainerMixin.save_ema_model` writes a
-  ``from_pretrained`` folder of the averaged weights.
+  average swapped in (``ema_eval="both"`` measures the training weights too, in the same evaluation:
+  one log entry and one ``on_evaluate``, holding ``eval_loss`` and ``eval_training_loss``), checkpoints
+  keep the training weights, ``train(resume_from_checkpoint=...)`` restores the average exactly, and
+  :meth:`EMATrainerMixin.save_ema_model` writes a ``from_pretrained`` folder of the averaged weights.
 
 Example (runs on a CPU in seconds)::
 
@@ -36,11 +40,15 @@ Example (runs on a CPU in seconds)::
 Relies on these ``transformers`` internals (checked against 5.24): checkpoints are written to
 ``{output_dir}/checkpoint-{global_step}`` before ``on_save`` fires; the training loop evaluates
 through the public ``evaluate()`` (``Trainer._evaluate`` calls it), which calls itself once per
-dataset of a dict; ``Trainer._load_best_model`` loads ``load_best_model_at_end``'s checkpoint.
+dataset of a dict and measures through ``evaluation_loop(dataloader, description, prediction_loss_only,
+ignore_keys, metric_key_prefix)`` (no legacy ``prediction_loop`` any more); ``on_step_end`` comes with
+``state.epoch = epoch + (step + 1) / steps_in_epoch``; ``Trainer._load_best_model`` loads
+``load_best_model_at_end``'s checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -51,13 +59,14 @@ from torch import nn
 
 try:
     from transformers import Trainer, TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, get_last_checkpoint
 except ImportError as error:  # pragma: no cover - only without the extra
     raise ImportError(
         "emakit.integrations.transformers needs transformers: pip install 'emakit[transformers]'"
     ) from error
 
 from emakit.algorithms.ema import EMA
+from emakit.atomic import atomic_write
 from emakit.tracked import unwrap
 
 __all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin"]
@@ -66,6 +75,20 @@ EMA_STATE_NAME = "emakit_ema.pt"
 """The file, inside each ``checkpoint-N`` folder, holding ``EMA.state_dict()``."""
 
 _EMA_EVAL_MODES = ("ema", "training", "both")
+
+
+def _step_epoch(epoch: float | None) -> int | None:
+    """The epoch (from 0) of the optimizer step that ``on_step_end`` reports, from ``state.epoch``.
+
+    The ``Trainer`` sets ``state.epoch = epoch + (step + 1) / steps_in_epoch`` before ``on_step_end``: a
+    fraction in ``(epoch, epoch + 1]``, reaching ``epoch + 1`` at the epoch's last step, which still belongs
+    to ``epoch`` (``int(state.epoch)`` would be one too many there).
+    """
+    if epoch is None:
+        return None
+    if epoch < 0 or not math.isfinite(epoch):
+        raise ValueError(f"state.epoch={epoch!r} must be a finite number >= 0")
+    return max(math.ceil(epoch) - 1, 0)
 
 
 def _check_ema(ema: Any) -> EMA:
@@ -78,7 +101,9 @@ class EMATrainerCallback(TrainerCallback):
     """Keeps an :class:`~emakit.EMA` of a ``transformers.Trainer``'s model and checkpoints it.
 
     ``on_step_end`` (once per optimizer step, after gradient accumulation) calls
-    ``ema.update(model)``: ``ema = w`` at the first step, then ``ema = s * ema + (1 - s) * w``.
+    ``ema.update(model, epoch=...)``: ``ema = w`` at the first step, then ``ema = s * ema + (1 - s) * w``.
+    The epoch (from 0) is the one the step belongs to, so ``ema_start="1ep"`` starts the average at the
+    first optimizer step of the second epoch; ``ema_start`` in ``dur`` is a fraction of ``max_steps``.
     ``on_save`` writes ``ema.state_dict()`` to ``checkpoint-N/emakit_ema.pt`` (main process
     only). With a plain ``Trainer`` restore it on resume yourself, before ``train``::
 
@@ -100,9 +125,10 @@ class EMATrainerCallback(TrainerCallback):
             self.ema.set_run_length(state.max_steps)  # 'dur' half-lives get their smoothing; too long ones, a warning
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        """Update the average with the weights after this optimizer step."""
         if model is None:
             raise RuntimeError("EMATrainerCallback.on_step_end got no model: add it to a transformers.Trainer")
-        self.ema.update(unwrap(model))
+        self.ema.update(unwrap(model), epoch=_step_epoch(state.epoch))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not args.should_save:  # the main process writes; the average is the same on every process
@@ -118,11 +144,14 @@ class EMATrainerCallback(TrainerCallback):
         self.save_state(folder)
 
     def save_state(self, checkpoint_dir: str | os.PathLike) -> Path:
-        """Write ``ema.state_dict()`` to ``checkpoint_dir/emakit_ema.pt`` (atomically) and return the path."""
+        """Write ``ema.state_dict()`` to ``checkpoint_dir/emakit_ema.pt`` and return the path.
+
+        Written through :func:`emakit.atomic.atomic_write`: a crash or an error midway leaves the old file
+        (or none) and no partial one.
+        """
         path = Path(checkpoint_dir) / EMA_STATE_NAME
-        partial = path.with_name(path.name + ".partial")
-        torch.save(self.ema.state_dict(), partial)
-        os.replace(partial, path)
+        with atomic_write(path) as file:
+            torch.save(self.ema.state_dict(), file)
         return path
 
     def load_state(self, checkpoint_dir: str | os.PathLike) -> None:
@@ -146,7 +175,10 @@ class EMATrainerMixin:
     - ``ema_eval``: what :meth:`evaluate` measures once the average has started: ``"ema"``
       (default) the average, under the usual metric names; ``"training"`` the training weights;
       ``"both"`` the average under ``{prefix}_*`` and the training weights under
-      ``{prefix}_training_*`` (``eval_loss`` and ``eval_training_loss``).
+      ``{prefix}_training_*`` (``eval_loss`` and ``eval_training_loss``), measured by two passes
+      of ``evaluation_loop`` within one evaluation: one log entry and one ``on_evaluate`` hold both,
+      so ``metric_for_best_model``, ``EarlyStoppingCallback`` and the loggers see every metric at once
+      (``eval_runtime`` and the throughputs cover both passes).
 
     The average is swapped in only inside ``evaluate``; checkpoints' model weights are always the
     training weights. ``train(resume_from_checkpoint=...)`` restores the average from the
@@ -168,6 +200,7 @@ class EMATrainerMixin:
         self.ema = _check_ema(ema)
         self.ema_eval = ema_eval
         self.ema_callback = EMATrainerCallback(ema)
+        self._ema_measure_training = False  # set by evaluate with ema_eval="both", taken up by evaluation_loop
         super().__init__(*args, **kwargs)
         self.add_callback(self.ema_callback)
 
@@ -178,7 +211,12 @@ class EMATrainerMixin:
         metric_key_prefix: str = "eval",
         **kwargs: Any,
     ) -> dict[str, float]:
-        """``Trainer.evaluate`` with the average swapped into the model (see ``ema_eval``)."""
+        """``Trainer.evaluate`` with the average swapped into the model (see ``ema_eval``).
+
+        One call is one evaluation event: one ``log`` and one ``on_evaluate`` (per dataset of a dict), whose
+        metrics with ``ema_eval="both"`` hold the average's (``{prefix}_*``) and the training weights'
+        (``{prefix}_training_*``) together; :meth:`evaluation_loop` measures both.
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if (
             isinstance(dataset, dict)  # Trainer.evaluate calls evaluate once per dataset: each lands below
@@ -187,11 +225,56 @@ class EMATrainerMixin:
             or self.ema.swapped  # called inside ema_weights(...): evaluate what the model holds
         ):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
-        with self.ema.ema_weights(self.model):
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
-        if self.ema_eval == "both":
-            metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_training", **kwargs))
-        return metrics
+        self._ema_measure_training = self.ema_eval == "both"  # taken up by this evaluation's evaluation_loop
+        try:
+            with self.ema.ema_weights(self.model):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        finally:
+            self._ema_measure_training = False
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+        **kwargs: Any,
+    ) -> EvalLoopOutput:
+        """``Trainer.evaluation_loop``; inside an :meth:`evaluate` with ``ema_eval="both"`` it loops twice.
+
+        First over the model as :meth:`evaluate` left it (the average swapped in), then, with the
+        training weights put back for the second loop only, under ``metric_key_prefix + "_training"``;
+        the second loop's metrics join the first's in the returned output, predictions and labels are the
+        average's. ``predict`` and other calls loop once, over what the model holds.
+        """
+        output = super().evaluation_loop(
+            dataloader,
+            description=description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+            **kwargs,
+        )
+        if not getattr(self, "_ema_measure_training", False):
+            return output
+        self._ema_measure_training = False  # once per evaluate
+        training_prefix = f"{metric_key_prefix}_training"
+        self.ema.get_training_model(self.model)  # out of the average for this loop only
+        try:
+            training = super().evaluation_loop(
+                dataloader,
+                description=description,
+                prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=training_prefix,
+                **kwargs,
+            )
+        finally:
+            self.ema.get_ema_model(self.model)  # evaluate's ema_weights block swaps it out again on its exit
+        preparation = f"{training_prefix}_model_preparation_time"  # the same number as the first loop's
+        metrics = {**output.metrics, **{k: v for k, v in training.metrics.items() if k != preparation}}
+        return output._replace(metrics=metrics)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``, restoring the average from the checkpoint when resuming."""
