@@ -11,7 +11,21 @@ which is what the per-update factor ::
 gives when the average is updated every ``dt`` steps (the first update, ``t = dt``, copies). The
 relative width of that profile is ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``,
 and ``gamma`` is the largest real root of ``gamma**3 + 7 gamma**2 + (16 - sigma_rel**-2) gamma +
-(12 - sigma_rel**-2)``. Every ``snapshot_interval`` a snapshot of each average is written.
+(12 - sigma_rel**-2)``. Unrolled, the weights of update step ``t_k`` weigh
+``(t_k ** (gamma + 1) - t_(k-1) ** (gamma + 1)) / t ** (gamma + 1)`` in the average at ``t``.
+
+Every ``snapshot_interval`` a snapshot of each average (at its last update's step) is written to
+``phema-<step>-<sigma_rel>.pt``, atomically (:func:`emakit.atomic.atomic_write`): a crash leaves the
+previous file or the new one. A snapshot holds every ``state_dict`` key of the model, full tensors:
+
+* The averages are laid out for the model passed to :meth:`PostHocEMA.update` before a snapshot is
+  written, so a run resumed from a state (which holds the averages but no model) writes the same
+  snapshots as an uninterrupted one, also when ``update_interval`` and ``snapshot_interval`` do not
+  line up. A snapshot without weights is never written: RuntimeError instead.
+* Under FSDP2 (``fully_shard``) the averages are DTensor shards: :meth:`PostHocEMA.write_snapshots`
+  gathers them one tensor at a time (``full_tensor()``, a collective: every rank calls it, which
+  ``update`` and the Trainer do), and rank 0 writes. In a Trainer the averages are laid out for the
+  sharded model at ``Event.BEFORE_LOAD``, so that a sharded checkpoint loads into them.
 
 After training, :func:`synthesize` finds the mix of snapshots whose profile is closest, in least
 squares, to the profile of any other ``sigma_rel`` at any time, and returns those weights: the inner
@@ -35,8 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from emakit.atomic import atomic_path, atomic_write
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.core.state import State
@@ -157,7 +174,12 @@ class PostHocEMA(Algorithm):
 
     # ------------------------------------------------------------- averaging
     def update(self, model: nn.Module) -> bool:
-        """Count one optimizer step; update the averages (and write snapshots) when due. True when updated."""
+        """Count one optimizer step; update the averages (and write snapshots) when due. True when updated.
+
+        At step ``t``, ``dt`` steps after the last update: ``ema = beta ema + (1 - beta) w`` with
+        ``beta = (1 - dt / t) ** (gamma + 1)`` (the first update copies). Under FSDP2 call it on every
+        rank: writing a snapshot gathers the shards.
+        """
         self.steps += 1
         updated = False
         if self.steps % self.update_interval == 0:
@@ -170,41 +192,91 @@ class PostHocEMA(Algorithm):
             self.last_update = t
             updated = True
         if self.steps % self.snapshot_interval == 0 and self.last_update > 0:
-            self.write_snapshots()
+            self.write_snapshots(model)
         return updated
 
-    def write_snapshots(self) -> list[Path]:
-        """Write every average's snapshot at its last update's step (atomically; only rank 0 under torchrun)."""
-        import torch.distributed as dist
+    def attach(self, model: nn.Module) -> None:
+        """Lay every average out for ``model`` now (allocating it, or placing a loaded state in it)."""
+        for shadow in self.shadows:
+            shadow.attach(model)
 
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return []
-        self.folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for shadow, sigma_rel, gamma in zip(self.shadows, self.sigma_rels, self.gammas):
-            path = self.folder / f"phema-{self.last_update:010d}-{sigma_rel:.4f}.pt"
+    def write_snapshots(self, model: nn.Module | None = None) -> list[Path]:
+        """Write every average's snapshot at its last update's step; returns the paths written (rank 0's).
+
+        Each snapshot is ``{"t", "sigma_rel", "gamma", "weights"}``, ``weights`` keyed by the model's
+        ``state_dict`` keys, written atomically. With ``model`` the averages are first laid out for it
+        (needed after :meth:`load_state_dict` when no update has run since). Sharded (DTensor) averages
+        are gathered one tensor at a time: a collective, so every rank must call; rank 0 writes, the
+        others return ``[]``. Raises RuntimeError, writing nothing, before any update or when an
+        average holds no weights (loaded from a state without its keys, and no model given).
+        """
+        if self.last_update == 0:
+            raise RuntimeError(
+                f"PostHocEMA.write_snapshots: no update yet (steps={self.steps}, update_interval="
+                f"{self.update_interval}ba): there is no average to write"
+            )
+        if model is not None:
+            self.attach(model)
+        averages = []
+        for shadow, sigma_rel in zip(self.shadows, self.sigma_rels):
             average = shadow.state_dict()
-            weights = {key: average[name].detach().cpu().clone() for key, name in shadow.state_dict_keys.items()}
-            partial = path.with_name(f".{path.name}.partial")
-            torch.save({"t": self.last_update, "sigma_rel": sigma_rel, "gamma": gamma, "weights": weights}, partial)
-            os.replace(partial, path)
+            keys = dict(shadow.state_dict_keys)
+            missing = sorted({name for name in keys.values() if name not in average})
+            if not average or not keys or missing:
+                what = f"misses {missing[:5]}" if missing else "has no weights"
+                raise RuntimeError(
+                    f"PostHocEMA: the average of sigma_rel={sigma_rel} {what} to write (it was loaded from a "
+                    "state and has not been laid out for a model since); pass the model: write_snapshots(model)"
+                )
+            averages.append((average, keys))
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        if main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for (average, keys), sigma_rel, gamma in zip(averages, self.sigma_rels, self.gammas):
+            tensors = {}
+            for name in dict.fromkeys(keys.values()):  # one tensor at a time, in the same order on every rank
+                value = average[name]
+                if isinstance(value, DTensor):
+                    value = value.full_tensor()  # collective; a fresh tensor, dropped at once on other ranks
+                elif not main:
+                    continue
+                if main:
+                    tensors[name] = _own_cpu_copy(value)
+            if not main:
+                continue
+            path = self.folder / f"phema-{self.last_update:010d}-{sigma_rel:.4f}.pt"
+            snapshot = {
+                "t": self.last_update,
+                "sigma_rel": sigma_rel,
+                "gamma": gamma,
+                "weights": {key: tensors[name] for key, name in keys.items()},
+            }
+            with atomic_write(path) as file:
+                torch.save(snapshot, file)
+            del tensors, snapshot  # one average's full copy at a time
             paths.append(path)
         return paths
 
     # --------------------------------------------------------------- trainer
     def match(self, event: Event, state: State) -> bool:
-        return event is Event.BATCH_END
+        return event in (Event.BATCH_END, Event.BEFORE_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        self.update(state.model)
+        if event is Event.BEFORE_LOAD:  # allocate now: a sharded checkpoint is loaded into the averages in place
+            self.attach(state.model)
+        else:
+            self.update(state.model)
 
     def state_dict(self) -> dict[str, Any]:
+        """The clock, the averages (DTensor shards under FSDP2) and the model's keys they are saved under."""
         return {
             "version": _STATE_VERSION,
             "sigma_rels": list(self.sigma_rels),
             "steps": self.steps,
             "last_update": self.last_update,
             "weights": [shadow.state_dict() for shadow in self.shadows],
+            "state_dict_keys": [dict(shadow.state_dict_keys) for shadow in self.shadows],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -216,9 +288,26 @@ class PostHocEMA(Algorithm):
             raise ValueError(
                 f"PostHocEMA state tracks sigma_rels {state['sigma_rels']}, this one {list(self.sigma_rels)}"
             )
-        for shadow, weights in zip(self.shadows, state["weights"]):
+        keys = state.get("state_dict_keys") or [{} for _ in self.shadows]  # absent from older states
+        for shadow, weights, saved_keys in zip(self.shadows, state["weights"], keys):
             shadow.load_state_dict(weights)
+            if shadow.attached_model() is None:  # a snapshot before the next attach writes under these keys
+                shadow.state_dict_keys = dict(saved_keys)
         self.steps, self.last_update = int(state["steps"]), int(state["last_update"])
+
+
+def _own_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU as a tensor whose storage holds its bytes only (``torch.save`` writes whole storages).
+
+    A CPU tensor that already has a storage of its own (a gathered tensor, an average's slice) is not copied.
+    """
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        return tensor.cpu()
+    own = tensor.is_contiguous() and tensor.storage_offset() == 0
+    if own and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
 
 
 def snapshots_in(folder: str | os.PathLike) -> list[tuple[int, float, Path]]:
@@ -285,7 +374,9 @@ def run(args: argparse.Namespace) -> int:
         weights = synthesize(args.folder, args.sigma_rel, at=args.at)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"emakit posthoc: {error}") from None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(args.out), metadata={"producer": "emakit posthoc"})
+    with atomic_path(args.out) as partial:  # the previous file stays whole until the new one is
+        save_file(
+            {k: v.contiguous() for k, v in weights.items()}, str(partial), metadata={"producer": "emakit posthoc"}
+        )
     print(f"wrote {len(weights)} tensors of a sigma_rel={args.sigma_rel} EMA to {args.out}")
     return 0
