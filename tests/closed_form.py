@@ -14,6 +14,7 @@ class ClosedForm:
 
     def update(self, weights: dict[str, torch.Tensor]) -> None:
         s = self.smoothing
+        weights = {k: w.double() if w.is_floating_point() else w for k, w in weights.items()}
         if self.ema is None:
             self.ema = dict(weights)
         else:

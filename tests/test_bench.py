@@ -161,3 +161,32 @@ def test_quick_bench_times_several_averages_against_one_and_against_separate_ema
     assert several["averages"] == 3
     assert several["several_vs_one"] == several["several_s"] / several["one_s"] > 0
     assert several["separate_vs_one"] == several["separate_s"] / several["one_s"] > 0
+
+
+def test_the_device_report_measures_update_swap_and_overlap_against_a_copy(tmp_path) -> None:
+    """``scripts/gpu-check`` runs this on CUDA; on the CPU it runs the same code (asynchronous updates fall back)."""
+    from emakit.bench import device_report
+
+    path = tmp_path / "report.json"
+    with pytest.warns(UserWarning, match="async_update=True needs a model on one CUDA device"):
+        code = device_report.main(
+            ["--device", "cpu", "--quick", "--repeats", "2", "--layouts", "convnet", "--json", str(path)]
+        )
+    assert code == 0
+    report = json.loads(path.read_text())
+    layout = report["layouts"]["convnet"]
+    assert layout["numel"] > 0 and layout["copy_GBps"] > 0
+    for mode in ("default", "flatten_model"):
+        assert layout[mode]["update_fraction_of_copy_bandwidth"] > 0 and layout[mode]["swap_vs_one_copy"] > 0
+    assert {"none_s", "sync_s", "async_s", "hidden"} <= set(report["overlap"])
+
+
+def test_gpu_check_refuses_a_machine_without_cuda(tmp_path) -> None:
+    import subprocess
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: scripts/gpu-check would run")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check"
+    result = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "torch sees no CUDA device" in result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -642,3 +643,66 @@ def test_a_write_under_the_outer_swap_is_found_after_a_nested_swap(order):
     with pytest.raises(RuntimeError, match=r"module\.0\.bias"):
         outer.get_training_model(model)
     assert_equal_state(snapshot(model), training)
+
+
+@pytest.mark.parametrize(
+    ("saved", "loading", "fragment"),
+    [
+        ({"half_life": "10ba"}, {"half_life": "20ba"}, "half_lives ['10ba'] saved, ['20ba'] here"),
+        ({"smoothing": 0.9}, {"smoothing": 0.99}, "smoothings [0.9] saved, [0.99] here"),
+        ({"half_life": "10ba"}, {"half_life": "10ba", "update_interval": "2ba"}, "update_interval '1ba' saved"),
+        ({"half_life": "10ba"}, {"half_life": "10ba", "warmup": "tf"}, "warmup None saved, 'tf' here"),
+        ({"smoothing": 0.9, "warmup": "tf"}, {"smoothing": 0.9, "warmup": "tf", "min_smoothing": 0.5}, "min_smoothing"),
+    ],
+)
+def test_a_state_saved_with_other_rates_is_refused_by_name(saved, loading, fragment):
+    model = make_model()
+    source = EMA(**saved)
+    for batch in make_batches(2):
+        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch)
+        source.update(model)
+    target = EMA(**loading)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        target.load_state_dict(source.state_dict())
+    assert not target.started
+
+
+def test_strict_false_continues_a_state_at_the_new_rate_with_a_warning():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    source, reference = EMA(smoothing=0.9), ClosedForm(0.9)
+    batches = make_batches(6)
+    for batch in batches[:3]:
+        train_step(model, optimizer, batch)
+        source.update(model)
+        reference.update(weights64(model))
+    target = EMA(smoothing=0.5)
+    with pytest.warns(UserWarning, match=re.escape("smoothings [0.9] saved, [0.5] here")):
+        target.load_state_dict(source.state_dict(), strict=False)
+    reference.smoothing = 0.5
+    for batch in batches[3:]:
+        train_step(model, optimizer, batch)
+        target.update(model)
+        reference.update(weights64(model))
+    assert_close_to(ema_state(target, model), reference.ema)
+
+
+def test_ema_state_dict_is_a_detached_copy_keyed_like_the_models_state_dict():
+    model = make_model(batchnorm=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema, reference = EMA(half_life=("2ba", "4ba")), [ClosedForm(2**-0.5), ClosedForm(2**-0.25)]
+    for batch in make_batches(4):
+        train_step(model, optimizer, batch)
+        ema.update(model)
+        for closed in reference:
+            closed.update(weights64(model))
+    for index, closed in enumerate(reference):
+        exported = ema.ema_state_dict(index)
+        assert list(exported) == list(model.state_dict())
+        assert_close_to({k: v for k, v in exported.items() if v.is_floating_point()}, closed.ema)
+        before = {k: v.clone() for k, v in ema.ema_state_dict(index).items()}
+        for value in exported.values():
+            value.zero_()  # the copy is the caller's
+        assert_equal_state(ema.ema_state_dict(index), before)
+        plain = make_model(batchnorm=True)
+        plain.load_state_dict(exported)

@@ -52,7 +52,8 @@ def test_exclude_leaves_matching_tensors_untracked_and_unswapped():
     with ema.ema_weights(model):
         assert torch.equal(model[3].weight, last)  # untracked: the model keeps its own
         torch.testing.assert_close(model[0].weight.double(), reference.ema["0.weight"], rtol=1e-5, atol=1e-6)
-    assert ema.ema_model[3].weight is model[3].weight  # shared, not copied
+    copied = ema.ema_model[3].weight  # untracked: the model's own values, copied (ema_model owns its tensors)
+    assert torch.equal(copied, model[3].weight) and copied.data_ptr() != model[3].weight.data_ptr()
 
 
 def test_include_tracks_only_matching_tensors():
@@ -69,7 +70,8 @@ def test_trainable_only_skips_a_frozen_base_and_follows_an_unfrozen_one():
     reference = train(model, ema)
     tracked = {"1.weight", "1.bias", "1.running_mean", "1.running_var", "3.weight", "3.bias"}
     assert_average(ema, reference, tracked)
-    assert ema.ema_model[0].weight is model[0].weight
+    assert torch.equal(ema.ema_model[0].weight, model[0].weight)
+    assert ema.ema_model[0].weight.data_ptr() != model[0].weight.data_ptr()
     everything = EMA(smoothing=SMOOTHING)
     everything.update(model)
     frozen_bytes = sum(p.numel() * p.element_size() for p in model[0].parameters())

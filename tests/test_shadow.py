@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from emakit.shadow import ShadowWeights
+from emakit.storage.layout import normalize_device
 
 
 def make_model() -> nn.Module:
@@ -317,40 +318,97 @@ def test_cross_dtype_swap_casts_in_and_restores_the_training_weights_exactly():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in training.items())
 
 
-def test_offloaded_average_on_cpu_matches_closed_form():
+@pytest.mark.parametrize("flatten", MODES)
+def test_an_average_of_another_dtype_is_updated_through_the_casting_path(flatten):
+    """The path an offloaded or fp32-of-bf16 average takes (on a GPU machine tests/gpu runs the offload itself)."""
     model = make_model()
-    shadow = ShadowWeights(ema_device="cpu")
+    shadow = ShadowWeights(ema_dtype=torch.float64, flatten_model=flatten)
     history = run_updates(shadow, model, steps=4, weight=0.2)
-    assert all(t.device.type == "cpu" for t in shadow.state_dict().values())
-    assert_matches(shadow, closed_form(history, 0.2))
+    state = shadow.state_dict()
+    assert all(state[name].dtype == torch.float64 for name in history[0])
+    assert_matches(shadow, closed_form(history, 0.2), atol=1e-12)
+    training = float_state(model)
+    shadow.swap_in(model)
+    for name, value in float_state(model).items():  # the average, cast to the model's float32
+        torch.testing.assert_close(value, state[name].float().double(), rtol=0, atol=0, msg=name)
+    shadow.swap_out(model)
+    for name, value in float_state(model).items():
+        assert torch.equal(value, training[name]), name
+
+
+@pytest.mark.parametrize("spelling", ["cpu", "cpu:0"])
+def test_ema_device_is_compared_as_tensors_report_theirs(spelling):
+    """'cpu:0' is the CPU: the average is laid out as for 'cpu' (it used to take the casting path and miss writes)."""
+    assert normalize_device(spelling) == torch.device("cpu")
+    model = make_model()
+    shadow = ShadowWeights(ema_device=spelling)
+    history = run_updates(shadow, model, steps=3, weight=0.5)
+    assert all(t.device == torch.device("cpu") for t in shadow.state_dict().values())
+    assert_matches(shadow, closed_form(history, 0.5))
+    shadow.swap_in(model)
+    with torch.no_grad():
+        model[0].weight.neg_()
+    with pytest.raises(RuntimeError, match=r"0\.weight"):
+        shadow.swap_out(model)
+    assert_matches(shadow, closed_form(history, 0.5))
+
+
+def test_flatten_model_buffers_padding_never_holds_nan(monkeypatch):
+    """skip_nonfinite reads the flat model buffer whole: its alignment padding must not hold an allocator's old
+    bytes. CUDA's caching allocator hands out blocks holding old values, NaN among them: torch.empty does here too."""
+    real_empty = torch.empty
+
+    def stale_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", stale_empty)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 1))  # 15 + 3 + 3 + 1 floats: every tensor padded
+    from emakit import EMA
+
+    ema = EMA(smoothing=0.5, flatten_model=True, skip_nonfinite=True)
+    history = []
+    for step in range(4):
+        perturb(model, step)
+        history.append(float_state(model))
+        ema.update(model)
+    assert ema.num_skipped == 0
+    assert_matches(ema.shadow, closed_form(history, 0.5))
 
 
 @pytest.mark.parametrize("flatten", MODES)
-def test_module_holds_the_average_always_and_stays_the_same_object(flatten):
+def test_module_is_a_copy_of_the_average_that_nothing_done_to_it_reaches(flatten):
     model = make_model()
     shadow = ShadowWeights(flatten_model=flatten)
     history = run_updates(shadow, model, steps=2, weight=0.5)
     ema_model = shadow.module(model)
     assert type(ema_model) is type(model) and ema_model is not model
     assert not ema_model[0].weight.requires_grad
-    history += run_updates(shadow, model, steps=2, weight=0.5, start=2)  # it follows updates: no copy
     expected = closed_form(history, 0.5)
 
-    def assert_holds_the_average() -> None:
-        for name, value in ema_model.state_dict().items():
+    def assert_holds(module: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+        for name, value in module.state_dict().items():
             if value.is_floating_point():
                 torch.testing.assert_close(value.double(), expected[name], atol=1e-6, rtol=1e-6, msg=name)
 
-    assert_holds_the_average()
-    shadow.swap_in(model)  # the average is in the model now: the module follows it there
-    assert_holds_the_average()
-    shadow.swap_out(model)
-    assert_holds_the_average()
-    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    history += run_updates(shadow, model, steps=1, weight=0.5, start=4)
-    expected = closed_form(history, 0.5)
+    assert_holds(ema_model, expected)
+    assert shadow.module(model) is ema_model  # the same copy until the average changes
+    shadow.swap_in(model)
     assert shadow.module(model) is ema_model
-    assert_holds_the_average()
+    shadow.swap_out(model)
+    # what users do to a module they own: none of it reaches the average
+    with torch.no_grad():
+        ema_model[0].weight.neg_()
+        ema_model[0].weight.data.mul_(3)
+    ema_model.load_state_dict({k: torch.zeros_like(v) for k, v in ema_model.state_dict().items()})
+    ema_model.half()
+    ema_model.to(torch.float64)
+    assert_matches(shadow, expected)
+    history += run_updates(shadow, model, steps=1, weight=0.5, start=2)
+    fresh = shadow.module(model)
+    assert fresh is not ema_model  # the average changed: a new copy
+    assert_holds(fresh, closed_form(history, 0.5))
+    assert_matches(shadow, closed_form(history, 0.5))
 
 
 def test_state_loaded_before_the_model_is_seen_applies_at_first_use():

@@ -76,3 +76,38 @@ def test_update_bn_of_an_empty_loader_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="no batches"):
         emakit.update_bn([], model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [{"buffers": "ignore"}, {"exclude": "*.running_*"}, {"exclude": "1.num_batches_tracked"}],
+    ids=["buffers-ignored", "statistics-excluded", "count-excluded"],
+)
+def test_update_bn_of_an_ema_not_tracking_the_statistics_is_refused_and_changes_nothing(selection):
+    """The statistics would be measured into the training model, with nowhere in the average to keep them."""
+    model = make_model()
+    ema = EMA(smoothing=0.9, **selection)
+    ema.update(model)
+    training, average = state(model), {k: v.clone() for k, v in ema.state_dict()["weights"].items()}
+    with pytest.raises(
+        ValueError, match=r"update_bn: this EMA does not track the BatchNorm statistics 1\.(running|num)"
+    ):
+        ema.update_bn(batches(), model)
+    for name, value in training.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    for name, value in average.items():
+        assert torch.equal(ema.state_dict()["weights"][name], value), name
+
+
+def test_update_bn_with_copied_buffers_keeps_the_measured_statistics_in_the_average():
+    model, reference = make_model(), make_model()
+    ema = EMA(smoothing=0.9, buffers="copy")
+    ema.update(model)
+    training = state(model)
+    ema.update_bn(batches(), model)
+    torch_update_bn(batches(), reference)  # the same weights: the average is the weights after one update
+    averaged = ema.ema_state_dict()
+    for name in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var"):
+        torch.testing.assert_close(averaged[name], reference.state_dict()[name], rtol=1e-6, atol=1e-7, msg=name)
+    for name, value in training.items():
+        assert torch.equal(model.state_dict()[name], value), name

@@ -29,13 +29,13 @@ def _kill_marked(marker: str) -> None:
                     os.kill(int(entry.name), signal.SIGKILL)
 
 
-def torchrun(script: Path, *args: str, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node 2 script *args``, output captured.
+def torchrun(script: Path, *args: str, timeout: float = 90, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node NPROC script *args`` (2 by default), output captured.
 
     On timeout every process of the launch is killed (none is left running) and TimeoutExpired raised.
     """
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args,
     ]  # fmt: skip
     marker = uuid.uuid4().hex

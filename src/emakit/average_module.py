@@ -1,10 +1,11 @@
-"""``ema.ema_model``: a module of the model's type whose tensors hold the average, with no copy of the weights.
+"""``ema.ema_model``: a module of the model's type holding a copy of the average, independent of the EMA.
 
-The module is a deep copy of the model's structure whose parameters and buffers are the
-average's own tensors, so it follows every update. While the average sits in the model's
-memory (an exchanging swap) its tensors point there; after a re-layout they point at the new
-average. For a sharded (FSDP2) model, whose structure cannot be deep-copied once sharded, a
-plain module is filled with the gathered average instead, at each access.
+What users of timm's ``ModelEmaV3.module`` and torch's ``AveragedModel.module`` do with it —
+evaluate it, ``state_dict()`` it, move it, ``.half()`` it, fine-tune it — then never reaches the
+average: the module owns its tensors. It costs a copy of the model (the average's dtype for the
+averaged tensors, everything else copied as it is) while it is held. For a sharded (FSDP2) model it
+is a plain, unsharded module, made from a weightless copy of the model's structure taken before
+sharding and the gathered average.
 """
 
 from __future__ import annotations
@@ -18,44 +19,23 @@ from torch.distributed.tensor import DTensor
 
 from emakit.tracked import fill_tensors
 
-__all__ = ["AverageModule", "gathered_module"]
+__all__ = ["average_module", "gathered_module"]
 
 
-class AverageModule:
-    """Keeps the one module of the model's type that holds the average, and points it at the average's holders."""
+def _owned(model_tensor: torch.Tensor, average: torch.Tensor) -> torch.Tensor:
+    value = average.detach().clone()
+    return nn.Parameter(value, requires_grad=False) if isinstance(model_tensor, nn.Parameter) else value
 
-    def __init__(self) -> None:
-        self.module: nn.Module | None = None
-        self._tensors: dict[str, torch.Tensor] = {}  # by tracked name: the module's own tensor objects
 
-    def get(
-        self,
-        model: nn.Module,
-        averages: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
-        shared: Iterable[torch.Tensor] = (),
-    ) -> nn.Module:
-        """The module, built on first use from ``model`` and ``(name, model tensor, holder of its average)``.
+def average_module(model: nn.Module, averages: Iterable[tuple[str, torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """A deep copy of ``model`` whose tracked tensors are copies of their averages.
 
-        Tensors in ``shared`` (those the EMA does not track: a frozen base) are the model's own in it, not copies.
-        """
-        if self.module is None:
-            memo: dict[int, object] = {id(t): t for t in shared}
-            self._tensors = {}
-            for name, tensor, holder in averages:
-                held = nn.Parameter(holder, requires_grad=False) if isinstance(tensor, nn.Parameter) else holder
-                memo[id(tensor)] = self._tensors[name] = held
-            self.module = copy.deepcopy(model, memo)
-        return self.module
-
-    def repoint(self, holders: dict[str, torch.Tensor]) -> None:
-        """Point the module's tensors at ``holders`` (by name); forget the module when names or shapes changed."""
-        if self.module is None:
-            return
-        if holders.keys() != self._tensors.keys() or any(t.shape != holders[n].shape for n, t in self._tensors.items()):
-            self.module = None  # the model changed: the next ema_model is a new module
-            return
-        for name, held in self._tensors.items():
-            held.data = holders[name]
+    ``averages`` holds ``(name, model tensor, tensor holding its average)``; the model's other tensors
+    (those the EMA does not track) are copied as they are. Parameters holding an average do not
+    require gradients (``requires_grad_(True)`` to fine-tune the copy).
+    """
+    memo: dict[int, object] = {id(tensor): _owned(tensor, holder) for _, tensor, holder in averages}
+    return copy.deepcopy(model, memo)
 
 
 def gathered_module(skeleton: nn.Module | None, averages: dict[str, torch.Tensor]) -> nn.Module:
@@ -67,8 +47,8 @@ def gathered_module(skeleton: nn.Module | None, averages: dict[str, torch.Tensor
         raise ValueError(
             "ema_model of an FSDP-sharded model needs a copy of its structure taken before sharding (FSDP "
             "refuses deepcopy): let emakit shard it (Trainer(parallelism='fsdp')) or call "
-            "ema.remember_structure(model) before fully_shard; or use `with ema.ema_weights(model):` "
-            "or ema.save_ema_weights(path)"
+            "ema.remember_structure(model) before fully_shard; or use `with ema.ema_weights(model):`, "
+            "ema.ema_state_dict() or ema.save_ema_weights(path)"
         )
     full = {name: t.full_tensor() if isinstance(t, DTensor) else t.clone() for name, t in averages.items()}
     return fill_tensors(copy.deepcopy(skeleton), full)

@@ -11,30 +11,38 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from emakit.atomic import atomic_path
 
-__all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state"]
+__all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state", "save_state_dict"]
 
 
-def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
-    """Write the weights of an ``EMA.state_dict()`` to ``path`` as safetensors; returns the path."""
+def save_state_dict(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a model ``state_dict`` to ``path`` as safetensors, atomically (rank 0 writes); returns the path."""
     from safetensors.torch import save_file
 
-    weights, keys = state.get("weights") or {}, state.get("state_dict_keys") or {}
-    if not state.get("started") or not weights:
-        raise ValueError("the EMA has not started: there are no EMA weights to save")
-    # Sharded (DTensor) averages are gathered here: every rank must call, rank 0 writes.
-    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in weights.items()}
-    tensors = {key: full[name].detach().to("cpu").contiguous().clone() for key, name in keys.items()}
+    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}  # tied: apart
     path = Path(path)
     if dist.is_initialized() and dist.get_rank() != 0:
         return path
     with atomic_path(path) as partial:
         save_file(tensors, str(partial), metadata={"format": "pt", "producer": "emakit"})
     return path
+
+
+def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
+    """Write the weights of an ``EMA.state_dict()`` to ``path`` as safetensors; returns the path.
+
+    Sharded (DTensor) averages are gathered here: every rank must call, rank 0 writes.
+    """
+    weights, keys = state.get("weights") or {}, state.get("state_dict_keys") or {}
+    if not state.get("started") or not weights:
+        raise ValueError("the EMA has not started: there are no EMA weights to save")
+    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in weights.items()}
+    return save_state_dict({key: full[name] for key, name in keys.items()}, path)
 
 
 def ema_states_in_checkpoint(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:

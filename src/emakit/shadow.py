@@ -35,9 +35,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from emakit.average_module import AverageModule, gathered_module
-from emakit.flat import FlatGroup, is_dense
-from emakit.side_stream import SideStream
+from emakit.average_module import average_module, gathered_module
+from emakit.side_stream import CUDA, SideStream, StreamOps
+from emakit.storage import BoundGroup, CastGroup, Group, InPlaceGroup
+from emakit.storage.layout import is_dense, normalize_device
 from emakit.tracked import (
     EVERYTHING,
     Change,
@@ -46,7 +47,6 @@ from emakit.tracked import (
     describe_mismatch,
     local,
     match_wrapped_names,
-    tracked_tensors,
     unwrap,
     weightless_copy,
 )
@@ -128,6 +128,7 @@ class ShadowWeights:
         async_update: bool = False,
         flatten_model: bool = False,
         selection: Selection = EVERYTHING,
+        stream_ops: StreamOps = CUDA,
     ) -> None:
         resolve_ema_dtype(ema_dtype, torch.float32)  # validates
         for name, flag in (("async_update", async_update), ("flatten_model", flatten_model)):
@@ -141,14 +142,17 @@ class ShadowWeights:
         self.async_update = async_update
         self.flatten_model = flatten_model
         self.selection = selection
+        self._stream_ops = stream_ops  # the device calls of asynchronous updates (CUDA's)
         self._side_stream: SideStream | None = None
-        self._groups: list[FlatGroup] = []
+        self._generation = 0  # counts the layouts and followed changes of the model's tensors
+        self._streamed = -1  # the generation whose memory the side stream was told of
+        self._groups: list[Group] = []
         self._model: nn.Module | None = None  # the model the groups are laid out for (held: ema_model needs it)
         self._tracked: TrackedTensors | None = None  # its tensors, and the check that they are current
         self._key: dict[str, tuple] = {}  # per tracked name: what must stay the same to keep the layout
         self._pending: dict[str, torch.Tensor] | None = None  # loaded before any model was seen
         self._skeleton: nn.Module | None = None  # a weightless copy of the model, for ema_model under FSDP
-        self._module = AverageModule()
+        self._snapshot: nn.Module | None = None  # ema_model: a copy of the average, until the average changes
         self.state_dict_keys: dict[str, str] = {}  # the model's state_dict key -> tracked name (tied: several)
 
     # ----------------------------------------------------------------- layout
@@ -197,11 +201,10 @@ class ShadowWeights:
     def _follow(self, tracked: TrackedTensors) -> None:
         """Take the model's current tensor objects into the groups; bound ones go back into their slices."""
         for group in self._groups:
-            group.tensors = [tracked.named[name] for name in group.names]
-            if group.model_flat is not None:
-                group.rebind()
+            group.follow([tracked.named[name] for name in group.names])
         tracked.accept_moves()
         self._tracked = tracked
+        self._generation += 1
 
     def _layout(self, model: nn.Module, carried: dict[str, torch.Tensor] | None, strict: bool) -> None:
         tracked = TrackedTensors(model, self.selection)
@@ -233,26 +236,21 @@ class ShadowWeights:
             data = data_of[id(t)]
             keyed.setdefault((_kind(t, self.selection), data.device, data.dtype, bindable(t)), []).append((name, t))
         self._groups = []  # the old average stays alive through `carried` only
-        self._groups = [
-            FlatGroup.build(
-                kind,
-                entries,
-                ema_dtype=dtype if kind == "copied" else resolve_ema_dtype(self.ema_dtype, dtype),
-                ema_device=self.ema_device or device,
-                bind=bound,
-                start=carried,
-            )
-            for (kind, device, dtype, bound), entries in keyed.items()
-        ]
+        self._snapshot = None
+        for (kind, device, dtype, bound), entries in keyed.items():
+            ema_dtype = dtype if kind == "copied" else resolve_ema_dtype(self.ema_dtype, dtype)
+            ema_device = normalize_device(self.ema_device or device)
+            mode = BoundGroup if bound else InPlaceGroup if (ema_dtype, ema_device) == (dtype, device) else CastGroup
+            self._groups.append(mode(kind, entries, ema_dtype, ema_device, start=carried))
         tracked.accept_moves()  # binding moved the bound tensors
         self._model, self._tracked, self._key = model, tracked, _layout_key(named, self.selection)
+        self._generation += 1
         if bind:
             _bound[model] = self
         name_of = {id(t): name for name, t in named.items()}
         self.state_dict_keys = {
             key: name_of[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in name_of
         }
-        self._repoint_module()
 
     @staticmethod
     def _carry(
@@ -276,7 +274,16 @@ class ShadowWeights:
 
     # ------------------------------------------------------------- operations
     def _settle(self) -> None:
-        """Order what comes next after any update still running on the side stream."""
+        """Order what comes next after any update still running asynchronously, and wait for its host half."""
+        if self._side_stream is not None:
+            self._side_stream.finish()
+
+    def wait(self) -> None:
+        """Make the device's current stream wait for a pending asynchronous update (the host does not block).
+
+        Call it before writing the model's parameters outside ``optimizer.step()`` (which waits by
+        itself), e.g. a weight clamp right after ``ema.update(model)``.
+        """
         if self._side_stream is not None:
             self._side_stream.wait()
 
@@ -293,24 +300,53 @@ class ShadowWeights:
     def update(self, model: nn.Module, weight: float) -> None:
         """``ema = ema + weight * (param - ema)`` for averaged tensors; copy the others."""
         self._checked(model, "update the EMA")
-        if not self.async_update:
-            for group in self._groups:
-                group.update(weight)
+        self._snapshot = None
+        if self.async_update and self._asynchronous_device() is not None:
+            self._update_asynchronously(weight)
             return
-        devices = {local(g.tensors[0]).device for g in self._groups}
+        for group in self._groups:
+            group.update(weight)
+
+    def _asynchronous_device(self) -> torch.device | None:
+        """The one CUDA device of the model, where updates may run on a side stream; else None, with a warning."""
+        devices = {group.device for group in self._groups}
         device = next(iter(devices))
-        if len(devices) != 1 or device.type != "cuda":
-            warnings.warn(
-                f"async_update=True needs a model on one CUDA device, not {sorted(map(str, devices))}: "
-                "updating synchronously",
-                stacklevel=3,
-            )
-            self.async_update = False
-            self.update(model, weight)
-            return
+        if len(devices) == 1 and self._stream_ops.supports(device):
+            return device
+        warnings.warn(
+            f"async_update=True needs a model on one CUDA device, not {sorted(map(str, devices))}: "
+            "updating synchronously",
+            stacklevel=4,
+        )
+        self.async_update = False
+        return None
+
+    def _update_asynchronously(self, weight: float) -> None:
+        """Buffers now, on the current stream (the next forward writes them); parameters on the side stream; the
+        host half of an offloaded average on a worker thread. See :mod:`emakit.side_stream`."""
+        device = self._groups[0].device
         if self._side_stream is None:
-            self._side_stream = SideStream()
-        self._side_stream.run(device, lambda: [group.update(weight) for group in self._groups])
+            self._side_stream = SideStream(self._stream_ops)
+        if self._streamed != self._generation:  # new tensor memory: used by the side stream too
+            self._side_stream.keep_alive(device, [t for group in self._groups for t in group.memory()])
+            self._streamed = self._generation
+        for group in self._groups:
+            if group.kind != "parameters":
+                group.update(weight)
+        on_device = [g for g in self._groups if g.kind == "parameters" and not g.pinned]
+        on_host = [g for g in self._groups if g.kind == "parameters" and g.pinned]
+
+        def device_work() -> None:
+            for group in on_device:
+                group.update(weight)
+            for group in on_host:
+                group.stage()
+
+        def host_work() -> None:
+            for group in on_host:
+                group.lerp_staged(weight)
+
+        self._side_stream.run(device, device_work, host_work if on_host else None)
 
     @torch.no_grad()
     def model_is_finite(self, model: nn.Module) -> bool:
@@ -322,6 +358,7 @@ class ShadowWeights:
     def copy_from_model(self, model: nn.Module) -> None:
         """Set the average to the model's weights (the start of an EMA)."""
         self._checked(model, "reset the EMA")
+        self._snapshot = None
         for group in self._groups:
             group.copy_from_model()
 
@@ -350,15 +387,15 @@ class ShadowWeights:
         for group in self._groups:
             group.swap_in()
         outer.append(self)
-        self._repoint_module()
 
     @torch.no_grad()
     def swap_out(self, model: nn.Module) -> None:
         """Give the model back its training weights, bit for bit.
 
-        Raises RuntimeError after restoring them if a parameter's bytes changed during the swap (an
-        optimizer step inside ``ema_weights``, a write through ``.data`` or numpy): that write went
-        into its average, which no longer is the exponential moving average of the weights.
+        Raises RuntimeError, after restoring them, when a parameter was written in place during the swap
+        (an optimizer step inside ``ema_weights``, ``.data``, numpy). By default such a write was made to
+        the model's copy of the average and is discarded: the average is unchanged. Under a pointer
+        exchange (``flatten_model=True``, same dtype and device) it went into the average itself.
         """
         if not self.swapped:
             raise RuntimeError("the EMA weights are not swapped in")
@@ -372,17 +409,26 @@ class ShadowWeights:
                 "this model after this one's and are still in; swap that one out first"
             )
         stack.pop()
-        written = [name for group in self._groups for name in group.swap_out()]
+        written = {group: group.swap_out() for group in self._groups}
         if stack:  # the swap under this one is innermost again; what this one wrote there it also undid
             for group in stack[-1]._groups:
                 group.refresh_marks()
-        self._repoint_module()
-        if written:
+        discarded = [name for group, names in written.items() if not group.writes_reach_average for name in names]
+        reached = [name for group, names in written.items() if group.writes_reach_average for name in names]
+        if reached:
+            self._snapshot = None
             raise RuntimeError(
-                f"{len(written)} parameter(s) were written in place while the EMA weights were swapped in "
-                f"({', '.join(written[:5])}): the model has its training weights back, but those writes went "
-                "into the average; evaluate inside ema_weights(...) and train outside it, or reset the "
-                "average with copy_from_model"
+                f"{len(reached)} parameter(s) were written in place while the EMA weights were swapped in "
+                f"({', '.join(reached[:5])}): the model has its training weights back, but with flatten_model=True "
+                "the swap exchanged memory and those writes went into the average; evaluate inside "
+                "ema_weights(...) and train outside it, or reset the average with copy_from_model"
+            )
+        if discarded:
+            raise RuntimeError(
+                f"{len(discarded)} parameter(s) were written in place while the EMA weights were swapped in "
+                f"({', '.join(discarded[:5])}): those writes were made to the model's copy of the average and are "
+                "discarded; the model has its training weights back and the average is unchanged. Evaluate "
+                "inside ema_weights(...) and train outside it"
             )
 
     @torch.no_grad()
@@ -390,9 +436,9 @@ class ShadowWeights:
         """While swapped in: make the model's buffers (measured on the average, e.g. by update_bn) the average's."""
         if not self.swapped:
             raise RuntimeError("keep_buffers_from_model needs the EMA weights swapped in")
+        self._snapshot = None
         for group in self._groups:
-            if group.kind != "parameters":
-                torch._foreach_copy_(group.averages, group.local_tensors())
+            group.keep_model_buffers()
 
     # ------------------------------------------------------------------ state
     def _current(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -423,6 +469,7 @@ class ShadowWeights:
             return
         if self.swapped:
             raise RuntimeError("cannot load EMA state while the EMA weights are swapped in")
+        self._snapshot = None
         current = dict(self._current())
         state = match_wrapped_names(state, current)
         mismatch = describe_mismatch(current, state, "the loaded EMA state") or describe_mismatch(
@@ -433,28 +480,35 @@ class ShadowWeights:
         for name, tensor in current.items():
             tensor.copy_(state[name])
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The average keyed like the model's ``state_dict`` (tied tensors: one copy under each of their names),
+        detached copies the EMA never writes again. Sharded averages are gathered (collective: every rank calls)."""
+        averages = self.state_dict()
+        copies: dict[str, torch.Tensor] = {}
+        for name in dict.fromkeys(self.state_dict_keys.values()):
+            value = averages[name]
+            copies[name] = value.full_tensor() if isinstance(value, DTensor) else value.detach().clone()
+        return {key: copies[name] for key, name in self.state_dict_keys.items()}
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the average."""
-        return sum(g.ema_flat.untyped_storage().nbytes() for g in self._groups)
+        return sum(group.nbytes for group in self._groups)
 
     # ------------------------------------------------------------- ema_model
     def module(self, model: nn.Module) -> nn.Module:
-        """A module of ``model``'s type whose tensors hold the average, always (no copy of the weights).
+        """A module of ``model``'s type holding a copy of the average, made at the first call after the average
+        changed (see :mod:`emakit.average_module`): writes to it, ``.to()`` or ``.half()`` leave the average alone.
 
-        See :mod:`emakit.average_module`. The same object is returned while the model keeps its
-        tensors' names and shapes. For a sharded (FSDP2) model it is a plain, unsharded module
-        holding the full average, gathered at each call (collective: call it on every rank).
+        For a sharded (FSDP2) model it is a plain, unsharded module holding the full average, gathered
+        (collective: call it on every rank).
         """
+        self._settle()
         model = self.attach(model) if not self.swapped else unwrap(model)
-        if any(group.sharded for group in self._groups):
-            return gathered_module(self._skeleton, dict(self._current()))
-        untracked = [t for name, t in tracked_tensors(model) if name not in self._tracked.named]
-        averages = (entry for group in self._groups for entry in group.current_averages())
-        return self._module.get(model, averages, shared=untracked)
-
-    def _repoint_module(self) -> None:
-        """Point the ema_model's tensors at whatever holds the average now (a re-layout, a swap)."""
-        if self._module.module is not None:
-            holders = {name: holder for group in self._groups for name, _, holder in group.current_averages()}
-            self._module.repoint(holders)
+        if self._snapshot is None:
+            if any(group.sharded for group in self._groups):
+                self._snapshot = gathered_module(self._skeleton, dict(self._current()))
+            else:
+                averages = [entry for group in self._groups for entry in group.current_averages()]
+                self._snapshot = average_module(model, averages)
+        return self._snapshot

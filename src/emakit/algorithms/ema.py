@@ -27,7 +27,7 @@ from emakit.batchnorm import running_statistics, update_bn
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.core.state import State
-from emakit.export import save_ema_state
+from emakit.export import save_state_dict
 from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
 from emakit.loggers import Logger
 from emakit.shadow import ShadowWeights, swapped_into
@@ -318,13 +318,16 @@ class EMA(Algorithm):
 
     @property
     def ema_model(self) -> nn.Module:
-        """A module of the model's type whose tensors hold the average — always, during swaps too.
+        """A module of the model's type holding a copy of the first average — what timm's ``ModelEmaV3.module``
+        and torch's ``AveragedModel.module`` hold.
 
-        It shares the average's memory (no copy of the weights), so it follows every update and
-        stays the same object while the model keeps its tensors' names and shapes. Its dtype is
-        the average's (fp32 for a bf16 model with ``ema_dtype="auto"``). For an FSDP2-sharded
-        model it is instead a plain module holding the gathered average, made at each access
-        (collective: read it on every rank).
+        The module owns its tensors: evaluating it, ``.to()``, ``.half()``, ``load_state_dict`` or
+        fine-tuning it never reach the average. It is made at the first access after the average
+        changed (an update, a load) and the same object is returned until the next change; it costs a
+        copy of the model while held. Its averaged tensors have the average's dtype (fp32 for a bf16
+        model with ``ema_dtype="auto"``). To evaluate without a copy, use ``with ema.ema_weights(model):``.
+        For an FSDP2-sharded model it is a plain module holding the gathered average (collective: read
+        it on every rank).
         """
         return self.ema_model_at(0)
 
@@ -336,6 +339,18 @@ class EMA(Algorithm):
         if model is None:
             raise RuntimeError("the EMA has not seen its model yet: call get_ema_model(model) instead")
         return shadow.module(model)
+
+    def ema_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
+        """Average ``index`` as a ``state_dict`` of the model: detached copies, keyed like ``model.state_dict()``.
+
+        ``model.load_state_dict(ema.ema_state_dict())`` puts the average into a plain model (with
+        ``strict=False`` when ``include``/``exclude``/``buffers`` left tensors untracked: only tracked
+        ones are in it). Averages of bf16/fp16 weights are fp32 (``ema_dtype="auto"``); ``load_state_dict``
+        casts them. For an FSDP2-sharded model the shards are gathered (collective: call it on every rank).
+        """
+        shadow = self._average(index)
+        self._require_average()
+        return shadow.model_state_dict()
 
     @contextlib.contextmanager
     def training_weights(self, state: State) -> Iterator[None]:
@@ -474,8 +489,10 @@ class EMA(Algorithm):
 
         The file loads into a plain model: ``model.load_state_dict(safetensors.torch.load_file(path))``.
         """
-        shadow = self._average(index)
-        return save_ema_state({**self.state_dict(), "weights": shadow.state_dict()}, path)
+        self._average(index)
+        if not self.started:
+            raise ValueError("the EMA has not started: there are no EMA weights to save")
+        return save_state_dict(self.ema_state_dict(index), path)
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue from ``state`` (as :meth:`state_dict` gave it): the averages, their counters and clock.
@@ -537,9 +554,11 @@ class EMA(Algorithm):
         }
 
 
-def _warmup_state(warmup: str | tuple | None) -> str | list | None:
-    """A warmup as plain values (``torch.load(weights_only=True)`` reads lists, not tuples of mixed types)."""
-    return list(warmup) if isinstance(warmup, tuple) else warmup
+def _warmup_state(warmup: tuple | None) -> str | list | None:
+    """A warmup as the user spells it, in plain values: ``"tf"``, ``["power", 1.0, 0.75]`` or None."""
+    if warmup is None:
+        return None
+    return warmup[0] if len(warmup) == 1 else list(warmup)
 
 
 class _EMAWeights(contextlib.AbstractContextManager):

@@ -1,0 +1,171 @@
+"""One group of an EMA: a model's tensors of one (kind, device, dtype) and their average in one flat buffer.
+
+``kind`` is ``"parameters"``, ``"buffers"`` (both averaged) or ``"copied"`` (integer buffers, and
+floating-point ones with ``buffers="copy"``). Each storage mode is a subclass with its own update:
+
+- :class:`~emakit.storage.inplace.InPlaceGroup`: the average has the tensors' dtype and device; an
+  update is one ``torch._foreach_lerp_`` over the model's tensors where they are.
+- :class:`~emakit.storage.cast.CastGroup`: the average has another dtype (fp32 of bf16 weights) or
+  device (offloaded to the CPU); an update casts or moves a chunk at a time.
+- :class:`~emakit.storage.bound.BoundGroup` (``flatten_model=True``): the model's tensors live in one
+  flat buffer; an update is one ``lerp_``, a parameter swap exchanges storage pointers.
+
+Swaps, unless a mode does better, *park*: the model's values are copied aside and the average
+copied in; the average itself is never written while swapped in. On the way out every parameter is
+compared bit for bit with what was put in (:mod:`emakit.storage.write_check`), then the training
+weights are copied back. Buffers are not compared: a train-mode forward legitimately updates
+BatchNorm statistics, and the parked copy undoes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
+from emakit.storage.write_check import WriteCheck
+from emakit.tracked import local
+
+__all__ = ["Group"]
+
+
+class Group:
+    """The model's tensors of one (kind, device, dtype) and their average; subclasses say how an update reads them.
+
+    ``writes_reach_average``: whether a write into the model during a swap lands in the average (a
+    pointer exchange) rather than in a copy of it that the swap discards.
+
+    Args:
+        kind: ``"parameters"``, ``"buffers"`` or ``"copied"``.
+        named: ``(name, tensor)`` of the model, all of one kind, device and dtype.
+        ema_dtype, ema_device: the average's (normalised device).
+        start: the average's starting values by name (a carried or loaded average), else the tensors' own.
+    """
+
+    writes_reach_average = False
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        kind: str,
+        named: list[tuple[str, torch.Tensor]],
+        ema_dtype: torch.dtype,
+        ema_device: torch.device,
+        start: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.names = [name for name, _ in named]
+        self.tensors = [tensor for _, tensor in named]  # the model's own Parameter and buffer objects
+        data = [local(t) for t in self.tensors]  # what this process holds: a shard of a DTensor
+        self.sharded = any(d is not t for d, t in zip(data, self.tensors))
+        self.dtype, self.device = data[0].dtype, data[0].device
+        widest = max(torch.empty((), dtype=d).element_size() for d in (self.dtype, ema_dtype))
+        self.row = max(1, ALIGN_BYTES // widest)  # every slice starts on a multiple of this many elements
+        self.offsets, total = aligned_offsets(data, self.row)
+        self.views = Views(data)  # how each tensor lies in a flat buffer of this layout
+        self.pinned = ema_device.type == "cpu" and self.device.type == "cuda"  # offloaded: in pinned host memory
+        self._prepare(total)
+        self.ema_flat = torch.zeros(total, dtype=ema_dtype, device=ema_device, pin_memory=self.pinned)
+        self.averages = [own_storage(v) for v in self.views.views(self.ema_flat, self.offsets)]
+        torch._foreach_copy_(self.averages, [local(start[n]) for n in self.names] if start is not None else data)
+        numels = [d.numel() for d in data]
+        self.chunks = chunk_ranges(self.offsets, numels, chunk_limit(total, self.ema_flat.element_size()))
+        self.parked: torch.Tensor | None = None  # the model's own values while swapped in
+        self.swapped = False
+        self._write_check: WriteCheck | None = None
+
+    def _prepare(self, total: int) -> None:
+        """Work a mode does before the average is allocated (binding the model keeps the peak low)."""
+
+    def local_tensors(self) -> list[torch.Tensor]:
+        """The model's tensors as this process holds them (a DTensor's local shard)."""
+        return [local(t) for t in self.tensors] if self.sharded else self.tensors
+
+    def follow(self, tensors: list[torch.Tensor]) -> None:
+        """Take the model's current tensor objects (same names, shapes, dtypes, devices) in place of the old ones."""
+        self.tensors = tensors
+        self._write_check = None
+
+    def memory(self) -> list[torch.Tensor]:
+        """The tensors an update reads or writes, as allocated (for an asynchronous update to keep alive)."""
+        return [*self.local_tensors(), self.ema_flat]
+
+    @property
+    def nbytes(self) -> int:
+        return self.ema_flat.untyped_storage().nbytes()
+
+    # ---------------------------------------------------------------- updating
+    def update(self, weight: float) -> None:
+        """``average += weight * (model - average)``; a copied group takes the model's values."""
+        if self.kind == "copied":
+            self.copy_from_model()
+        else:
+            self._lerp(weight)
+
+    def _lerp(self, weight: float) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def copy_from_model(self) -> None:
+        torch._foreach_copy_(self.averages, self.local_tensors())
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """The average into the model's tensors (cast to their dtype); bumps their autograd versions."""
+        torch._foreach_copy_(self.local_tensors(), self.averages)
+
+    def keep_model_buffers(self) -> None:
+        """While swapped in: make the model's values (statistics measured on the average) the average's."""
+        if self.kind != "parameters":
+            torch._foreach_copy_(self.averages, self.local_tensors())
+
+    def all_finite(self) -> torch.Tensor:
+        """Whether no tensor of the model holds NaN or Inf (a bool tensor on the model's device)."""
+        tensors = [t for t in self.local_tensors() if t.numel()]
+        if not tensors:
+            return torch.tensor(True)
+        largest = torch._foreach_norm(tensors, ord=float("inf"))  # max |x|: NaN and Inf survive it, nothing overflows
+        return torch.stack(largest).isfinite().all()
+
+    # ----------------------------------------------------------------- swapping
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """Put the average into the model's tensors; their own values are parked aside."""
+        self.parked = self._park()
+        self.copy_to_model()
+        self.swapped = True
+
+    @torch.no_grad()
+    def swap_out(self) -> list[str]:
+        """Give the model its own values back; returns the parameters written in place while swapped in.
+
+        Such a write (an optimizer step, ``.data``, numpy, another process) changed the model's copy of
+        the average only: the average itself is as it was, and the training weights come back unchanged.
+        """
+        written = []
+        if self.kind == "parameters":
+            if self._write_check is None:
+                self._write_check = WriteCheck(self.local_tensors())
+            written = [self.names[k] for k in self._write_check.written(self.local_tensors(), self.averages)]
+        self._unpark(self.parked)
+        self.parked, self.swapped = None, False
+        return written
+
+    def _park(self) -> torch.Tensor:
+        parked = torch.empty(self.ema_flat.numel(), dtype=self.dtype, device=self.device)
+        torch._foreach_copy_(self.views.views(parked, self.offsets), self.local_tensors())
+        return parked
+
+    def _unpark(self, parked: torch.Tensor) -> None:
+        torch._foreach_copy_(self.local_tensors(), self.views.views(parked, self.offsets))
+
+    def note_writes(self) -> None:
+        """A nested swap begins on top of this one: remember what was written so far (modes that need it)."""
+
+    def refresh_marks(self) -> None:
+        """A nested swap on top of this one ended and restored the model (modes that need it)."""
+
+    def current_averages(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(name, model tensor, tensor holding the average now)``."""
+        yield from zip(self.names, self.tensors, self.averages)
