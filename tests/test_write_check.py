@@ -150,3 +150,28 @@ def test_a_write_into_a_low_precision_model_is_not_dropped_silently(dtype):
     model, ema = trained_ema(DTYPES[dtype], flatten=False)
     with pytest.raises(RuntimeError, match=r"0\.weight.*average is unchanged"), ema.ema_weights(model), torch.no_grad():
         model[0].weight.add_(1.0)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("flatten", [False, True], ids=["default", "flatten_model"])
+@pytest.mark.parametrize("pattern", ["sign flip", "last bit of the last element", "first element +1"])
+def test_a_write_into_a_large_tensor_compared_where_it_lies_is_caught(dtype, flatten, pattern):
+    """Tensors of 64 KiB and more are compared in place (the small ones are gathered): both paths are exact."""
+    dtype = DTYPES[dtype]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 201), nn.Linear(201, 3)).to(dtype)  # 60,300 elements: compared in place
+    ema = EMA(smoothing=0.5, flatten_model=flatten)
+    ema.update(model)
+    pointer_exchange = flatten and dtype == torch.float32 and hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+    average, training = bits(ema.state_dict()["weights"]), bits(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"\(0\.weight\)"), ema.ema_weights(model), torch.no_grad():
+        weight = model[0].weight.view(-1)
+        if pattern == "sign flip":
+            weight.neg_()
+        elif pattern == "first element +1":
+            weight[0] += 1
+        else:
+            weight.view(INTEGER_OF[dtype])[-1] ^= 1
+    assert bits(model.state_dict()) == training
+    if not pointer_exchange:
+        assert bits(ema.state_dict()["weights"]) == average

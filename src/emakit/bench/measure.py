@@ -292,7 +292,8 @@ def bench_eval_memory(template: nn.Module, device: torch.device) -> dict[str, An
     result: dict[str, Any] = {"model_bytes": size}
     for name, mode in MODES.items():
         extra = _eval_peak(template, mode, device) - without
-        result[name] = {"extra_bytes": extra, "ratio": extra / size, "targets": targets.EVAL_MEMORY.judge(extra / size)}
+        target = targets.EVAL_MEMORY[name]
+        result[name] = {"extra_bytes": extra, "ratio": extra / size, "targets": target.judge(extra / size)}
     return result
 
 

@@ -104,15 +104,22 @@ def summary_tables(results: dict[str, Any]) -> str:
             for n, s in ((n, r["swap"]) for n, r in layouts.items())
         ],
     )
-    limit = f"target {targets.EVAL_MEMORY.op} {targets.EVAL_MEMORY.limit:g}"
+    limits = {mode: f"target {t.op} {t.limit:g}" for mode, t in targets.EVAL_MEMORY.items()}
     memory = format_table(
-        ["layout", "model MB", *(f"{mode} {column}" for mode in MODES for column in ("extra MB", f"ratio ({limit})"))],
+        [
+            "layout",
+            "model MB",
+            *(f"{mode} {column}" for mode in MODES for column in ("extra MB", f"ratio ({limits[mode]})")),
+        ],
         [
             [n, f"{m['model_bytes'] / 1e6:.2f}"]
             + [
                 cell
                 for mode in MODES
-                for cell in (f"{m[mode]['extra_bytes'] / 1e6:.2f}", verdict(m[mode]["ratio"], targets.EVAL_MEMORY))
+                for cell in (
+                    f"{m[mode]['extra_bytes'] / 1e6:.2f}",
+                    verdict(m[mode]["ratio"], targets.EVAL_MEMORY[mode]),
+                )
             ]
             for n, m in ((n, r["eval_memory"]) for n, r in layouts.items())
         ],

@@ -38,6 +38,11 @@ UPDATE: dict[tuple[str, str], tuple[str, Target]] = {
 }
 SWAP_FLATTEN = Target("flatten_model / one copy", "<=", 0.1)  # swap in + out, every layout
 SWAP_DEFAULT = Target("default / torch_ema", "<=", 2)
-EVAL_MEMORY = Target("extra / model bytes", "<=", 1.3)  # both modes, every layout
+# every layout: the default mode holds the average and a parked copy of the training weights (the price of a swap
+# that never writes the average and checks every byte); flatten_model exchanges storage pointers
+EVAL_MEMORY = {
+    "default": Target("extra / model bytes", "<=", 2.1),
+    "flatten_model": Target("extra / model bytes", "<=", 1.3),
+}
 ATTACH_MEMORY = Target("peak / model bytes", "<=", 2.1)  # both modes
 EMA_SHARE = Target("time in EMA", "<=", 0.03)

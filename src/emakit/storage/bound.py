@@ -120,13 +120,6 @@ class BoundGroup(Group):
         increment_versions(self.tensors)
 
     # ----------------------------------------------------------------- swapping
-    def _park(self) -> torch.Tensor:
-        return self.model_flat.clone()
-
-    def _unpark(self, parked: torch.Tensor) -> None:
-        self.model_flat.copy_(parked)
-        increment_versions(self.tensors)
-
     @torch.no_grad()
     def swap_in(self) -> None:
         if not self.exchanges_pointers:

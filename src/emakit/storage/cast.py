@@ -29,7 +29,7 @@ class CastGroup(Group):
 
     def _span(self, i: int, j: int) -> tuple[int, int]:
         """The slice of ``ema_flat`` that tensors ``i..j`` occupy (their padding included)."""
-        return self.offsets[i], self.offsets[j] if j < len(self.offsets) else self.ema_flat.numel()
+        return self.offsets[i], self._span_end(j)
 
     def _temporaries(self) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """A buffer of the average's dtype and device for the largest chunk, with views for every chunk.

@@ -71,7 +71,7 @@ class Group:
         torch._foreach_copy_(self.averages, [local(start[n]) for n in self.names] if start is not None else data)
         numels = [d.numel() for d in data]
         self.chunks = chunk_ranges(self.offsets, numels, chunk_limit(total, self.ema_flat.element_size()))
-        self.parked: torch.Tensor | None = None  # the model's own values while swapped in
+        self.parked: list[list[torch.Tensor]] | None = None  # the model's own values while swapped in
         self.swapped = False
         self._write_check: WriteCheck | None = None
 
@@ -152,13 +152,27 @@ class Group:
         self.parked, self.swapped = None, False
         return written
 
-    def _park(self) -> torch.Tensor:
-        parked = torch.empty(self.ema_flat.numel(), dtype=self.dtype, device=self.device)
-        torch._foreach_copy_(self.views.views(parked, self.offsets), self.local_tensors())
+    def _park(self) -> list[list[torch.Tensor]]:
+        """A copy of the model's values, per chunk in a buffer of its own: pieces of at most 16 MiB come back from
+        the allocator's free lists swap after swap, where one buffer of the model's size is fresh memory each time
+        (on the CPU its first touch costs more than the copy)."""
+        data, parked = self.local_tensors(), []
+        for i, j in self.chunks:
+            start = self.offsets[i]
+            piece = torch.empty(self._span_end(j) - start, dtype=self.dtype, device=self.device)
+            views = self.views.views(piece, [o - start for o in self.offsets[i:j]], i)
+            torch._foreach_copy_(views, data[i:j])
+            parked.append(views)
         return parked
 
-    def _unpark(self, parked: torch.Tensor) -> None:
-        torch._foreach_copy_(self.local_tensors(), self.views.views(parked, self.offsets))
+    def _unpark(self, parked: list[list[torch.Tensor]]) -> None:
+        data = self.local_tensors()
+        for (i, j), views in zip(self.chunks, parked):
+            torch._foreach_copy_(data[i:j], views)
+
+    def _span_end(self, j: int) -> int:
+        """Where the slice of tensors ``..j`` ends in the flat layout (the next tensor's offset, or the end)."""
+        return self.offsets[j] if j < len(self.offsets) else self.ema_flat.numel()
 
     def note_writes(self) -> None:
         """A nested swap begins on top of this one: remember what was written so far (modes that need it)."""

@@ -28,7 +28,7 @@ __all__ = [
 
 ALIGN_BYTES = 64  # each tensor starts on a 64-byte boundary of its flat buffer
 CHUNK_BYTES = 16 << 20  # the most bytes (besides one tensor) a swap check or a casting update holds as a temporary
-CACHE_CHUNK_BYTES = 1 << 20  # on the CPU a swap check goes in chunks that stay in cache
+CACHE_CHUNK_BYTES = 256 << 10  # on the CPU a swap check gathers small tensors in chunks that stay in cache
 CHUNK_SHARE = 4  # and at most 1/4 of the group's bytes
 
 
