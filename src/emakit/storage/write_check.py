@@ -28,7 +28,6 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-
 class WriteCheck:
     """The comparison plan for one group's tensors: chunks, and each tensor's place in a dense scratch buffer.
 
