@@ -142,7 +142,7 @@ def test_swap_puts_the_average_in_and_restores_the_training_weights_bit_for_bit(
 
 def test_flatten_model_swap_moves_no_data_where_torch_exchanges_storage_pointers():
     if not hasattr(torch.UntypedStorage, "_swap_data_ptr_"):
-        pytest.skip("torch < 2.12 has no UntypedStorage._swap_data_ptr_: swaps exchange contents")
+        pytest.skip("torch < 2.12 has no UntypedStorage._swap_data_ptr_: swaps park and copy")
     model = make_model()
     shadow = ShadowWeights(flatten_model=True)
     run_updates(shadow, model, steps=2, weight=0.5)
