@@ -1,4 +1,4 @@
-"""Time, TimeUnit, Time.from_timestring and Timestamp: parsing, value types, errors, arithmetic."""
+"""Time, TimeUnit, Time.from_timestring, Timestamp and as_interval: parsing, value types, errors, arithmetic."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emakit import Time, Timestamp, TimeUnit
+from emakit.time import as_interval
 
 ALL_UNITS = ("ba", "ep", "sp", "tok", "dur")
 WHOLE_UNITS = ("ba", "ep", "sp", "tok")
@@ -288,3 +289,63 @@ def test_arbitrary_strings_parse_or_raise_value_error(text: str) -> None:
 def test_exponent_forms_of_whole_units_parse_exactly() -> None:
     assert Time.from_timestring("1e400ba").value == 10**400
     assert Time.from_timestring("1.5e3sp").value == 1500
+
+
+# ------------------------------------------------------------------ intervals
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "expected"),
+    [
+        ("5ba", {}, Time(5, "ba")),
+        ("2ep", {}, Time(2, "ep")),
+        (Time(3, "ba"), {}, Time(3, "ba")),
+        (4, {"int_unit": TimeUnit.EPOCH}, Time(4, "ep")),
+        ("1e3ba", {}, Time(1000, "ba")),
+        ("7ba", {"units": (TimeUnit.BATCH,)}, Time(7, "ba")),
+    ],
+)
+def test_as_interval_reads_positive_batches_and_epochs(value: object, kwargs: dict, expected: Time) -> None:
+    assert as_interval(value, name="every", **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs"),
+    [
+        ("0ba", {}),
+        ("0ep", {}),
+        (Time(0, "ba"), {}),
+        (0, {"int_unit": TimeUnit.EPOCH}),
+        ("10sp", {}),
+        ("100tok", {}),
+        ("0.5dur", {}),
+        ("2ep", {"units": (TimeUnit.BATCH,)}),
+    ],
+)
+def test_as_interval_refuses_zero_and_other_units_naming_the_argument(value: object, kwargs: dict) -> None:
+    with pytest.raises(ValueError) as error:
+        as_interval(value, name="every", **kwargs)
+    assert str(error.value).startswith(f"every={value!r} must be > 0 and in 'ba'"), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "int_unit"),
+    [("soon", None), ("-1ba", None), (3, None), (True, TimeUnit.EPOCH), (None, None), (-2, TimeUnit.EPOCH)],
+)
+def test_as_interval_refuses_what_is_not_a_time_naming_the_argument(value: object, int_unit: TimeUnit | None) -> None:
+    with pytest.raises(ValueError) as error:
+        as_interval(value, name="every", int_unit=int_unit)
+    assert str(error.value).startswith("every"), str(error.value)
+
+
+def test_as_interval_messages_are_the_trainers_and_the_emas() -> None:
+    """The two intervals it stands for keep their messages: the Trainer's (eval/save) and the EMA's update."""
+    with pytest.raises(ValueError) as trainer:
+        as_interval("0ba", name="save_interval", int_unit=TimeUnit.EPOCH, examples=("1ep", "100ba"))
+    assert str(trainer.value) == "save_interval='0ba' must be > 0 and in 'ba' or 'ep', e.g. '1ep' or '100ba'"
+    with pytest.raises(ValueError) as ema:
+        as_interval("1sp", name="update_interval")
+    assert str(ema.value) == "update_interval='1sp' must be > 0 and in 'ba' or 'ep', e.g. '1ba'"
+    with pytest.raises(ValueError) as batches:
+        as_interval("1ep", name="snapshot_interval", units=(TimeUnit.BATCH,), examples=("100ba",))
+    assert str(batches.value) == "snapshot_interval='1ep' must be > 0 and in 'ba', e.g. '100ba'"

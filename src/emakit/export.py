@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from emakit import distributed
 from emakit.atomic import atomic_path
 
 __all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state", "save_state_dict"]
@@ -26,7 +26,7 @@ def save_state_dict(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
 
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}  # tied: apart
     path = Path(path)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not distributed.is_main():
         return path
     with atomic_path(path) as partial:
         save_file(tensors, str(partial), metadata={"format": "pt", "producer": "emakit"})

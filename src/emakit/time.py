@@ -22,7 +22,7 @@ import math
 import re
 from fractions import Fraction
 
-__all__ = ["Time", "TimeUnit", "Timestamp", "as_time"]
+__all__ = ["Time", "TimeUnit", "Timestamp", "as_interval", "as_time"]
 
 
 class TimeUnit(str, enum.Enum):
@@ -154,6 +154,28 @@ def as_time(value: str | int | Time, *, name: str, int_unit: TimeUnit | None = N
             raise ValueError(f"{name}={value!r}: {error}") from None
     allowed = "a time string such as '50ba' or a Time" + (f", or an int of '{int_unit.value}'" if int_unit else "")
     raise ValueError(f"{name}={value!r} is not a time: expected {allowed}")
+
+
+def as_interval(
+    value: str | int | Time,
+    *,
+    name: str,
+    units: tuple[TimeUnit, ...] = (TimeUnit.BATCH, TimeUnit.EPOCH),
+    int_unit: TimeUnit | None = None,
+    examples: tuple[str, ...] = ("1ba",),
+) -> Time:
+    """``value`` as how often something happens: a :class:`Time` above 0 in one of ``units`` (batches or epochs).
+
+    ``value`` is read as by :func:`as_time` (an int in ``int_unit``, when given). Raises ValueError naming
+    ``name``, the value, the allowed units and ``examples``, e.g. ``save_interval='0ba' must be > 0 and in 'ba'
+    or 'ep', e.g. '1ep' or '100ba'``.
+    """
+    interval = as_time(value, name=name, int_unit=int_unit)
+    if interval.unit not in units or interval.value <= 0:
+        allowed = " or ".join(f"'{unit.value}'" for unit in units)
+        shown = " or ".join(f"'{example}'" for example in examples)
+        raise ValueError(f"{name}={value!r} must be > 0 and in {allowed}, e.g. {shown}")
+    return interval
 
 
 @dataclasses.dataclass

@@ -33,9 +33,12 @@ from typing import Any
 import torch
 
 from emakit.bench.layouts import LAYOUTS
-from emakit.bench.measure import bench_attach_memory, bench_eval_memory, bench_swap, bench_trainer, bench_updates
+from emakit.bench.memory import bench_attach_memory, bench_eval_memory
 from emakit.bench.peers import IMPLEMENTATIONS, import_error
 from emakit.bench.report import layout_table, machine, summary_tables
+from emakit.bench.swap import bench_swap
+from emakit.bench.training import bench_trainer
+from emakit.bench.updates import bench_updates
 from emakit.bench.variants import bench_posthoc, bench_several
 
 __all__ = ["IMPLEMENTATIONS", "LAYOUTS", "add_arguments", "import_error", "main", "run"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from emakit import EMA
 from emakit.bench.layouts import LAYOUTS
-from emakit.bench.measure import averaged_numel, time_round_robin
+from emakit.bench.timing import averaged_numel, time_round_robin
 
 __all__ = ["measure_layout", "measure_overlap", "report"]
 

@@ -22,9 +22,11 @@ from torch import nn
 from emakit import EMA
 from emakit.functional import compute_ema
 
-__all__ = ["IMPLEMENTATIONS", "SMOOTHING", "Impl", "check_closed_form", "import_error", "is_peer"]
+__all__ = ["IMPLEMENTATIONS", "MODES", "SMOOTHING", "Impl", "check_closed_form", "import_error", "is_peer"]
 
 SMOOTHING = 0.999
+# emakit's EMA modes compared by the swap and memory benchmarks: name -> EMA keyword arguments
+MODES: dict[str, dict[str, bool]] = {"default": {}, "flatten_model": {"flatten_model": True}}
 
 
 @dataclass

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from emakit.bench import targets
-from emakit.bench.measure import MODES
-from emakit.bench.peers import IMPLEMENTATIONS, SMOOTHING
+from emakit.bench.peers import IMPLEMENTATIONS, MODES, SMOOTHING
 from emakit.bench.targets import Target
 
 __all__ = ["format_table", "layout_table", "machine", "summary_tables", "verdict"]

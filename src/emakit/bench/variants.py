@@ -11,8 +11,8 @@ from torch import nn
 
 from emakit import EMA, PostHocEMA
 from emakit.algorithms.posthoc import snapshots_in, synthesize
-from emakit.bench.measure import model_bytes, time_round_robin
 from emakit.bench.peers import SMOOTHING
+from emakit.bench.timing import model_bytes, time_round_robin
 
 __all__ = ["bench_posthoc", "bench_several"]
 
