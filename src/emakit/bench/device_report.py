@@ -25,11 +25,10 @@ from torch import nn
 
 from emakit import EMA
 from emakit.bench.layouts import LAYOUTS
+from emakit.bench.peers import MODES
 from emakit.bench.timing import averaged_numel, time_round_robin
 
 __all__ = ["measure_layout", "measure_overlap", "report"]
-
-MODES = {"default": {}, "flatten_model": {"flatten_model": True}}
 
 
 def measure_layout(name: str, device: torch.device, repeats: int, quick: bool) -> dict[str, Any]:
