@@ -1,6 +1,10 @@
-"""Algorithms for the trainer: each decides when to act on the training state."""
+"""The trainer's adapters: averages used by hand (:mod:`emakit.ema`) run by emakit's Trainer.
 
-from emakit.algorithms.ema import EMA
+``Trainer(algorithms=[ema])`` runs ``ema.as_algorithm()``, an :class:`EMAAlgorithm`. ``EMA`` is re-exported:
+``from emakit.algorithms import EMA`` keeps working.
+"""
+
+from emakit.algorithms.ema import EMA, EMAAlgorithm
 from emakit.algorithms.posthoc import PostHocEMA
 
-__all__ = ["EMA", "PostHocEMA"]
+__all__ = ["EMA", "EMAAlgorithm", "PostHocEMA"]

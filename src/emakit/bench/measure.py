@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from emakit import EMA, Classifier, Trainer
+from emakit.algorithms import EMAAlgorithm
 from emakit.bench import targets
 from emakit.bench.peers import IMPLEMENTATIONS, SMOOTHING, Impl, check_closed_form, import_error, is_peer
 from emakit.tracked import is_averaged, tracked_tensors
@@ -370,11 +371,11 @@ def bench_attach_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- trainer
-class _TimedEMA(EMA):
-    """The EMA algorithm, also summing the wall time spent in its event handlers (updates and swaps)."""
+class _TimedEMAAlgorithm(EMAAlgorithm):
+    """An EMA's trainer adapter, also summing the wall time spent in its event handlers (updates and swaps)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, ema: EMA) -> None:
+        super().__init__(ema)
         self.seconds = 0.0
 
     def apply(self, event: Any, state: Any, logger: Any) -> None:
@@ -403,7 +404,7 @@ def _train(data: TensorDataset, batches: int, with_ema: bool, device: torch.devi
         model=Classifier(_small_cnn()),
         train_dataloader=DataLoader(data, batch_size=32),
         max_duration=f"{batches}ba",
-        algorithms=[_TimedEMA(half_life="50ba")] if with_ema else [],
+        algorithms=[_TimedEMAAlgorithm(EMA(half_life="50ba"))] if with_ema else [],
         device=device,
         seed=0,
         progress_bar=False,

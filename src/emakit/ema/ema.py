@@ -1,37 +1,40 @@
-"""EMA, the algorithm: when to start, update and swap an exponential moving average of the weights.
+"""EMA by hand: when to start and update an exponential moving average of the weights.
 
-Storage, arithmetic and swaps live in :class:`emakit.shadow.ShadowWeights`; this module only
-decides *when*. Each update event (a batch end for ``ba`` units, an epoch end for ``ep``)
-whose count is a multiple of ``update_interval`` and at or after ``ema_start``::
+Storage, arithmetic and swaps live in :class:`emakit.shadow.ShadowWeights`; this module
+decides *when*. Each update event (an optimizer step for ``ba`` units: :meth:`EMA.update`; a
+trainer's batch or epoch end: :meth:`EMA.update_at`) whose count is a multiple of
+``update_interval`` and at or after ``ema_start``::
 
     first event:  ema = param                                   (the average starts at the weights)
     later events: ema = smoothing * ema + (1 - smoothing) * param
                   smoothing = 2 ** (-(update_interval / half_life))
 
-With ``train_with_ema_weights=True`` the training weights are then set to ``ema``.
+With ``train_with_ema_weights=True`` the training weights are then set to ``ema``. The EMA knows
+nothing of emakit's trainer: :meth:`EMA.as_algorithm` gives the adapter a Trainer runs
+(:mod:`emakit.algorithms.ema`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from emakit.core.algorithm import Algorithm
-from emakit.core.event import Event
-from emakit.core.state import State
+from emakit.deprecated import DeprecatedAlgorithmMethods
 from emakit.ema.exports import EMAExports
 from emakit.ema.rates import parse_rates, run_length_warning, smoothings_for_run
 from emakit.ema.state import EMAState
 from emakit.ema.swaps import EMASwaps
 from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
-from emakit.loggers import Logger
-from emakit.shadow import ShadowWeights, swapped_into
+from emakit.shadow import ShadowWeights
 from emakit.time import Time, TimeUnit, as_time
 from emakit.tracked import Selection
+
+if TYPE_CHECKING:
+    from emakit.algorithms.ema import EMAAlgorithm
 
 __all__ = ["EMA"]
 
@@ -43,7 +46,7 @@ class _DefaultHalfLife(str):
 _DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
 
 
-class EMA(EMASwaps, EMAExports, EMAState, Algorithm):
+class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
     """An exponential moving average of a model's weights, for evaluation with smoother metrics.
 
     Args:
@@ -78,8 +81,8 @@ class EMA(EMASwaps, EMAExports, EMAState, Algorithm):
             update is one kernel and a swap moves no data. Off by default: the model's tensors then
             stay where they are, which every other library relies on. See the README for the contract.
 
-    In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]``: it updates at batch (or
-    epoch) ends and evaluation uses the average. By hand, in any loop::
+    In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]`` (the trainer runs :meth:`as_algorithm`):
+    it updates at batch (or epoch) ends and evaluation uses the average. By hand, in any loop::
 
         ema = EMA(half_life="100ba")
         for x, y in loader:
@@ -138,6 +141,7 @@ class EMA(EMASwaps, EMAExports, EMAState, Algorithm):
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
         self._run_batches: float | None = None  # the run's optimizer steps, once set_run_length was called
+        self._algorithm: EMAAlgorithm | None = None  # the trainer's adapter, made by as_algorithm()
 
     def _set_smoothings(self, smoothings: tuple[float, ...]) -> None:
         if self.min_smoothing > min(smoothings):
@@ -154,8 +158,15 @@ class EMA(EMASwaps, EMAExports, EMAState, Algorithm):
         return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
 
     # ------------------------------------------------------------ the schedule
-    def _on_update_event(self, model: nn.Module, count: int, start_reached: bool) -> bool:
-        """Apply the update event number ``count`` (batches or epochs done); True when the average changed."""
+    def update_at(self, model: nn.Module, count: int, start_reached: bool) -> bool:
+        """Apply update event number ``count`` of a clock kept elsewhere; True when the average changed.
+
+        For trainers that count batches or epochs themselves (emakit's Trainer, through
+        :meth:`as_algorithm`): ``count`` is the batches (or epochs, with ``update_interval`` in
+        ``ep``) done, ``start_reached`` whether their clock has reached ``ema_start``. An update is
+        due when ``count`` is a multiple of ``update_interval`` and the start is reached. In a plain
+        loop use :meth:`update`, which counts optimizer steps itself.
+        """
         if count % self.update_interval.value != 0 or not start_reached:
             return False
         if self.skip_nonfinite and not self.shadow.model_is_finite(model):
@@ -210,7 +221,7 @@ class EMA(EMASwaps, EMAExports, EMAState, Algorithm):
                 "leave ema_weights(...) or call get_training_model(model) first"
             )
         count = self.batches_seen + 1
-        updated = self._on_update_event(model, count, self._start_reached(count, epoch))
+        updated = self.update_at(model, count, self._start_reached(count, epoch))
         self.batches_seen = count  # counted only once the update event went through
         return updated
 
@@ -244,18 +255,6 @@ class EMA(EMASwaps, EMAExports, EMAState, Algorithm):
         for shadow in self.shadows:
             shadow.attach(model)
 
-    @contextlib.contextmanager
-    def training_weights(self, state: State) -> Iterator[None]:
-        """Inside, ``state.model`` holds its training weights, even during an evaluation."""
-        swapped = [shadow for shadow in swapped_into(state.model) if any(shadow is mine for mine in self.shadows)]
-        for shadow in reversed(swapped):
-            shadow.swap_out(state.model)
-        try:
-            yield
-        finally:
-            for shadow in swapped:
-                shadow.swap_in(state.model)
-
     @property
     def labels(self) -> list[str]:
         """A short name per average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
@@ -268,57 +267,22 @@ class EMA(EMASwaps, EMAExports, EMAState, Algorithm):
         """The first average's :attr:`labels` entry."""
         return self.labels[0]
 
-    def evaluation_weights(self, state: State) -> dict[str, contextlib.AbstractContextManager]:
-        """Every average, once they have started, under its label."""
-        if not self.started:
-            return {}
-        return {label: self.ema_weights(state.model, i) for i, label in enumerate(self.labels)}
+    def as_algorithm(self) -> EMAAlgorithm:
+        """This EMA as an :class:`~emakit.Algorithm` of emakit's Trainer (:class:`~emakit.algorithms.ema.EMAAlgorithm`).
 
-    # --------------------------------------------------------------- trainer
-    def match(self, event: Event, state: State) -> bool:
-        if event in (Event.EVAL_START, Event.EVAL_END):
-            return self.started
-        update_event = Event.BATCH_END if self.update_interval.unit is TimeUnit.BATCH else Event.EPOCH_END
-        return event in (update_event, Event.INIT, Event.BEFORE_LOAD, Event.FIT_START)
+        ``Trainer(algorithms=[ema])`` calls it (:func:`emakit.core.algorithm.as_algorithm`). One adapter per EMA,
+        made at the first call: the same EMA listed in two places is one algorithm. Example::
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event is Event.INIT:
-            if state.parallelism == "fsdp":  # FSDP refuses deepcopy: ema_model is built from this weightless copy
-                self.remember_structure(state.model)
-        elif event is Event.BEFORE_LOAD:  # allocate now: a sharded checkpoint is loaded into the average in place
-            self.attach(state.model)
-        elif event is Event.FIT_START:
-            self._check_start(state)
-            if self.started:  # resumed: bind the model now, so ema_model and exports work before the next update
-                self.attach(state.model)
-        elif event is Event.EVAL_START:
-            self.get_ema_model(state.model)
-        elif event is Event.EVAL_END:
-            self.get_training_model(state.model)
-        else:
-            count = state.timestamp.get(self.update_interval.unit)
-            if self._on_update_event(state.model, count, state.reached(self.ema_start)):
-                metrics = {"ema/num_updates": self.num_updates}
-                if self.last_smoothing is not None:
-                    metrics["ema/smoothing"] = self.last_smoothing
-                logger.log_metrics(metrics)
+            >>> ema = EMA(half_life="50ba")
+            >>> ema.as_algorithm() is ema.as_algorithm()
+            True
+        """
+        algorithm = getattr(self, "_algorithm", None)
+        if algorithm is None or algorithm.ema is not self:  # none yet, or a shallow copy's
+            from emakit.algorithms.ema import EMAAlgorithm  # the trainer's side, imported when a trainer runs
 
-    def _check_start(self, state: State) -> None:
-        start, end = state.in_batches(self.ema_start), state.in_batches(state.max_duration)
-        if end is None:
-            if self._rates.of_run:
-                raise ValueError(
-                    f"half_life='{self.half_life}' is a fraction of the run, but max_duration='{state.max_duration}' "
-                    "does not say how many batches the run has: give max_duration in 'ba' or 'ep'"
-                )
-            return
-        if start is not None and start > end:
-            warnings.warn(
-                f"EMA ema_start='{self.ema_start}' lies beyond max_duration='{state.max_duration}': "
-                "the average will never start",
-                stacklevel=2,
-            )
-        self.set_run_length(end, start, state.in_batches(self.update_interval))
+            algorithm = self._algorithm = EMAAlgorithm(self)
+        return algorithm
 
     def set_run_length(self, batches: float, start: float | None = None, interval: float | None = None) -> None:
         """Tell the EMA its run has ``batches`` optimizer steps: half-lives in ``dur`` get their smoothing, and

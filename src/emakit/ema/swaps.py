@@ -7,7 +7,8 @@ byte and restores the training weights (:mod:`emakit.shadow.swaps`). Swaps of se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -20,8 +21,9 @@ __all__ = ["EMASwaps"]
 
 
 class EMASwaps:
-    """:class:`~emakit.EMA`'s swaps: :meth:`ema_weights`, :meth:`get_ema_model`, :meth:`get_training_model`, and
-    :meth:`update_bn`, which measures BatchNorm statistics for the average inside a swap."""
+    """:class:`~emakit.EMA`'s swaps: :meth:`ema_weights`, :meth:`get_ema_model`, :meth:`get_training_model`,
+    :meth:`training_weights`, and :meth:`update_bn`, which measures BatchNorm statistics for the average inside
+    a swap."""
 
     shadows: list[ShadowWeights]
     shadow: ShadowWeights
@@ -70,6 +72,34 @@ class EMASwaps:
         Swaps nest: an inner block of another EMA must end first.
         """
         return _EMAWeights(self, model, self._average(index))
+
+    @contextlib.contextmanager
+    def training_weights(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block ``model`` holds its training weights, even while this EMA's averages are swapped in.
+
+        This EMA's averages in ``model`` come out for the block (innermost first) and go back in after it;
+        other EMAs' swaps are left alone. E.g. a checkpoint of the training weights from inside an evaluation::
+
+            with ema.ema_weights(model):
+                evaluate(model)
+                with ema.training_weights(model):
+                    torch.save(model.state_dict(), "training.pt")
+        """
+        if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+            warnings.warn(  # the trainer's State, as when the EMA was an Algorithm itself
+                "EMA.training_weights(state) is deprecated: pass the model, ema.training_weights(state.model)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            model = model.model
+        swapped = [shadow for shadow in swapped_into(model) if any(shadow is mine for mine in self.shadows)]
+        for shadow in reversed(swapped):
+            shadow.swap_out(model)
+        try:
+            yield model
+        finally:
+            for shadow in swapped:
+                shadow.swap_in(model)
 
     def update_bn(self, loader: Iterable, model: nn.Module, **kwargs: Any) -> None:
         """Measure the average's own BatchNorm statistics over ``loader`` (see :func:`emakit.update_bn`).
