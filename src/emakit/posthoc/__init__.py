@@ -42,6 +42,8 @@ One idea per module:
     profiles.py   the power-function profiles: sigma_rel and gamma, their inner products, the mix of snapshots
     averages.py   PostHocEMA: the averages during training, by hand (update once per optimizer step), snapshots
     synthesis.py  after training: the snapshots of a folder mixed into any sigma_rel (and `emakit posthoc`)
+
+In emakit's Trainer, ``PostHocEMA.as_algorithm()`` (:mod:`emakit.algorithms.posthoc`) runs it at batch ends.
 """
 
 from emakit.posthoc.averages import PostHocEMA

@@ -5,7 +5,8 @@ At step ``t``, ``dt`` steps after the last update::
     beta = (1 - dt / t) ** (gamma + 1)          ema = beta * ema + (1 - beta) * w
 
 (the first update copies). Every ``snapshot_interval`` each average is written to
-``phema-<step>-<sigma_rel>.pt`` for :func:`emakit.posthoc.synthesize`.
+``phema-<step>-<sigma_rel>.pt`` for :func:`emakit.posthoc.synthesize`. It knows nothing of the trainer:
+``PostHocEMA.as_algorithm()`` (:mod:`emakit.algorithms.posthoc`) runs it in one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -21,20 +22,20 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from emakit.atomic import atomic_write
-from emakit.core.algorithm import Algorithm
-from emakit.core.event import Event
-from emakit.core.state import State
-from emakit.loggers import Logger
+from emakit.deprecated import DeprecatedAlgorithmMethods
 from emakit.posthoc.profiles import gamma_from_sigma_rel
 from emakit.shadow import ShadowWeights
 from emakit.time import Time, TimeUnit, as_time
+
+if TYPE_CHECKING:
+    from emakit.algorithms.posthoc import PostHocEMAAlgorithm
 
 __all__ = ["PostHocEMA"]
 
 _STATE_VERSION = 1
 
 
-class PostHocEMA(Algorithm):
+class PostHocEMA(DeprecatedAlgorithmMethods):
     """Power-function EMAs of a model's weights, one per ``sigma_rel``, with snapshots for :func:`synthesize`.
 
     Args:
@@ -45,9 +46,9 @@ class PostHocEMA(Algorithm):
             update factor absorbs it, so the profile does not depend on it.
         ema_dtype: the averages' dtype (``"auto"``: fp32 for bf16/fp16 weights).
 
-    In a :class:`~emakit.Trainer` it updates at batch ends and never swaps: pick the length after
-    training with :func:`synthesize` or ``emakit posthoc FOLDER --sigma-rel 0.08``. By hand, call
-    :meth:`update` once per optimizer step.
+    In a :class:`~emakit.Trainer` (``algorithms=[phema]``, which runs :meth:`as_algorithm`) it updates at
+    batch ends and never swaps: pick the length after training with :func:`synthesize` or
+    ``emakit posthoc FOLDER --sigma-rel 0.08``. By hand, call :meth:`update` once per optimizer step.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class PostHocEMA(Algorithm):
         self.shadows = [ShadowWeights(ema_dtype=ema_dtype) for _ in self.sigma_rels]
         self.steps = 0  # optimizer steps counted so far
         self.last_update = 0  # the step of the last update (0: none yet)
+        self._algorithm: PostHocEMAAlgorithm | None = None  # made by as_algorithm()
 
     @staticmethod
     def _batches(value: str | Time, name: str) -> int:
@@ -164,15 +166,17 @@ class PostHocEMA(Algorithm):
             paths.append(path)
         return paths
 
-    # --------------------------------------------------------------- trainer
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.BATCH_END, Event.BEFORE_LOAD)
+    def as_algorithm(self) -> PostHocEMAAlgorithm:
+        """This PostHocEMA as an :class:`~emakit.Algorithm` for emakit's Trainer (updates at batch ends).
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event is Event.BEFORE_LOAD:  # allocate now: a sharded checkpoint is loaded into the averages in place
-            self.attach(state.model)
-        else:
-            self.update(state.model)
+        ``Trainer(algorithms=[phema])`` calls it; one adapter per PostHocEMA, made at the first call.
+        """
+        algorithm = getattr(self, "_algorithm", None)
+        if algorithm is None or algorithm.posthoc is not self:  # none yet, or a shallow copy's
+            from emakit.algorithms.posthoc import PostHocEMAAlgorithm  # the trainer's side, imported when one runs
+
+            algorithm = self._algorithm = PostHocEMAAlgorithm(self)
+        return algorithm
 
     def state_dict(self) -> dict[str, Any]:
         """The clock, the averages (DTensor shards under FSDP2) and the model's keys they are saved under."""
