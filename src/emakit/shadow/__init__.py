@@ -7,11 +7,11 @@ average is its slice, with its own storage object. See :mod:`emakit.storage` for
 
 By default the model's tensors are never re-pointed: nothing another library or the user holds
 (an optimizer's bucket views, shared memory, numpy views, CUDA graph addresses, aliases) is
-invalidated. An update reads each tensor once (``torch._foreach_lerp_``). A swap exchanges
-the contents of parameters with their average, chunk by chunk, and parks a copy of buffers,
-so evaluation holds the model plus one average and whatever runs inside a swap (a train-mode
-forward, an optimizer step) never silently reaches the average: a parameter written in place
-during a swap makes ``swap_out`` raise, naming it.
+invalidated. An update reads each tensor once (``torch._foreach_lerp_``). A swap parks the
+model's values in a buffer of its own and copies the average in; the average itself is never
+written while swapped in, so whatever runs inside a swap (a train-mode forward, an optimizer
+step) never reaches it: ``swap_out`` compares every parameter byte for byte with the average,
+puts the training weights back, and raises, naming it, when one was written in place.
 
 ``flatten_model=True`` binds the model's tensors into one flat buffer per group (each keeps
 its own storage object): an update is one ``lerp_`` per group and a parameter swap exchanges
