@@ -503,13 +503,26 @@ def test_trainer_empty_train_dataloader_raises() -> None:
 
 @pytest.mark.parametrize(
     "algorithms",
-    [[object()], [Callback()], ["EMA"], [EMA(half_life="10ba"), 3]],
-    ids=["object", "callback", "string", "ema-and-int"],
+    [[object()], [Callback()], ["EMA"], [EMA(half_life="10ba"), 3], [EMA]],
+    ids=["object", "callback", "string", "ema-and-int", "the-ema-class"],
 )
 def test_trainer_algorithms_that_are_not_algorithms_raise(algorithms: list) -> None:
     tracked = Tracked()
-    with pytest.raises(ValueError, match=re.escape("algorithms must be emakit.Algorithm")):
+    with pytest.raises(ValueError, match=re.escape("algorithms must be emakit.Algorithm")) as raised:
         Trainer(model=tracked.model, train_dataloader=loader(), max_duration="1ep", algorithms=algorithms)
+    assert isinstance(raised.value, TypeError)  # a wrong kind of object; a ValueError as before the protocol
+    assert repr(algorithms[-1]) in str(raised.value)
+    tracked.assert_unchanged()
+
+
+def test_trainer_algorithms_whose_as_algorithm_gives_no_algorithm_raise() -> None:
+    class Pretender:
+        def as_algorithm(self) -> str:
+            return "not an algorithm"
+
+    tracked = Tracked()
+    with pytest.raises(TypeError, match=r"as_algorithm\(\) returned 'not an algorithm'"):
+        Trainer(model=tracked.model, train_dataloader=loader(), max_duration="1ep", algorithms=[Pretender()])
     tracked.assert_unchanged()
 
 

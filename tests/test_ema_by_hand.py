@@ -578,6 +578,21 @@ def test_swaps_of_two_emas_nest_in_either_order(order):
         assert_close_to(weights64(ema.ema_model), reference.ema)
 
 
+def test_training_weights_takes_this_emas_averages_out_for_the_block_and_puts_them_back():
+    model, (outer, inner), references = two_trained_averages()
+    training = snapshot(model)
+    with outer.ema_weights(model), inner.ema_weights(model):
+        with inner.training_weights(model) as inside:  # only this EMA's average comes out
+            assert inside is model
+            assert_close_to(weights64(model), references[0].ema)
+        with inner.training_weights(model), outer.training_weights(model):  # the innermost out first
+            assert_equal_state(snapshot(model), training)
+        assert_close_to(weights64(model), references[1].ema)  # both back in, the inner one on top
+    assert_equal_state(snapshot(model), training)
+    with outer.training_weights(model):  # nothing swapped in: nothing to take out
+        assert_equal_state(snapshot(model), training)
+
+
 def test_a_swap_out_in_the_wrong_order_raises_and_corrupts_nothing():
     model, (first, second), references = two_trained_averages()
     training = snapshot(model)

@@ -326,3 +326,26 @@ def test_in_a_trainer_snapshots_follow_the_clock_and_resume_continues_them(updat
         assert again.read_bytes() == path.read_bytes(), f"{path.name} differs after resuming"
         weights = torch.load(again, weights_only=True)["weights"]
         assert_is_the_power_ema(weights, recorder.history, list(range(every, t + 1, every)), sigma_rel, rtol=1e-5)
+
+
+def test_a_posthoc_ema_runs_in_a_trainer_through_its_one_adapter(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from emakit import Algorithm, Classifier, Event, Trainer
+    from emakit.algorithms import PostHocEMAAlgorithm
+
+    phema = PostHocEMA(sigma_rels=(0.05,), snapshot_interval="4ba", folder=tmp_path)
+    assert not isinstance(phema, Algorithm)  # by hand it knows nothing of the trainer
+    adapter = phema.as_algorithm()
+    assert isinstance(adapter, PostHocEMAAlgorithm) and adapter.posthoc is phema and phema.as_algorithm() is adapter
+    data = TensorDataset(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3)
+    trainer = Trainer(
+        Classifier(nn.Linear(4, 3)), DataLoader(data, batch_size=4), "1ep", algorithms=[phema], progress_bar=False
+    )
+    assert trainer.engine.algorithms == [adapter]
+    trainer.fit()
+    assert phema.steps == 4 and [t for t, _, _ in snapshots_in(tmp_path)] == [4]
+    saved = trainer.state_dict()["algorithms"][0]
+    assert saved.keys() == phema.state_dict().keys() and saved["steps"] == 4  # the checkpoint holds its own state
+    with pytest.warns(DeprecationWarning, match=r"PostHocEMA.match\(...\) is deprecated"):
+        assert phema.match(Event.BATCH_END, trainer.state) is True

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from emakit import EMA, Algorithm, Callback, Classifier, Event, Trainer
+from emakit.algorithms import EMAAlgorithm
 
 ATOL, RTOL = 1e-6, 1e-5
 BATCHES_PER_EPOCH = 6  # 48 training samples in batches of 8
@@ -409,6 +410,54 @@ def test_ema_swaps_its_weights_in_for_the_eval_events_only():
         (Event.EVAL_END, "training"),
         (Event.BATCH_CHECKPOINT, "training"),
     ]
+
+
+# ------------------------------------------------------- the EMA's trainer adapter
+def test_an_ema_runs_in_a_trainer_through_its_one_adapter_and_checkpoints_hold_its_own_state():
+    ema, again = EMA(half_life="3ba"), EMA(half_life="3ba")
+    assert not isinstance(ema, Algorithm)  # the average by hand knows nothing of the trainer
+    adapter = ema.as_algorithm()
+    assert isinstance(adapter, EMAAlgorithm) and adapter.ema is ema and ema.as_algorithm() is adapter
+    model, model_again = make_model(), make_model()
+    trainer = make_trainer(model, "1ep", eval_dataloader=eval_loader(), algorithms=[ema])
+    assert trainer.engine.algorithms == [adapter]
+    trainer.fit()
+    make_trainer(model_again, "1ep", eval_dataloader=eval_loader(), algorithms=[again.as_algorithm()]).fit()
+    assert ema.num_updates == again.num_updates == BATCHES_PER_EPOCH  # the EMA or its adapter: one run
+    assert_equal_state(snapshot(ema.ema_model), snapshot(again.ema_model))
+    assert_equal_state(snapshot(model), snapshot(model_again))
+    saved = trainer.state_dict()["algorithms"]
+    assert len(saved) == 1 and saved[0].keys() == ema.state_dict().keys()
+    assert_equal_state(saved[0]["weights"], ema.state_dict()["weights"])
+
+
+def test_the_same_ema_listed_twice_is_one_adapter():
+    ema = EMA(half_life="3ba")
+    trainer = make_trainer(make_model(), "2ba", algorithms=[ema, ema])
+    assert trainer.engine.algorithms[0] is trainer.engine.algorithms[1] is ema.as_algorithm()
+
+
+def test_the_emas_old_algorithm_methods_forward_to_the_adapter_with_a_deprecation_warning():
+    model = make_model()
+    ema = EMA(half_life="3ba")
+    trainer = make_trainer(model, "2ba", algorithms=[ema])
+    trainer.fit()
+    state, adapter = trainer.state, ema.as_algorithm()
+    for event in (Event.BATCH_END, Event.EVAL_START, Event.EPOCH_END):
+        with pytest.warns(DeprecationWarning, match=r"EMA.match\(...\) is deprecated.*as_algorithm\(\).match"):
+            assert ema.match(event, state) == adapter.match(event, state)
+    with pytest.warns(DeprecationWarning, match="EMA.apply"):
+        ema.apply(Event.EVAL_START, state, trainer.logger)  # swaps the average in, as the adapter does
+    assert ema.swapped
+    deprecated = pytest.warns(DeprecationWarning, match=r"training_weights\(state\) is deprecated")
+    with deprecated, ema.training_weights(state) as inside:
+        assert inside is model and not ema.swapped
+    assert ema.swapped
+    with pytest.warns(DeprecationWarning, match="EMA.evaluation_weights"):
+        assert list(ema.evaluation_weights(state)) == ["ema@3ba"]
+    with pytest.warns(DeprecationWarning, match="EMA.apply"):
+        ema.apply(Event.EVAL_END, state, trainer.logger)
+    assert not ema.swapped
 
 
 # -------------------------------------------------------------- trainer basics

@@ -1,10 +1,11 @@
 """emakit: exponential moving averages of model weights for PyTorch training."""
 
 from emakit import distributed, functional
-from emakit.algorithms import EMA, PostHocEMA
 from emakit.batchnorm import update_bn
 from emakit.core import Algorithm, Callback, Event, State
+from emakit.ema import EMA
 from emakit.models import Classifier
+from emakit.posthoc import PostHocEMA
 from emakit.time import Time, Timestamp, TimeUnit
 from emakit.trainer import Trainer
 

@@ -13,8 +13,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emakit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from emakit import bench, demo, evidence, export
-    from emakit.algorithms import posthoc
+    from emakit import bench, demo, evidence, export, posthoc
 
     subcommands = {"demo": demo, "bench": bench, "evidence": evidence, "export": export, "posthoc": posthoc}
     for name, module in subcommands.items():

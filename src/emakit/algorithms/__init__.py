@@ -1,6 +1,11 @@
-"""Algorithms for the trainer: each decides when to act on the training state."""
+"""The trainer's adapters: averages used by hand (:mod:`emakit.ema`, :mod:`emakit.posthoc`) run by emakit's Trainer.
 
-from emakit.algorithms.ema import EMA
-from emakit.algorithms.posthoc import PostHocEMA
+``Trainer(algorithms=[ema])`` runs ``ema.as_algorithm()``, an :class:`EMAAlgorithm`; a PostHocEMA's is a
+:class:`PostHocEMAAlgorithm`. ``EMA`` and ``PostHocEMA`` are re-exported: ``from emakit.algorithms import EMA``
+keeps working.
+"""
 
-__all__ = ["EMA", "PostHocEMA"]
+from emakit.algorithms.ema import EMA, EMAAlgorithm
+from emakit.algorithms.posthoc import PostHocEMA, PostHocEMAAlgorithm
+
+__all__ = ["EMA", "EMAAlgorithm", "PostHocEMA", "PostHocEMAAlgorithm"]

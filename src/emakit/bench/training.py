@@ -12,16 +12,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from emakit import EMA, Classifier, Trainer
+from emakit.algorithms import EMAAlgorithm
 from emakit.bench import targets
 
 __all__ = ["bench_trainer"]
 
 
-class _TimedEMA(EMA):
-    """The EMA algorithm, also summing the wall time spent in its event handlers (updates and swaps)."""
+class _TimedEMAAlgorithm(EMAAlgorithm):
+    """An EMA's trainer adapter, also summing the wall time spent in its event handlers (updates and swaps)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, ema: EMA) -> None:
+        super().__init__(ema)
         self.seconds = 0.0
 
     def apply(self, event: Any, state: Any, logger: Any) -> None:
@@ -50,7 +51,7 @@ def _train(data: TensorDataset, batches: int, with_ema: bool, device: torch.devi
         model=Classifier(_small_cnn()),
         train_dataloader=DataLoader(data, batch_size=32),
         max_duration=f"{batches}ba",
-        algorithms=[_TimedEMA(half_life="50ba")] if with_ema else [],
+        algorithms=[_TimedEMAAlgorithm(EMA(half_life="50ba"))] if with_ema else [],
         device=device,
         seed=0,
         progress_bar=False,

@@ -10,9 +10,9 @@ from typing import Any
 from torch import nn
 
 from emakit import EMA, PostHocEMA
-from emakit.algorithms.posthoc import snapshots_in, synthesize
 from emakit.bench.peers import SMOOTHING
 from emakit.bench.timing import model_bytes, time_round_robin
+from emakit.posthoc import snapshots_in, synthesize
 
 __all__ = ["bench_posthoc", "bench_several"]
 

@@ -1,4 +1,9 @@
-"""The base of algorithms: code that changes training, run by the engine before callbacks at each event."""
+"""The base of algorithms: code that changes training, run by the engine before callbacks at each event.
+
+:func:`as_algorithm` is how the trainer takes its ``algorithms``: an :class:`Algorithm` as it is, or any
+object with an ``as_algorithm()`` method (an :class:`~emakit.EMA`, a :class:`~emakit.PostHocEMA`: averages
+used by hand, which know nothing of the trainer) as the adapter that method returns.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ if TYPE_CHECKING:
     from emakit.core.state import State
     from emakit.loggers import Logger
 
-__all__ = ["Algorithm"]
+__all__ = ["Algorithm", "NotAnAlgorithmError", "as_algorithm"]
 
 
 class Algorithm:
@@ -61,3 +66,42 @@ class Algorithm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class NotAnAlgorithmError(TypeError, ValueError):
+    """An entry of ``algorithms`` that is neither an :class:`Algorithm` nor has an ``as_algorithm()`` giving one.
+
+    A TypeError (a wrong kind of object), and a ValueError as the Trainer raised before the protocol.
+    """
+
+
+def as_algorithm(entry: Any) -> Algorithm:
+    """``entry`` as an :class:`Algorithm`: itself when it is one, else what its ``as_algorithm()`` returns.
+
+    The protocol lets code that knows nothing of the trainer run in it: an :class:`~emakit.EMA` is used
+    by hand, and ``ema.as_algorithm()`` gives its trainer adapter (one per EMA, the same at every call).
+    The Trainer and the :class:`~emakit.core.Engine` call this for every entry of ``algorithms``.
+    Raises :class:`NotAnAlgorithmError` naming the entry otherwise. Example::
+
+        >>> ema = EMA(half_life="50ba")
+        >>> as_algorithm(ema) is ema.as_algorithm()
+        True
+        >>> as_algorithm("EMA")
+        Traceback (most recent call last):
+        NotAnAlgorithmError: algorithms must be emakit.Algorithm instances or objects with ...
+    """
+    if isinstance(entry, Algorithm):
+        return entry
+    convert = None if isinstance(entry, type) else getattr(entry, "as_algorithm", None)
+    if not callable(convert):
+        raise NotAnAlgorithmError(
+            "algorithms must be emakit.Algorithm instances or objects with an as_algorithm() method "
+            f"(emakit.EMA, emakit.PostHocEMA), got {entry!r}"
+        )
+    algorithm = convert()
+    if not isinstance(algorithm, Algorithm):
+        raise NotAnAlgorithmError(
+            f"algorithms must be emakit.Algorithm instances or objects whose as_algorithm() returns one: {entry!r}"
+            f".as_algorithm() returned {algorithm!r}"
+        )
+    return algorithm

@@ -38,7 +38,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from emakit.algorithms.ema import EMA
+from emakit.ema import EMA
 from emakit.time import TimeUnit
 
 __all__ = ["EMACallback"]

@@ -65,8 +65,8 @@ except ImportError as error:  # pragma: no cover - only without the extra
         "emakit.integrations.transformers needs transformers: pip install 'emakit[transformers]'"
     ) from error
 
-from emakit.algorithms.ema import EMA
 from emakit.atomic import atomic_write
+from emakit.ema import EMA
 from emakit.tracked import unwrap
 
 __all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin"]

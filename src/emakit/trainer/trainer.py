@@ -81,8 +81,9 @@ class Trainer:
         eval_dataloader: batches for :meth:`eval`, run every ``eval_interval`` and at the end.
         optimizers: one optimizer or a list (default: SGD with lr 0.1), stepped every batch.
         schedulers: LR schedulers, stepped after every optimizer step.
-        algorithms, callbacks, loggers: see :class:`~emakit.Algorithm`, :class:`~emakit.Callback`,
-            :mod:`emakit.loggers`. At each event algorithms run first, then callbacks.
+        algorithms, callbacks, loggers: see :class:`~emakit.Algorithm` (or objects with ``as_algorithm()``: an
+            :class:`~emakit.EMA`), :class:`~emakit.Callback`, :mod:`emakit.loggers`. At each event algorithms run
+            first, then callbacks.
         eval_interval: ``"1ep"``, ``"100ba"``, or an int of epochs.
         device: default CUDA when available, else CPU.
         precision: ``"fp32"``, ``"amp_bf16"`` (autocast to bfloat16 for forward and loss) or ``"amp_fp16"``

@@ -1,0 +1,320 @@
+"""EMA by hand: when to start and update an exponential moving average of the weights.
+
+Storage, arithmetic and swaps live in :class:`emakit.shadow.ShadowWeights`; this module
+decides *when*. Each update event (an optimizer step for ``ba`` units: :meth:`EMA.update`; a
+trainer's batch or epoch end: :meth:`EMA.update_at`) whose count is a multiple of
+``update_interval`` and at or after ``ema_start``::
+
+    first event:  ema = param                                   (the average starts at the weights)
+    later events: ema = smoothing * ema + (1 - smoothing) * param
+                  smoothing = 2 ** (-(update_interval / half_life))
+
+With ``train_with_ema_weights=True`` the training weights are then set to ``ema``. The EMA knows
+nothing of emakit's trainer: :meth:`EMA.as_algorithm` gives the adapter a Trainer runs
+(:mod:`emakit.algorithms.ema`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from emakit.deprecated import DeprecatedAlgorithmMethods
+from emakit.ema.exports import EMAExports
+from emakit.ema.rates import parse_rates, run_length_warning, smoothings_for_run
+from emakit.ema.state import EMAState
+from emakit.ema.swaps import EMASwaps
+from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
+from emakit.shadow import ShadowWeights
+from emakit.time import Time, TimeUnit, as_time
+from emakit.tracked import Selection
+
+if TYPE_CHECKING:
+    from emakit.algorithms.ema import EMAAlgorithm
+
+__all__ = ["EMA"]
+
+
+class _DefaultHalfLife(str):
+    """The default half-life: distinguishable from a half-life passed explicitly alongside ``smoothing``."""
+
+
+_DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
+
+
+class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
+    """An exponential moving average of a model's weights, for evaluation with smoother metrics.
+
+    Args:
+        half_life: time for a term's weight in the average to halve, ``"Nba"`` or ``"Nep"``; or a
+            fraction of the run, ``"0.02dur"`` (2% of its optimizer steps), resolved when the run's
+            length is known (:meth:`set_run_length`: a Trainer and the integrations call it).
+        smoothing: the per-update factor instead of ``half_life``, in (0, 1).
+        ema_start: when the average starts (initialised from the weights at the first update
+            event at or after it); any unit, ``"0.3dur"`` meaning 30% of ``max_duration``.
+        update_interval: how often to update, in ``half_life``'s unit; default ``1`` of it
+            (``"1ba"`` with ``smoothing``).
+        train_with_ema_weights: after each update, set the training weights to the average.
+        ema_dtype: ``"auto"`` (fp32 average of bf16/fp16 weights), ``"same"``, or a dtype.
+        ema_device: where the average lives (``"cpu"`` offloads it); default: with the weights.
+        async_update: on CUDA, run updates on a side stream, overlapping the next forward pass
+            (ordered before the next optimizer step and before any swap or state read).
+        skip_nonfinite: skip (with a warning) updates whose weights hold NaN or Inf, instead of
+            poisoning the average forever; costs one extra read of the weights per update.
+        warmup: ramp the smoothing up over the first updates, so the average does not lag behind
+            its start: ``None``, ``"tf"`` (``min(s, (1 + n) / (10 + n))``) or ``("power", gamma, power)``
+            (``min(s, 1 - (1 + n / gamma) ** -power)``), ``n`` being the number of updates already
+            applied, the start counting as one. See :func:`emakit.functional.warmup_smoothing`.
+        min_smoothing: the least smoothing a warmup may use, in [0, 1).
+        include, exclude: name patterns (``fnmatch``: ``"encoder.*"``, ``"*.lora_*"``) of the tensors to
+            track, matched against ``state_dict`` names; untracked tensors are neither averaged, copied
+            nor swapped (``ema_model`` shares the model's own).
+        trainable_only: track parameters only where ``requires_grad`` (e.g. LoRA adapters, not the
+            frozen base); a parameter frozen or unfrozen later is followed (its average restarts).
+        buffers: floating-point buffers are ``"average"``-d (default), ``"copy"``-ed like integer
+            ones, or ``"ignore"``-d with every other buffer.
+        flatten_model: re-point the model's tensors into one flat buffer per (device, dtype), so an
+            update is one kernel and a swap moves no data. Off by default: the model's tensors then
+            stay where they are, which every other library relies on. See the README for the contract.
+
+    In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]`` (the trainer runs :meth:`as_algorithm`):
+    it updates at batch (or epoch) ends and evaluation uses the average. By hand, in any loop::
+
+        ema = EMA(half_life="100ba")
+        for x, y in loader:
+            loss_fn(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update(model)                 # once per optimizer step
+        with ema.ema_weights(model):          # model holds the average inside
+            evaluate(model)
+    """
+
+    def __init__(
+        self,
+        half_life: str | Time | None = _DEFAULT_HALF_LIFE,
+        smoothing: float | None = None,
+        ema_start: str | Time = "0.0dur",
+        update_interval: str | Time | None = None,
+        train_with_ema_weights: bool = False,
+        ema_dtype: str | torch.dtype = "auto",
+        ema_device: str | torch.device | None = None,
+        async_update: bool = False,
+        skip_nonfinite: bool = False,
+        warmup: str | tuple | None = None,
+        min_smoothing: float = 0.0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        trainable_only: bool = False,
+        buffers: str = "average",
+        flatten_model: bool = False,
+    ) -> None:
+        given = half_life is not _DEFAULT_HALF_LIFE
+        self._rates = parse_rates(half_life, smoothing, update_interval, half_life_given=given)
+        self.half_lives, self.update_interval = self._rates.half_lives, self._rates.update_interval
+        self.half_life = self.half_lives[0] if self.half_lives else None  # of the first average
+        self.warmup = check_warmup(warmup)
+        self.min_smoothing = check_smoothing(min_smoothing, high_inclusive=False, name="min_smoothing")
+        self.smoothings: tuple[float, ...] | None = None  # until the run's length is known, for 'dur' half-lives
+        self.smoothing: float | None = None  # the first average's
+        if not self._rates.of_run:
+            self._set_smoothings(self._rates.smoothings)
+        self.last_smoothing: float | None = None  # the smoothing of the last averaging update (with warmup)
+        self.ema_start = as_time(ema_start, name="ema_start")
+        for name, flag in (("train_with_ema_weights", train_with_ema_weights), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False")
+        self.train_with_ema_weights = train_with_ema_weights
+        self.skip_nonfinite = skip_nonfinite
+        self.num_skipped = 0  # update events skipped because the weights held NaN or Inf
+        selection = Selection.of(include, exclude, trainable_only, buffers)
+        self.shadows = [  # one per average; only the first may bind the model (flatten_model)
+            ShadowWeights(ema_dtype, ema_device, async_update, flatten_model and index == 0, selection)
+            for index in range(self._rates.count)
+        ]
+        self.shadow = self.shadows[0]
+        self.started = False
+        self.num_updates = 0  # update events applied, the starting one included
+        self.batches_seen = 0  # counted by update(model), in loops without a trainer
+        self._run_batches: float | None = None  # the run's optimizer steps, once set_run_length was called
+        self._algorithm: EMAAlgorithm | None = None  # the trainer's adapter, made by as_algorithm()
+
+    def _set_smoothings(self, smoothings: tuple[float, ...]) -> None:
+        if self.min_smoothing > min(smoothings):
+            raise ValueError(f"min_smoothing={self.min_smoothing!r} must not exceed the smoothing {min(smoothings)!r}")
+        self.smoothings, self.smoothing = smoothings, smoothings[0]
+
+    def __repr__(self) -> str:
+        if self.half_lives is not None:
+            rate = "half_life=" + (
+                f"'{self.half_life}'" if len(self.half_lives) == 1 else str(tuple(map(str, self.half_lives)))
+            )
+        else:
+            rate = f"smoothing={self.smoothing if len(self.smoothings) == 1 else self.smoothings}"
+        return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
+
+    # ------------------------------------------------------------ the schedule
+    def update_at(self, model: nn.Module, count: int, start_reached: bool) -> bool:
+        """Apply update event number ``count`` of a clock kept elsewhere; True when the average changed.
+
+        For trainers that count batches or epochs themselves (emakit's Trainer, through
+        :meth:`as_algorithm`): ``count`` is the batches (or epochs, with ``update_interval`` in
+        ``ep``) done, ``start_reached`` whether their clock has reached ``ema_start``. An update is
+        due when ``count`` is a multiple of ``update_interval`` and the start is reached. In a plain
+        loop use :meth:`update`, which counts optimizer steps itself.
+        """
+        if count % self.update_interval.value != 0 or not start_reached:
+            return False
+        if self.skip_nonfinite and not self.shadow.model_is_finite(model):
+            self.num_skipped += 1
+            warnings.warn(
+                f"EMA: the model's weights hold NaN or Inf at update event {count}: update skipped "
+                f"({self.num_skipped} so far), the average keeps its last finite value",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        if self.smoothings is None:
+            raise RuntimeError(
+                f"half_life='{self.half_life}' is a fraction of the run, whose length the EMA does not know: "
+                "call ema.set_run_length(total_optimizer_steps) before the first update, or train in a Trainer"
+            )
+        if self.started:
+            used = [warmup_smoothing(s, self.num_updates, self.warmup, self.min_smoothing) for s in self.smoothings]
+            for shadow, smoothing in zip(self.shadows, used):  # each reads the weights: ~1x one average's time
+                shadow.update(model, 1.0 - smoothing)
+            self.last_smoothing = used[0]
+        else:
+            for shadow in self.shadows:
+                shadow.copy_from_model(model)
+            self.started = True
+        self.num_updates += 1
+        if self.train_with_ema_weights:
+            self.shadow.copy_to_model(model)
+        return True
+
+    def update(self, model: nn.Module, *, epoch: int | None = None) -> bool:
+        """Count one batch (one optimizer step) of ``model``; update the average when one is due.
+
+        Returns whether the average was updated. For loops without an emakit Trainer, where
+        ``update_interval`` counts batches. ``epoch`` (the current epoch, from 0) is needed only
+        when ``ema_start`` is in epochs: the average starts at the first due batch of that epoch.
+        ``ema_start`` in ``dur`` needs the run's length (:meth:`set_run_length`).
+
+        Example::
+
+            >>> ema = EMA(half_life="100ba", ema_start="2ep")
+            >>> ema.update(model, epoch=0)     # False: epoch 2 has not begun
+        """
+        if self.update_interval.unit is not TimeUnit.BATCH:
+            raise ValueError(
+                f"update(model) counts batches, but update_interval is {self.update_interval}: "
+                "use 'ba' units by hand, or run the EMA in an emakit Trainer"
+            )
+        if self.shadow.swapped:
+            raise RuntimeError(
+                "cannot update the EMA: its weights are swapped into the model; "
+                "leave ema_weights(...) or call get_training_model(model) first"
+            )
+        count = self.batches_seen + 1
+        updated = self.update_at(model, count, self._start_reached(count, epoch))
+        self.batches_seen = count  # counted only once the update event went through
+        return updated
+
+    def _start_reached(self, batch: int, epoch: int | None) -> bool:
+        """Whether ``ema_start`` is reached at optimizer step ``batch`` (counted from 1) of epoch ``epoch``."""
+        start = self.ema_start
+        if start.value == 0:
+            return True
+        if start.unit is TimeUnit.BATCH:
+            return batch >= start.value
+        if start.unit is TimeUnit.EPOCH:
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(
+                    f"ema_start='{start}' counts epochs: pass the current epoch (from 0), "
+                    f"ema.update(model, epoch=epoch); got epoch={epoch!r}"
+                )
+            return epoch >= start.value
+        if start.unit is TimeUnit.DURATION:
+            if self._run_batches is None:
+                raise RuntimeError(
+                    f"ema_start='{start}' is a fraction of the run, whose length the EMA does not know: "
+                    "call ema.set_run_length(total_optimizer_steps) before the first update"
+                )
+            return batch >= start.value * self._run_batches
+        raise ValueError(
+            f"ema_start='{start}' needs a Trainer's clock (samples or tokens); by hand use 'ba', 'ep' or 'dur'"
+        )
+
+    def attach(self, model: nn.Module) -> None:
+        """Lay every average out for ``model`` now (allocating it) rather than at the first update."""
+        for shadow in self.shadows:
+            shadow.attach(model)
+
+    @property
+    def labels(self) -> list[str]:
+        """A short name per average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
+        if self.half_lives is not None:
+            return [f"ema@{h}" for h in self.half_lives]
+        return [f"ema@{s:g}" for s in self.smoothings]
+
+    @property
+    def label(self) -> str:
+        """The first average's :attr:`labels` entry."""
+        return self.labels[0]
+
+    def as_algorithm(self) -> EMAAlgorithm:
+        """This EMA as an :class:`~emakit.Algorithm` of emakit's Trainer (:class:`~emakit.algorithms.ema.EMAAlgorithm`).
+
+        ``Trainer(algorithms=[ema])`` calls it (:func:`emakit.core.algorithm.as_algorithm`). One adapter per EMA,
+        made at the first call: the same EMA listed in two places is one algorithm. Example::
+
+            >>> ema = EMA(half_life="50ba")
+            >>> ema.as_algorithm() is ema.as_algorithm()
+            True
+        """
+        algorithm = getattr(self, "_algorithm", None)
+        if algorithm is None or algorithm.ema is not self:  # none yet, or a shallow copy's
+            from emakit.algorithms.ema import EMAAlgorithm  # the trainer's side, imported when a trainer runs
+
+            algorithm = self._algorithm = EMAAlgorithm(self)
+        return algorithm
+
+    def set_run_length(self, batches: float, start: float | None = None, interval: float | None = None) -> None:
+        """Tell the EMA its run has ``batches`` optimizer steps: half-lives in ``dur`` get their smoothing, and
+        a half-life too long for the run is warned about.
+
+        ``half_life="0.02dur"`` in a 5000-step run is 100 batches: ``smoothing = 2 ** (-1 / 100)``.
+        Without warmup, after ``u`` updates the weights the average started from still hold
+        ``smoothing ** u`` of it; above 1% the average lags the training weights (``docs/evidence.md``:
+        half-lives of 1-5% of the run did best), and the warning names each such average and its share.
+        ``start`` is the batch where the average starts (default: ``ema_start`` when in batches, else 0),
+        ``interval`` the batches between updates (default: ``update_interval`` when in batches).
+        emakit's Trainer, the Lightning callback and the Hugging Face callback call this when training
+        starts; by hand, call it before the first update.
+
+        Example::
+
+            >>> ema = EMA(half_life="0.02dur")
+            >>> ema.set_run_length(5000)
+            >>> round(ema.smoothing, 6)
+            0.993092
+            >>> EMA(half_life="1000ba").set_run_length(2000)  # warns: the first weights keep 25%
+        """
+        if self._rates.of_run:
+            self._set_smoothings(smoothings_for_run(self._rates, batches))
+        self._run_batches = batches
+        if start is None:
+            start = {TimeUnit.BATCH: self.ema_start.value, TimeUnit.DURATION: self.ema_start.value * batches}.get(
+                self.ema_start.unit, 0
+            )
+        if interval is None and self.update_interval.unit is TimeUnit.BATCH:
+            interval = self.update_interval.value
+        if interval is not None and batches > start and self.warmup is None:
+            message = run_length_warning(self.labels, self.smoothings, batches - start, interval)
+            if message:
+                warnings.warn(message, stacklevel=2)

@@ -1,0 +1,118 @@
+"""The state of an :class:`~emakit.EMA`: what a checkpoint holds to resume it exactly, and the check on load.
+
+A state holds the averages, their counters and clock, and the rates they were made with: a state saved with
+other rates (half-lives or smoothings, update interval, warmup) is refused by name, since resuming it would
+silently continue another average (``strict=False`` continues with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from emakit.shadow import ShadowWeights
+from emakit.time import Time
+
+__all__ = ["EMAState"]
+
+_STATE_VERSION = 1
+
+
+class EMAState:
+    """:class:`~emakit.EMA`'s :meth:`state_dict` and :meth:`load_state_dict`."""
+
+    shadows: list[ShadowWeights]
+    shadow: ShadowWeights
+    half_lives: tuple[Time, ...] | None
+    smoothings: tuple[float, ...] | None
+    smoothing: float | None
+    update_interval: Time
+    warmup: tuple | None
+    min_smoothing: float
+    started: bool
+    num_updates: int
+    batches_seen: int
+    num_skipped: int
+    last_smoothing: float | None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "smoothing": self.smoothing,
+            **self.state_dict_rates(),
+            "started": self.started,
+            "num_updates": self.num_updates,
+            "batches_seen": self.batches_seen,
+            "num_skipped": self.num_skipped,
+            "last_smoothing": self.last_smoothing,
+            "weights": self.shadow.state_dict(),  # the first average
+            "more_weights": [shadow.state_dict() for shadow in self.shadows[1:]],  # the others, in order
+            "state_dict_keys": dict(self.shadow.state_dict_keys),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue from ``state`` (as :meth:`state_dict` gave it): the averages, their counters and clock.
+
+        The state must come from an EMA with the same rates (half-lives or smoothings, update interval,
+        warmup): resuming with other ones would silently continue another average. ``strict=False``
+        continues with this EMA's rates instead, with a warning.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"EMA state has version {found!r}; this emakit reads version {_STATE_VERSION}")
+        missing = {"started", "num_updates", "batches_seen", "weights"} - state.keys()
+        if missing:
+            raise ValueError(f"EMA state lacks {sorted(missing)}")
+        if state["started"] and not state["weights"]:
+            raise ValueError("EMA state says the average started but holds no weights")
+        more = state.get("more_weights", [])
+        if len(more) != len(self.shadows) - 1:
+            raise ValueError(f"EMA state holds {1 + len(more)} averages; this EMA keeps {len(self.shadows)}")
+        differences = self._rate_differences(state)
+        if differences and strict:
+            raise ValueError(
+                f"EMA state was saved with other rates ({'; '.join(differences)}): build the EMA with the saved "
+                "ones to resume, or load with strict=False to continue these weights at the new rates"
+            )
+        if differences:
+            warnings.warn(f"EMA: continuing a state saved with other rates ({'; '.join(differences)})", stacklevel=2)
+        for shadow, weights in zip(self.shadows, [state["weights"], *more]):
+            shadow.load_state_dict(weights)
+            if shadow.attached_model() is None:
+                shadow.state_dict_keys = dict(state.get("state_dict_keys") or {})
+        self.started = bool(state["started"])
+        self.num_updates = int(state["num_updates"])
+        self.batches_seen = int(state["batches_seen"])
+        self.num_skipped = int(state.get("num_skipped", 0))
+        self.last_smoothing = state.get("last_smoothing")
+
+    def _rate_differences(self, state: dict[str, Any]) -> list[str]:
+        """What of the rates in ``state`` differs from this EMA's (entries a state lacks are not compared)."""
+        mine = self.state_dict_rates()
+        if state.get("half_lives") is not None and mine["half_lives"] is not None:
+            mine.pop("smoothings")  # half-lives in 'dur' get their smoothing only once the run's length is known
+        elif state.get("smoothings") is None and self.smoothing is not None:
+            mine = {"smoothing": self.smoothing, **mine}  # a state from before 'smoothings' was saved
+        return [
+            f"{key} {state[key]!r} saved, {value!r} here"
+            for key, value in mine.items()
+            if key in state and state[key] != value and value is not None
+        ]
+
+    def state_dict_rates(self) -> dict[str, Any]:
+        """The entries of :meth:`state_dict` that say how the average moves."""
+        return {
+            "half_lives": None if self.half_lives is None else [str(h) for h in self.half_lives],
+            "smoothings": None if self.smoothings is None else list(self.smoothings),
+            "update_interval": str(self.update_interval),
+            "warmup": _warmup_state(self.warmup),
+            "min_smoothing": self.min_smoothing,
+        }
+
+
+def _warmup_state(warmup: tuple | None) -> str | list | None:
+    """A warmup as the user spells it, in plain values: ``"tf"``, ``["power", 1.0, 0.75]`` or None."""
+    if warmup is None:
+        return None
+    return warmup[0] if len(warmup) == 1 else list(warmup)
