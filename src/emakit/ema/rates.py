@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from emakit.functional import check_smoothing, smoothing_from_half_life
-from emakit.time import Time, TimeUnit, as_time
+from emakit.time import Time, TimeUnit, as_interval, as_time
 
 __all__ = ["INITIAL_SHARE_WARNING", "Rates", "parse_rates", "run_length_warning", "smoothings_for_run"]
 
@@ -42,13 +42,6 @@ class Rates:
         return self.half_lives is not None and self.half_lives[0].unit is TimeUnit.DURATION
 
 
-def _interval(update_interval: str | Time) -> Time:
-    interval = as_time(update_interval, name="update_interval")
-    if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
-        raise ValueError(f"update_interval={update_interval!r} must be > 0 and in 'ba' or 'ep', e.g. '1ba'")
-    return interval
-
-
 def parse_rates(
     half_life: str | Time | Sequence[str | Time] | None,
     smoothing: float | Sequence[float] | None,
@@ -75,7 +68,7 @@ def parse_rates(
     if not values:
         raise ValueError(f"{'smoothing' if smoothing is not None else 'half_life'}={given!r} is empty")
     if smoothing is not None:
-        interval = _interval(update_interval if update_interval is not None else "1ba")
+        interval = as_interval(update_interval if update_interval is not None else "1ba", name="update_interval")
         smoothings = tuple(check_smoothing(v, low_inclusive=False, high_inclusive=False) for v in values)
         rates = Rates(None, smoothings, interval)
     else:
@@ -87,7 +80,10 @@ def parse_rates(
         if len({h.unit for h in half_lives}) != 1:
             raise ValueError(f"half_life={half_life!r}: several half-lives must share a unit")
         unit = half_lives[0].unit
-        interval = _interval(update_interval if update_interval is not None else Time(1, _COUNTED_IN.get(unit, unit)))
+        interval = as_interval(
+            update_interval if update_interval is not None else Time(1, _COUNTED_IN.get(unit, unit)),
+            name="update_interval",
+        )
         if interval.unit is not _COUNTED_IN.get(unit, unit):
             raise ValueError(
                 f"update_interval={update_interval!r} and half_life={half_life!r} must share a unit "

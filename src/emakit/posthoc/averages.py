@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from emakit import distributed
 from emakit.atomic import atomic_write
 from emakit.deprecated import DeprecatedAlgorithmMethods
 from emakit.posthoc.profiles import gamma_from_sigma_rel
 from emakit.shadow import ShadowWeights
-from emakit.time import Time, TimeUnit, as_time
+from emakit.time import Time, TimeUnit, as_interval
 
 if TYPE_CHECKING:
     from emakit.algorithms.posthoc import PostHocEMAAlgorithm
@@ -75,10 +75,7 @@ class PostHocEMA(DeprecatedAlgorithmMethods):
 
     @staticmethod
     def _batches(value: str | Time, name: str) -> int:
-        time = as_time(value, name=name)
-        if time.unit is not TimeUnit.BATCH or time.value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive number of batches, e.g. '100ba'")
-        return int(time.value)
+        return int(as_interval(value, name=name, units=(TimeUnit.BATCH,), examples=("100ba",)).value)
 
     # ------------------------------------------------------------- averaging
     def update(self, model: nn.Module) -> bool:
@@ -137,7 +134,7 @@ class PostHocEMA(DeprecatedAlgorithmMethods):
                     "state and has not been laid out for a model since); pass the model: write_snapshots(model)"
                 )
             averages.append((average, keys))
-        main = not dist.is_initialized() or dist.get_rank() == 0
+        main = distributed.is_main()
         if main:
             self.folder.mkdir(parents=True, exist_ok=True)
         paths = []

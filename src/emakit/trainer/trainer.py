@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from emakit import distributed
 from emakit.core import Algorithm, Callback, Engine, Event, State
 from emakit.loggers import Logger, LoggerDestination
-from emakit.time import Time, Timestamp, TimeUnit, as_time
+from emakit.time import Time, Timestamp, TimeUnit, as_interval, as_time
 from emakit.tracked import describe_mismatch, unwrap
 from emakit.trainer.batches import batch_size, to_device
 from emakit.trainer.checkpoint import (
@@ -42,13 +42,6 @@ __all__ = ["Trainer"]
 
 _PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 _SEED_STRIDE = 1_000_003  # epoch e of a run seeded s shuffles with the permutation seeded s * _SEED_STRIDE + e
-
-
-def _interval(value: str | int | Time, name: str) -> Time:
-    interval = as_time(value, name=name, int_unit=TimeUnit.EPOCH)
-    if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
-        raise ValueError(f"{name}={value!r} must be > 0 and in 'ba' or 'ep', e.g. '1ep' or '100ba'")
-    return interval
 
 
 def _copy_state(state: Any) -> Any:
@@ -165,8 +158,12 @@ class Trainer:
         distributed.check_parallelism(parallelism)
         kind = distributed.check_wrapping(model, parallelism)
         self._fsdp = kind == "fsdp" or (parallelism == "fsdp" and distributed.world_size() > 1)
-        self.eval_interval = _interval(eval_interval, "eval_interval")
-        self.save_interval = _interval(save_interval, "save_interval")
+        self.eval_interval = as_interval(
+            eval_interval, name="eval_interval", int_unit=TimeUnit.EPOCH, examples=("1ep", "100ba")
+        )
+        self.save_interval = as_interval(
+            save_interval, name="save_interval", int_unit=TimeUnit.EPOCH, examples=("1ep", "100ba")
+        )
         Engine.check(algorithms, callbacks)
         timestamp = Timestamp()
         self.logger = Logger(loggers, timestamp)
