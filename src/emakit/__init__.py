@@ -1,13 +1,12 @@
 """emakit: exponential moving averages of model weights for PyTorch training."""
 
-from emakit import distributed, functional
+from emakit import functional
 from emakit.batchnorm import update_bn
 from emakit.core import Algorithm, Callback, Event, State
 from emakit.ema import EMA
 from emakit.models import Classifier
 from emakit.posthoc import PostHocEMA
 from emakit.time import Time, Timestamp, TimeUnit
-from emakit.trainer import Trainer
 
 __all__ = [
     "EMA",
@@ -26,3 +25,17 @@ __all__ = [
     "update_bn",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``Trainer`` and ``distributed``, imported on first use: the trainer (tqdm, data loading) and the multi-process
+    helpers are not needed to average weights by hand, and ``import emakit`` stays cheap."""
+    if name == "Trainer":
+        from emakit.trainer import Trainer
+
+        return Trainer
+    if name == "distributed":
+        import emakit.distributed
+
+        return emakit.distributed
+    raise AttributeError(f"module 'emakit' has no attribute {name!r}")

@@ -15,9 +15,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from emakit.tracked import fill_tensors
+from emakit.tracked import fill_tensors, is_dtensor
 
 __all__ = ["average_module", "gathered_module"]
 
@@ -50,5 +49,5 @@ def gathered_module(skeleton: nn.Module | None, averages: dict[str, torch.Tensor
             "ema.remember_structure(model) before fully_shard; or use `with ema.ema_weights(model):`, "
             "ema.ema_state_dict() or ema.save_ema_weights(path)"
         )
-    full = {name: t.full_tensor() if isinstance(t, DTensor) else t.clone() for name, t in averages.items()}
+    full = {name: t.full_tensor() if is_dtensor(t) else t.clone() for name, t in averages.items()}
     return fill_tensors(copy.deepcopy(skeleton), full)

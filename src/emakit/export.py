@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from emakit import distributed
 from emakit.atomic import atomic_path
+from emakit.tracked import is_dtensor
 
 __all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state", "save_state_dict"]
 
@@ -41,7 +41,7 @@ def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
     weights, keys = state.get("weights") or {}, state.get("state_dict_keys") or {}
     if not state.get("started") or not weights:
         raise ValueError("the EMA has not started: there are no EMA weights to save")
-    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in weights.items()}
+    full = {name: t.full_tensor() if is_dtensor(t) else t for name, t in weights.items()}
     return save_state_dict({key: full[name] for key, name in keys.items()}, path)
 
 

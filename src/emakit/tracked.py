@@ -21,12 +21,12 @@ import enum
 import fnmatch
 import itertools
 import operator
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -37,6 +37,7 @@ __all__ = [
     "describe_mismatch",
     "fill_tensors",
     "is_averaged",
+    "is_dtensor",
     "local",
     "match_wrapped_names",
     "tracked_tensors",
@@ -45,9 +46,19 @@ __all__ = [
 ]
 
 
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 shard), without importing DTensor support.
+
+    ``torch.distributed.tensor`` costs about half a second to import (it pulls in sympy); a DTensor
+    exists only once it is imported, so until then nothing is one.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's data of ``tensor``: the local shard of a DTensor (FSDP2), else the tensor itself."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -214,7 +225,7 @@ class TrackedTensors:
         self._slot_registries = [registry for registry, _, _ in slots]
         self._slot_keys = [key for _, key, _ in slots]
         self._slot_values = [value for _, _, value in slots]
-        self._sharded = any(isinstance(t, DTensor) for t in self.tensors)
+        self._sharded = any(is_dtensor(t) for t in self.tensors)
         self._ptrs = self._data_ptrs()
         self._numels = list(map(torch.Tensor.numel, self.tensors))
         self._signatures = list(map(_signature, self.tensors))

@@ -22,7 +22,6 @@ helper is also usable by hand, in any loop.
 
 from __future__ import annotations
 
-from emakit.distributed.data import EvalShardSampler, shard_eval_loader, shard_train_loader
 from emakit.distributed.environment import (
     TORCH_VERSION,
     barrier,
@@ -77,3 +76,16 @@ __all__ = [
     "wrap_model",
     "wrapper_kind",
 ]
+
+
+_DATA = ("EvalShardSampler", "shard_eval_loader", "shard_train_loader")
+
+
+def __getattr__(name: str) -> object:
+    """The data helpers, imported on first use: ``torch.utils.data``'s samplers cost an import ``import emakit``
+    need not pay."""
+    if name in _DATA:
+        from emakit.distributed import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'emakit.distributed' has no attribute {name!r}")

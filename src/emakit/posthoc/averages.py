@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from emakit import distributed
 from emakit.atomic import atomic_write
@@ -26,6 +25,7 @@ from emakit.deprecated import DeprecatedAlgorithmMethods
 from emakit.posthoc.profiles import gamma_from_sigma_rel
 from emakit.shadow import ShadowWeights
 from emakit.time import Time, TimeUnit, as_interval
+from emakit.tracked import is_dtensor
 
 if TYPE_CHECKING:
     from emakit.algorithms.posthoc import PostHocEMAAlgorithm
@@ -142,7 +142,7 @@ class PostHocEMA(DeprecatedAlgorithmMethods):
             tensors = {}
             for name in dict.fromkeys(keys.values()):  # one tensor at a time, in the same order on every rank
                 value = average[name]
-                if isinstance(value, DTensor):
+                if is_dtensor(value):
                     value = value.full_tensor()  # collective; a fresh tensor, dropped at once on other ranks
                 elif not main:
                     continue

@@ -8,19 +8,20 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from emakit.average_module import average_module, gathered_module
 from emakit.storage import Group
-from emakit.tracked import describe_mismatch, match_wrapped_names, unwrap
+from emakit.tracked import describe_mismatch, is_dtensor, match_wrapped_names, unwrap
 
 __all__ = ["ShadowState"]
 
 
 def _like_model(model_tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (local data) presented like ``model_tensor``: a DTensor with its mesh and placements, or as is."""
-    if not isinstance(model_tensor, DTensor):
+    if not is_dtensor(model_tensor):
         return value
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(
         value,
         model_tensor.device_mesh,
@@ -87,7 +88,7 @@ class ShadowState:
         copies: dict[str, torch.Tensor] = {}
         for name in dict.fromkeys(self.state_dict_keys.values()):
             value = averages[name]
-            copies[name] = value.full_tensor() if isinstance(value, DTensor) else value.detach().clone()
+            copies[name] = value.full_tensor() if is_dtensor(value) else value.detach().clone()
         return {key: copies[name] for key, name in self.state_dict_keys.items()}
 
     # ------------------------------------------------------------- ema_model
