@@ -1,6 +1,7 @@
 """emakit: exponential moving averages of model weights for PyTorch training."""
 
 from emakit import distributed, functional
+from emakit._version import __version__ as __version__
 from emakit.algorithms import EMA, PostHocEMA
 from emakit.batchnorm import update_bn
 from emakit.core import Algorithm, Callback, Event, State
@@ -24,4 +25,3 @@ __all__ = [
     "functional",
     "update_bn",
 ]
-__version__ = "0.1.0"
