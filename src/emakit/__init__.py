@@ -1,6 +1,7 @@
 """emakit: exponential moving averages of model weights for PyTorch training."""
 
 from emakit import functional
+from emakit._version import __version__ as __version__
 from emakit.batchnorm import update_bn
 from emakit.core import Algorithm, Callback, Event, State
 from emakit.ema import EMA
@@ -24,7 +25,6 @@ __all__ = [
     "functional",
     "update_bn",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
