@@ -238,3 +238,17 @@ def test_without_a_supported_device_async_update_warns_and_updates_synchronously
     with pytest.warns(UserWarning, match="async_update=True needs a model on one CUDA device"):
         shadow.update(model, 0.5)
     assert shadow.async_update is False and pending_side_streams() == []
+
+
+def test_ema_wait_orders_the_current_stream_after_a_pending_update():
+    """Before writing the weights outside optimizer.step() (a clamp): ema.wait(), no host wait."""
+    ops, model = Recording(), make_model()
+    ema = EMA(smoothing=0.5, async_update=True)
+    ema.shadow._stream_ops = ops
+    ema.update(model)
+    ema.update(model)  # queued on the side stream
+    assert pending_side_streams() == [ema.shadow._side_stream]
+    ema.wait()
+    assert pending_side_streams() == [] and ops.calls("wait_event")[-1][1:] == ("main", "side:cpu")
+    ema.wait()  # nothing pending: nothing to wait for
+    assert len(ops.calls("wait_event")) == 1

@@ -96,8 +96,8 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
 
     def __init__(
         self,
-        half_life: str | Time | None = _DEFAULT_HALF_LIFE,
-        smoothing: float | None = None,
+        half_life: str | Time | Sequence[str | Time] | None = _DEFAULT_HALF_LIFE,
+        smoothing: float | Sequence[float] | None = None,
         ema_start: str | Time = "0.0dur",
         update_interval: str | Time | None = None,
         train_with_ema_weights: bool = False,
@@ -249,6 +249,13 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         raise ValueError(
             f"ema_start='{start}' needs a Trainer's clock (samples or tokens); by hand use 'ba', 'ep' or 'dur'"
         )
+
+    def wait(self) -> None:
+        """With ``async_update=True``: make the device's current stream wait for a pending update (the host does
+        not block). ``optimizer.step()`` and every operation of the EMA wait by themselves; call this before
+        writing the weights any other way right after an update (a weight clamp, ``load_state_dict``)."""
+        for shadow in self.shadows:
+            shadow.wait()
 
     def attach(self, model: nn.Module) -> None:
         """Lay every average out for ``model`` now (allocating it) rather than at the first update."""
