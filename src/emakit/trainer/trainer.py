@@ -23,16 +23,28 @@ from torch import nn
 from emakit import distributed
 from emakit.core import Algorithm, Callback, Engine, Event, State
 from emakit.loggers import Logger, LoggerDestination
-from emakit.time import Time, Timestamp, TimeUnit, as_interval, as_time
+from emakit.time import Time, Timestamp
 from emakit.tracked import unwrap
+from emakit.trainer.arguments import (
+    batches_per_epoch,
+    check_autoresume,
+    check_checkpoints_to_keep,
+    check_interval,
+    check_max_duration,
+    check_model,
+    check_precision,
+    check_seed,
+    check_train_dataloader,
+    listed,
+    resolve_device,
+    resolve_seed,
+)
 from emakit.trainer.evaluation import TrainerEvaluation
 from emakit.trainer.loop import SEED_STRIDE, TrainerLoop
 from emakit.trainer.resume import TrainerResume
 from emakit.trainer.rng import seed_everything
 
 __all__ = ["Trainer"]
-
-_PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 
 
 class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
@@ -106,73 +118,41 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
         parallelism: str | None = None,
         evaluate_all_weights: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module) or not callable(getattr(unwrap(model), "loss", None)):
-            raise ValueError(
-                f"model must be an nn.Module with a loss(outputs, batch) method, got {type(model).__name__}; "
-                "wrap a plain module as emakit.Classifier(module)"
-            )
-        if not isinstance(train_dataloader, Iterable):
-            raise ValueError(f"train_dataloader must be iterable, got {type(train_dataloader).__name__}")
-        duration = as_time(max_duration, name="max_duration", int_unit=TimeUnit.EPOCH)
-        if duration.unit is TimeUnit.DURATION or duration.value <= 0:
-            raise ValueError(f"max_duration={max_duration!r} must be > 0 in 'ba', 'ep', 'sp' or 'tok'")
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision={precision!r} is not supported: use one of {_PRECISIONS}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed={seed!r} must be a non-negative int")
-        keep = save_num_checkpoints_to_keep
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep == 0 or keep < -1:
-            raise ValueError(f"save_num_checkpoints_to_keep={keep!r} must be a positive int, or -1 to keep all")
+        check_model(model)
+        check_train_dataloader(train_dataloader)
+        duration = check_max_duration(max_duration)
+        check_precision(precision)
+        check_seed(seed)
+        keep = check_checkpoints_to_keep(save_num_checkpoints_to_keep)
         if not isinstance(evaluate_all_weights, bool):
             raise ValueError(f"evaluate_all_weights={evaluate_all_weights!r} must be True or False")
-        if autoresume and save_folder is None:
-            raise ValueError("autoresume=True needs a save_folder to look for checkpoints in")
+        check_autoresume(autoresume, save_folder)
         distributed.check_parallelism(parallelism)
         kind = distributed.check_wrapping(model, parallelism)
         self._fsdp = kind == "fsdp" or (parallelism == "fsdp" and distributed.world_size() > 1)
-        self.eval_interval = as_interval(
-            eval_interval, name="eval_interval", int_unit=TimeUnit.EPOCH, examples=("1ep", "100ba")
-        )
-        self.save_interval = as_interval(
-            save_interval, name="save_interval", int_unit=TimeUnit.EPOCH, examples=("1ep", "100ba")
-        )
+        self.eval_interval = check_interval(eval_interval, "eval_interval")
+        self.save_interval = check_interval(save_interval, "save_interval")
         Engine.check(algorithms, callbacks)
         timestamp = Timestamp()
         self.logger = Logger(loggers, timestamp)
-        try:
-            batches_per_epoch = len(train_dataloader)  # type: ignore[arg-type]
-        except TypeError:
-            batches_per_epoch = None
-        if batches_per_epoch == 0:
-            raise ValueError("train_dataloader yields no batches")
-        try:
-            device = torch.device(device) if device is not None else distributed.default_device()
-        except RuntimeError as error:
-            raise ValueError(f"device={device!r} is not a torch device: {error}") from None
-        if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
-            device = torch.device("cuda", distributed.local_rank())
-        if self._fsdp:
-            distributed.check_fsdp_device(device)
+        batches = batches_per_epoch(train_dataloader)
+        device = resolve_device(device, self._fsdp)
 
         # Every argument is valid: from here on the trainer changes things.
         distributed.initialize(device)
         if not distributed.is_main():
             self.logger.destinations = []  # only rank 0 logs
-        self.seed = distributed.from_rank0(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+        self.seed = resolve_seed(seed)
         seed_everything(self.seed)
         model.to(device)
-        if isinstance(optimizers, torch.optim.Optimizer):
-            optimizers = [optimizers]
-        if schedulers is None:
-            schedulers = []
-        elif not isinstance(schedulers, (list, tuple)):
-            schedulers = [schedulers]
+        default_optimizer = optimizers is None
+        optimizers = listed(optimizers, torch.optim.Optimizer)
         self.state = State(
             model=model,
             max_duration=duration,
-            optimizers=list(optimizers or []),
-            schedulers=list(schedulers),
-            batches_per_epoch=batches_per_epoch,
+            optimizers=list(optimizers),
+            schedulers=listed(schedulers),
+            batches_per_epoch=batches,
             device=device,
             precision=precision,
             timestamp=timestamp,
@@ -182,7 +162,7 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
         self.engine.run_event(Event.INIT)  # before wrapping, as in Composer: algorithms see the plain model
         before = dict(unwrap(model).named_parameters())
         self._train_module = distributed.wrap_model(model, parallelism, device)
-        if optimizers is None:
+        if default_optimizer:
             self.state.optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
         elif self._fsdp and kind is None:
             distributed.repoint_optimizers(optimizers, before, model)
