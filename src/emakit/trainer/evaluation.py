@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from emakit import distributed
 from emakit.core import Engine, Event, State
+from emakit.eval_weights import TRAINING
 from emakit.loggers import Logger
 from emakit.tracked import unwrap
 from emakit.trainer.batches import batch_size, to_device
@@ -92,13 +93,13 @@ def _ignore(*_: Any) -> None:
 
 
 class TrainerEvaluation:
-    """:class:`~emakit.Trainer`'s evaluation: :meth:`eval`, and the other weights ``evaluate_all_weights`` measures."""
+    """:class:`~emakit.Trainer`'s evaluation: :meth:`eval`, of the weights ``eval_weights`` names."""
 
     state: State
     engine: Engine
     logger: Logger
     eval_dataloader: Iterable | None
-    evaluate_all_weights: bool
+    eval_weights: str  # emakit.eval_weights: "ema", "training" or "both"
     _fsdp: bool
     _autocast: Callable[[], contextlib.AbstractContextManager]  # TrainerLoop
 
@@ -109,8 +110,13 @@ class TrainerEvaluation:
     def eval(self, dataloader: Iterable | None = None) -> dict[str, float]:
         """Metrics over ``dataloader`` (default: ``eval_dataloader``): loss and the model's metrics.
 
-        With an EMA among the algorithms, these are the EMA weights' metrics; the training
-        weights are back when this returns, also if evaluation raises.
+        With an EMA among the algorithms, these are the EMA weights' metrics (``eval_weights="ema"``), the
+        training weights' (``"training"``), or both (``"both"``: the training weights' as ``loss/training``, ...,
+        and each average's as ``loss/ema@50ba``, ...); the training weights are back when this returns, also if
+        evaluation raises. Example::
+
+            trainer.eval()   # {"loss": 0.31, "accuracy": 0.93}, or with eval_weights="both" also
+                             # {"loss/training": 0.35, "accuracy/training": 0.91, "loss/ema@50ba": 0.31, ...}
 
         With several processes every rank evaluates its share (a ``DataLoader`` with a default sampler is split
         so that each sample is evaluated exactly once) and the sums are reduced over the ranks, so the metrics
@@ -136,8 +142,9 @@ class TrainerEvaluation:
                 state.batch, state.outputs = batch, outputs
                 run(Event.EVAL_BATCH_END)
 
-            metrics = _means(sum_metrics(model, dataloader, state.device, self._autocast, after_batch, forwards))
-            if self.evaluate_all_weights:
+            with self._training_weights() if self.eval_weights == "training" else contextlib.nullcontext():
+                metrics = _means(sum_metrics(model, dataloader, state.device, self._autocast, after_batch, forwards))
+            if self.eval_weights == "both":
                 metrics.update(self._eval_other_weights(dataloader, forwards))
             state.eval_metrics = metrics
         except BaseException:
@@ -152,14 +159,20 @@ class TrainerEvaluation:
         model.train(was_training)
         return dict(state.eval_metrics)
 
+    @contextlib.contextmanager
+    def _training_weights(self) -> Iterator[None]:
+        """Inside, the model holds its training weights: every algorithm's swap taken out, the last one first."""
+        with contextlib.ExitStack() as stack:
+            for algorithm in reversed(self.engine.algorithms):
+                stack.enter_context(algorithm.training_weights(self.state))
+            yield
+
     def _eval_other_weights(self, dataloader: Iterable, forwards: int) -> dict[str, float]:
         """Metrics of the training weights and of the algorithms' other weights, as ``NAME/LABEL``."""
         state = self.state
         metrics: dict[str, float] = {}
-        with contextlib.ExitStack() as stack:
-            for algorithm in reversed(self.engine.algorithms):  # the model holds the training weights inside
-                stack.enter_context(algorithm.training_weights(state))
-            weights: dict[str, contextlib.AbstractContextManager] = {"training": contextlib.nullcontext()}
+        with self._training_weights():
+            weights: dict[str, contextlib.AbstractContextManager] = {TRAINING: contextlib.nullcontext()}
             for algorithm in self.engine.algorithms:
                 for label, context in algorithm.evaluation_weights(state).items():
                     unique = label if label not in weights else f"{label}#{len(weights)}"

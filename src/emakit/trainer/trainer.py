@@ -22,6 +22,8 @@ from torch import nn
 
 from emakit import distributed
 from emakit.core import Algorithm, Callback, Engine, Event, State
+from emakit.deprecated import RenamedKeyword
+from emakit.eval_weights import check_eval_weights
 from emakit.loggers import Logger, LoggerDestination
 from emakit.time import Time, Timestamp
 from emakit.tracked import unwrap
@@ -45,6 +47,11 @@ from emakit.trainer.resume import TrainerResume
 from emakit.trainer.rng import seed_everything
 
 __all__ = ["Trainer"]
+
+
+EVALUATE_ALL_WEIGHTS = RenamedKeyword(
+    "Trainer", "evaluate_all_weights", "eval_weights", {True: "both", False: "ema"}, default="ema", unmatched=False
+)
 
 
 class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
@@ -74,10 +81,13 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
         parallelism: with several processes (``torchrun``): ``"ddp"`` (DistributedDataParallel), ``"fsdp"``
             (FSDP2 ``fully_shard``, in place), or ``None``: DDP, or the model as it is when you wrapped it
             yourself. No effect in one process. See :mod:`emakit.distributed`.
-        evaluate_all_weights: every evaluation also measures the training weights (``loss/training``,
-            ``accuracy/training``, ...) and each other set of weights the algorithms offer (every EMA's
-            average: ``loss/ema@50ba``), all in the same ``state.eval_history`` entry and log record.
-            The plain names stay the default evaluation's (the last EMA's average, as without it).
+        eval_weights: what every evaluation measures (:mod:`emakit.eval_weights`): ``"ema"`` (default) the
+            weights the algorithms swap in for it (an EMA's average once it started; without one, the training
+            weights); ``"training"`` the training weights; ``"both"`` the former under the usual names
+            (``loss``, ``accuracy``) and the training weights as ``loss/training``, ``accuracy/training``, ...,
+            with each other set of weights the algorithms offer (every EMA's average: ``loss/ema@50ba``), all in
+            one ``state.eval_history`` entry and log record. Training is the same whatever it measures.
+        evaluate_all_weights: deprecated: ``eval_weights="both"`` (True) or ``"ema"`` (False).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer starts the process group (``gloo`` on CPU, ``nccl`` on
     CUDA, one GPU per process: ``cuda:LOCAL_RANK``), gives each rank its share of a ``DataLoader`` with a default
@@ -92,7 +102,16 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
                           max_duration="5ep", algorithms=[EMA(half_life="50ba")])
         trainer.fit()
         print(trainer.eval())        # metrics of the EMA weights
+
+    With ``eval_weights="both"`` the training weights too, in the same evaluation::
+
+        trainer = Trainer(..., algorithms=[EMA(half_life="50ba")], eval_weights="both")
+        trainer.fit()
+        trainer.state.eval_history[-1]   # {"batch": ..., "epoch": ..., "loss": ..., "loss/training": ...,
+                                         #  "loss/ema@50ba": ..., "accuracy": ..., ...}
     """
+
+    evaluate_all_weights = EVALUATE_ALL_WEIGHTS.attribute()
 
     def __init__(
         self,
@@ -116,7 +135,8 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
         autoresume: bool = False,
         progress_bar: bool = True,
         parallelism: str | None = None,
-        evaluate_all_weights: bool = False,
+        eval_weights: str = "ema",
+        evaluate_all_weights: bool | None = None,
     ) -> None:
         check_model(model)
         check_train_dataloader(train_dataloader)
@@ -124,8 +144,7 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
         check_precision(precision)
         check_seed(seed)
         keep = check_checkpoints_to_keep(save_num_checkpoints_to_keep)
-        if not isinstance(evaluate_all_weights, bool):
-            raise ValueError(f"evaluate_all_weights={evaluate_all_weights!r} must be True or False")
+        eval_weights = check_eval_weights(EVALUATE_ALL_WEIGHTS.resolve(evaluate_all_weights, eval_weights))
         check_autoresume(autoresume, save_folder)
         distributed.check_parallelism(parallelism)
         kind = distributed.check_wrapping(model, parallelism)
@@ -175,7 +194,7 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
         self.load_path = Path(load_path) if load_path is not None else None
         self.autoresume = autoresume
         self.progress_bar = progress_bar
-        self.evaluate_all_weights = evaluate_all_weights
+        self.eval_weights = eval_weights
         self._scaler = torch.amp.GradScaler(device.type) if precision == "amp_fp16" else None
         self._user_sampler = getattr(train_dataloader, "sampler", None)
         self._epoch_rng: torch.Tensor | None = None
