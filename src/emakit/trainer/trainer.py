@@ -3,10 +3,11 @@
 The trainer knows nothing of EMA. An :class:`~emakit.EMA` in ``algorithms`` updates itself at
 batch or epoch ends and swaps its weights in for evaluation through the events.
 
-This module is the class and its arguments; its parts, one seam each::
+This module is the class: its arguments checked, then the run set up. Its parts, one seam each::
 
+    arguments.py    each argument's check and default                     (check_max_duration, resolve_device, ...)
     loop.py         fit, epochs, batches, the events they fire           (TrainerLoop)
-    evaluation.py   eval, the other weights measured                      (TrainerEvaluation)
+    evaluation.py   eval, of the weights eval_weights names               (TrainerEvaluation)
     resume.py       state_dict, load_state_dict, save_checkpoint, resume  (TrainerResume)
 """
 
