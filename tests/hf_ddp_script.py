@@ -26,7 +26,7 @@ def main() -> None:
         eval_dataset=make_data(16, seed=2),
         callbacks=[recorder],
         ema=ema,
-        ema_eval="both",
+        eval_weights="both",
     )
     trainer.train()
     assert trainer.args.world_size == 2 and type(trainer.model_wrapped).__name__ == "DistributedDataParallel"

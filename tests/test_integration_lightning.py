@@ -228,6 +228,60 @@ def test_validation_and_test_use_the_average(tmp_path):
     assert not ema.ema.shadow.swapped
 
 
+def validation_losses(module: TinyModule, ema: EMACallback) -> tuple[float, float]:
+    """The validation loss of the average and of the training weights, computed without Lightning."""
+    plain = copy.deepcopy(module)
+    plain.load_state_dict(ema.ema_model.state_dict())
+    x, y = loader(2).dataset.tensors
+    with torch.no_grad():
+        average = float(nn.functional.cross_entropy(plain.eval()(x), y))
+        training = float(nn.functional.cross_entropy(copy.deepcopy(module).eval()(x), y))
+    assert average != pytest.approx(training, rel=1e-3)
+    return average, training
+
+
+def test_eval_weights_training_validates_the_training_weights_under_the_modules_names(tmp_path):
+    ema, module = EMACallback(smoothing=SMOOTHING, eval_weights="training"), TinyModule()
+    trainer = make_trainer(tmp_path, [ema], enable_checkpointing=False)
+    trainer.fit(module, loader(1))
+    average, training = validation_losses(module, ema)
+    assert trainer.validate(module, loader(2), verbose=False) == [{"val_loss": pytest.approx(training, rel=1e-5)}]
+    ema.eval_weights = "ema"  # the other weights: validate again
+    assert trainer.validate(module, loader(2), verbose=False) == [{"val_loss": pytest.approx(average, rel=1e-5)}]
+    assert not ema.ema.shadow.swapped
+
+
+@pytest.mark.parametrize(("old", "new"), [(True, "ema"), (False, "training")])
+def test_evaluate_with_ema_is_deprecated_and_means_eval_weights(tmp_path, old, new):
+    message = rf"EMACallback\(evaluate_with_ema={old}\) is deprecated.*use EMACallback\(eval_weights='{new}'\)"
+    with pytest.warns(DeprecationWarning, match=message) as warned:
+        ema = EMACallback(smoothing=SMOOTHING, evaluate_with_ema=old)
+    assert warned[0].filename == __file__
+    assert ema.eval_weights == new
+    module = TinyModule()
+    trainer = make_trainer(tmp_path, [ema], enable_checkpointing=False)
+    trainer.fit(module, loader(1))
+    average, training = validation_losses(module, ema)
+    expected = average if new == "ema" else training
+    assert trainer.validate(module, loader(2), verbose=False)[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    with pytest.warns(DeprecationWarning, match=r"EMACallback.evaluate_with_ema is deprecated.*\.eval_weights"):
+        assert ema.evaluate_with_ema is old
+    with pytest.warns(DeprecationWarning, match="evaluate_with_ema"):
+        ema.evaluate_with_ema = not old
+    assert ema.eval_weights == ("training" if new == "ema" else "ema")
+
+
+def test_eval_weights_both_is_refused_in_lightning_saying_why():
+    with pytest.raises(ValueError, match=r"eval_weights='both'\) is not supported in Lightning: .*validation_step"):
+        EMACallback(half_life="10ba", eval_weights="both")
+    with pytest.raises(ValueError, match=r"eval_weights='average' must be one of 'ema', 'training'$"):
+        EMACallback(half_life="10ba", eval_weights="average")
+    with pytest.raises(ValueError, match="evaluate_with_ema='yes' must be one of True, False"):
+        EMACallback(half_life="10ba", evaluate_with_ema="yes")
+    with pytest.raises(ValueError, match=r"evaluate_with_ema=False .* and eval_weights='both' disagree"):
+        EMACallback(half_life="10ba", evaluate_with_ema=False, eval_weights="both")
+
+
 class SaveDuringValidation(pl.Callback):
     """Writes a checkpoint from inside validation, while the average is swapped in (listed after the EMA)."""
 

@@ -183,7 +183,7 @@ def test_evaluations_measure_the_average_and_both(tmp_path):
         eval_dataset=evals,
         callbacks=[recorder, events],
         ema=ema,
-        ema_eval="both",
+        eval_weights="both",
     )
     trainer.train()
     average, weights = closed_form(recorder.steps, SMOOTHING_4BA), recorder.steps[-1]
@@ -216,7 +216,7 @@ def test_evaluations_measure_the_average_and_both(tmp_path):
     assert len(events.events) == 4 + 2 + 1  # the two calls after training: one event per dataset
 
 
-def test_ema_eval_both_is_one_evaluation_event_that_early_stopping_and_the_best_model_read(tmp_path):
+def test_eval_weights_both_is_one_evaluation_event_that_early_stopping_and_the_best_model_read(tmp_path):
     recorder, events, warned = Recorder(), EvaluateRecorder(), WarningRecords()
     dataset = make_data(16, seed=2)
     trainer = EMATrainer(
@@ -234,7 +234,7 @@ def test_ema_eval_both_is_one_evaluation_event_that_early_stopping_and_the_best_
         eval_dataset=dataset,
         callbacks=[recorder, events, EarlyStoppingCallback(early_stopping_patience=3)],
         ema=EMA(half_life="4ba"),
-        ema_eval="both",
+        eval_weights="both",
     )
     library_logger = logging.getLogger("transformers")
     library_logger.addHandler(warned)
@@ -261,7 +261,7 @@ def test_ema_eval_both_is_one_evaluation_event_that_early_stopping_and_the_best_
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best[0]}")
 
 
-def test_ema_eval_training_measures_the_training_weights(tmp_path):
+def test_eval_weights_training_measures_the_training_weights(tmp_path):
     dataset = make_data(16, seed=2)
     recorder = Recorder()
     trainer = EMATrainer(
@@ -270,12 +270,44 @@ def test_ema_eval_training_measures_the_training_weights(tmp_path):
         train_dataset=make_data(48, seed=1),
         callbacks=[recorder],
         ema=EMA(half_life="4ba"),
-        ema_eval="training",
+        eval_weights="training",
     )
     trainer.train()
     metrics = trainer.evaluate(dataset)
     assert metrics["eval_loss"] == pytest.approx(plain_eval(trainer.model, recorder.steps[-1], dataset, tmp_path))
     assert "eval_training_loss" not in metrics
+
+
+def short_ema_trainer(output_dir, **kwargs) -> EMATrainer:
+    """An EMATrainer of 4 steps, no evaluations during training."""
+    args = make_args(output_dir, max_steps=4)
+    return EMATrainer(
+        model=make_model(), args=args, train_dataset=make_data(16, seed=1), ema=EMA(half_life="4ba"), **kwargs
+    )
+
+
+@pytest.mark.parametrize("value", ["ema", "training", "both"])
+def test_ema_eval_is_deprecated_and_means_eval_weights(tmp_path, value):
+    dataset = make_data(16, seed=2)
+    metrics = {}
+    for spelling in ("ema_eval", "eval_weights"):
+        if spelling == "ema_eval":
+            message = rf"EMATrainer\(ema_eval='{value}'\) is deprecated.*use EMATrainer\(eval_weights='{value}'\)"
+            with pytest.warns(DeprecationWarning, match=message) as warned:
+                trainer = short_ema_trainer(tmp_path / spelling, ema_eval=value)
+            assert warned[0].filename == __file__
+        else:
+            trainer = short_ema_trainer(tmp_path / spelling, eval_weights=value)
+        assert trainer.eval_weights == value
+        trainer.train()
+        metrics[spelling] = {k: v for k, v in trainer.evaluate(dataset).items() if k.endswith("_loss")}
+    assert metrics["ema_eval"] == metrics["eval_weights"]  # the same names, the same numbers
+    assert sorted(metrics["ema_eval"]) == (["eval_loss", "eval_training_loss"] if value == "both" else ["eval_loss"])
+    with pytest.warns(DeprecationWarning, match=r"EMATrainer.ema_eval is deprecated.*EMATrainer.eval_weights"):
+        assert trainer.ema_eval == value
+    with pytest.warns(DeprecationWarning, match="ema_eval"):
+        trainer.ema_eval = "training"
+    assert trainer.eval_weights == "training"
 
 
 def test_checkpoint_holds_training_weights_when_evaluation_and_saving_coincide(tmp_path):
@@ -427,14 +459,16 @@ def test_load_best_model_at_end_loads_the_best_average(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"ema": EMA(), "ema_eval": "average"}, ValueError, "ema_eval='average'"),
+        ({"ema": EMA(), "eval_weights": "average"}, ValueError, "eval_weights='average' must be one of 'ema', "),
+        ({"ema": EMA(), "ema_eval": "average"}, ValueError, "ema_eval='average' must be one of 'ema', "),
+        ({"ema": EMA(), "ema_eval": "both", "eval_weights": "training"}, ValueError, "disagree"),
         ({"ema": 0.999}, TypeError, "emakit.EMA"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         EMATrainer(model=make_model(), args=make_args(tmp_path), **kwargs)
-    if "ema_eval" not in kwargs:
+    if "ema" in kwargs and not isinstance(kwargs["ema"], EMA):
         with pytest.raises(TypeError, match="float"):
             EMATrainerCallback(0.999)
 
@@ -446,7 +480,9 @@ def test_ddp_two_processes_hold_the_same_average(tmp_path):
     from torchrun import torchrun
 
     script = Path(__file__).with_name("hf_ddp_script.py")
-    result = torchrun(script, str(tmp_path), timeout=180, PYTHONPATH=str(script.parent))
+    # the tests' folder first, then the caller's path: the emakit under test, not another one installed
+    path = os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))
+    result = torchrun(script, str(tmp_path), timeout=180, PYTHONPATH=path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert_equal(ranks[1]["ema"]["weights"], ranks[0]["ema"]["weights"])

@@ -641,10 +641,10 @@ def test_a_checkpoint_written_during_an_evaluation_with_several_emas_holds_the_t
     assert_equal_state(snapshot(model), training)
 
 
-def test_evaluate_all_weights_measures_the_training_weights_and_every_average_in_one_run():
+def test_eval_weights_both_measures_the_training_weights_and_every_average_in_one_run():
     emas = [EMA(half_life="3ba"), EMA(half_life="9ba")]
     model, plain = make_model(), make_model()
-    trainer = make_trainer(model, "2ep", eval_dataloader=eval_loader(), algorithms=emas, evaluate_all_weights=True)
+    trainer = make_trainer(model, "2ep", eval_dataloader=eval_loader(), algorithms=emas, eval_weights="both")
     trainer.fit()
     make_trainer(plain, "2ep", eval_dataloader=eval_loader(), algorithms=[EMA(half_life="9ba")]).fit()
     assert_equal_state(snapshot(model), snapshot(plain))  # measuring more weights changes nothing in training
@@ -661,9 +661,68 @@ def test_evaluate_all_weights_measures_the_training_weights_and_every_average_in
     assert not any(ema.shadow.swapped for ema in emas)
 
 
-def test_evaluate_all_weights_must_be_a_bool():
-    with pytest.raises(ValueError, match="evaluate_all_weights='yes'"):
+def test_eval_weights_training_measures_the_training_weights_under_the_usual_names():
+    ema, model, plain = EMA(half_life="3ba"), make_model(), make_model()
+    trainer = make_trainer(model, "2ep", eval_dataloader=eval_loader(), algorithms=[ema], eval_weights="training")
+    trainer.fit()
+    make_trainer(plain, "2ep", eval_dataloader=eval_loader()).fit()
+    assert_equal_state(snapshot(model), snapshot(plain))  # what is measured changes nothing in training
+    last = trainer.state.eval_history[-1]
+    expected = manual_eval(model, eval_loader())
+    assert set(last) == {"batch", "epoch", *expected}  # the usual names, nothing marked
+    for name, value in expected.items():
+        assert last[name] == pytest.approx(value, rel=1e-5), name
+    with ema.ema_weights(model):
+        assert manual_eval(model, eval_loader())["loss"] != pytest.approx(last["loss"], rel=1e-3)  # not the average
+    assert trainer.eval() == {name: last[name] for name in expected}
+    assert not ema.shadow.swapped
+
+
+def test_eval_weights_ema_is_the_default_and_measures_the_average():
+    ema, model = EMA(half_life="3ba"), make_model()
+    trainer = make_trainer(model, "1ep", eval_dataloader=eval_loader(), algorithms=[ema])
+    assert trainer.eval_weights == "ema"
+    trainer.fit()
+    with ema.ema_weights(model):
+        expected = manual_eval(model, eval_loader())
+    assert trainer.state.eval_history[-1] == pytest.approx({"batch": 6, "epoch": 1, **expected}, rel=1e-5)
+
+
+@pytest.mark.parametrize("value", ["average", "all", True, None])
+def test_eval_weights_must_be_one_of_ema_training_both(value):
+    with pytest.raises(ValueError, match=f"eval_weights={value!r} must be one of 'ema', 'training', 'both'"):
+        make_trainer(make_model(), eval_weights=value)
+
+
+@pytest.mark.parametrize(("old", "new"), [(True, "both"), (False, "ema")])
+def test_evaluate_all_weights_is_deprecated_and_means_eval_weights(old, new):
+    emas, new_emas = [EMA(half_life="3ba")], [EMA(half_life="3ba")]
+    message = rf"Trainer\(evaluate_all_weights={old}\) is deprecated.*use Trainer\(eval_weights='{new}'\)"
+    with pytest.warns(DeprecationWarning, match=message) as warned:
+        trainer = make_trainer(
+            make_model(), "1ep", eval_dataloader=eval_loader(), algorithms=emas, evaluate_all_weights=old
+        )
+    assert warned[0].filename == __file__  # the warning points at the caller's line
+    assert trainer.eval_weights == new
+    trainer.fit()
+    renamed = make_trainer(make_model(), "1ep", eval_dataloader=eval_loader(), algorithms=new_emas, eval_weights=new)
+    renamed.fit()
+    assert trainer.state.eval_history == renamed.state.eval_history  # the same names, the same numbers
+    with pytest.warns(DeprecationWarning, match=r"Trainer.evaluate_all_weights is deprecated.*Trainer.eval_weights"):
+        assert trainer.evaluate_all_weights is old
+    with pytest.warns(DeprecationWarning, match="evaluate_all_weights"):
+        trainer.evaluate_all_weights = not old
+    assert trainer.eval_weights == ("both" if not old else "ema")
+
+
+def test_evaluate_all_weights_must_be_a_bool_and_agree_with_eval_weights():
+    with pytest.raises(ValueError, match="evaluate_all_weights='yes' must be one of True, False"):
         make_trainer(make_model(), evaluate_all_weights="yes")
+    with pytest.raises(ValueError, match=r"evaluate_all_weights=True .* and eval_weights='training' disagree"):
+        make_trainer(make_model(), evaluate_all_weights=True, eval_weights="training")
+    trainer = make_trainer(make_model(), eval_weights="training")
+    with pytest.warns(DeprecationWarning):
+        assert trainer.evaluate_all_weights is False  # "training" measures no more than one set of weights
 
 
 def test_amp_fp16_trains_like_autocast_with_a_grad_scaler_by_hand(tmp_path):
@@ -714,7 +773,7 @@ def test_amp_fp16_resume_restores_the_grad_scaler(tmp_path):
 def test_one_ema_with_several_half_lives_is_evaluated_under_each_label():
     ema = EMA(half_life=("3ba", "9ba"))
     model = make_model()
-    trainer = make_trainer(model, "1ep", eval_dataloader=eval_loader(), algorithms=[ema], evaluate_all_weights=True)
+    trainer = make_trainer(model, "1ep", eval_dataloader=eval_loader(), algorithms=[ema], eval_weights="both")
     trainer.fit()
     last = trainer.state.eval_history[-1]
     for index, label in enumerate(("ema@3ba", "ema@9ba")):

@@ -2,7 +2,7 @@
 
 One run evaluates both the training weights ("without EMA": the EMA never changes training,
 so they are a run without it) and the average ("with EMA") at every epoch
-(``Trainer(evaluate_all_weights=True)``). The optimizer is deliberately noisy (SGD, high learning rate,
+(``Trainer(eval_weights="both")``). The optimizer is deliberately noisy (SGD, high learning rate,
 small batches), so the training weights jump around from epoch to epoch while their
 moving average does not; early on the average lags (it starts from the first weights).
 Writes ``metrics.json`` and ``accuracy.png`` to ``--out``.
@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from emakit import EMA, Classifier, Trainer
+from emakit.eval_weights import TRAINING
 
 __all__ = ["add_arguments", "run"]
 
@@ -109,7 +110,7 @@ def train(data: tuple[TensorDataset, TensorDataset], args: argparse.Namespace, e
         eval_interval="1ep",
         seed=args.seed,  # also fixes the shuffling order of every epoch
         progress_bar=args.progress_bar,
-        evaluate_all_weights=True,
+        eval_weights="both",
     )
     trainer.fit()
     return [dict(entry) for entry in trainer.state.eval_history]
@@ -124,7 +125,7 @@ def split_runs(history: list[dict[str, float]]) -> dict[str, list[dict[str, floa
             for e in history
         ]
 
-    return {"without EMA": of("/training"), "with EMA": of("")}
+    return {"without EMA": of(f"/{TRAINING}"), "with EMA": of("")}
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:

@@ -54,7 +54,7 @@ class Algorithm:
     def evaluation_weights(self, state: State) -> dict[str, contextlib.AbstractContextManager]:
         """Other weights this algorithm can evaluate, by label: each a context that puts them into ``state.model``.
 
-        With ``Trainer(evaluate_all_weights=True)`` every evaluation also runs inside each of these
+        With ``Trainer(eval_weights="both")`` every evaluation also runs inside each of these
         (entered with the training weights in the model), reporting metrics as ``NAME/LABEL``.
         An EMA offers its average as ``"ema@<half-life>"``.
         """

@@ -3,7 +3,7 @@
 ``emakit evidence DATASET...`` trains each dataset's task (:mod:`emakit.evidence.tasks`: ``digits``,
 ``mnist1d``, ``shakespeare-char``) for every seed and learning-rate schedule with one EMA of several
 half-lives, evaluates the training weights and every average at every evaluation of the same run
-(``Trainer(evaluate_all_weights=True)``), and writes to ``--out``:
+(``Trainer(eval_weights="both")``), and writes to ``--out``:
 
 - ``DATASET.json``: ``{"dataset", "metric", "higher_is_better", "target", "baseline", "settings",
   "runs": [{"seed", "schedule", "steps", "curves": {"training": [...], "ema@50ba": [...]}, "seconds"}],

@@ -11,11 +11,12 @@ import torch
 
 from emakit import EMA, Trainer
 from emakit.demo import torch_threads
+from emakit.eval_weights import TRAINING
 from emakit.evidence.tasks import Task
 
 __all__ = ["TRAINING", "train_once"]
 
-TRAINING = "training"  # the curve of the training weights: a run without EMA
+# TRAINING ("training"): the curve of the training weights, a run without EMA; their metrics are NAME/training
 
 
 def train_once(
@@ -31,7 +32,7 @@ def train_once(
 ) -> dict[str, Any]:
     """Train ``task`` once with one EMA of all ``half_lives``; the metric of every weights at every evaluation.
 
-    ``Trainer(evaluate_all_weights=True)`` evaluates the training weights and each average at the same
+    ``Trainer(eval_weights="both")`` evaluates the training weights and each average at the same
     steps of the same run. The averages never change training (``tests/test_evidence.py`` compares a run
     without EMA bit for bit), so the ``"training"`` curve is the curve of a run without EMA.
 
@@ -56,7 +57,7 @@ def train_once(
             eval_interval=f"{eval_every}ba",
             seed=seed,
             progress_bar=progress_bar,
-            evaluate_all_weights=True,
+            eval_weights="both",
         )
         started = time.perf_counter()
         with warnings.catch_warnings():  # the study measures half-lives too long for the run on purpose

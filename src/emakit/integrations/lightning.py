@@ -14,7 +14,9 @@ average not started yet then starts by the EMA's own count of optimizer steps, o
 ``ba`` and ``dur``, and by the running trainer's ``current_epoch`` for ``ep``.)
 
 Validation and test run with the average swapped in (``on_*_epoch_start`` .. ``on_*_epoch_end``;
-nothing before the average starts, so the sanity check sees the training weights); checkpoints
+nothing before the average starts, so the sanity check sees the training weights), or on the training
+weights with ``eval_weights="training"`` (:mod:`emakit.eval_weights`; ``"both"`` is refused: see
+:class:`EMACallback`); checkpoints
 always hold the training weights, and the callback's state (the average and its counters) rides in
 them, so ``trainer.fit(..., ckpt_path=...)`` resumes exactly. Training ends on the training weights:
 export the average with :meth:`EMACallback.save_ema_weights` or use :attr:`EMACallback.ema_model`.
@@ -38,10 +40,16 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from emakit.deprecated import RenamedKeyword
 from emakit.ema import EMA
+from emakit.eval_weights import check_eval_weights
 from emakit.time import TimeUnit
 
 __all__ = ["EMACallback"]
+
+EVALUATE_WITH_EMA = RenamedKeyword(
+    "EMACallback", "evaluate_with_ema", "eval_weights", {True: "ema", False: "training"}, default="ema"
+)
 
 
 class EMACallback(pl.Callback):
@@ -52,18 +60,49 @@ class EMACallback(pl.Callback):
             (``half_life``, ``smoothing``, ``ema_start``, ``update_interval``, ``ema_dtype``, ...)
             as keywords. Time in ``ba`` counts optimizer steps, ``ep`` the trainer's epochs (from 0) and
             ``dur`` fractions of ``trainer.estimated_stepping_batches``.
-        evaluate_with_ema: run validation and test with the average (default True).
+        eval_weights: what validation and test measure: ``"ema"`` (default) the average once it has started,
+            ``"training"`` the training weights; the LightningModule's own metric names either way.
+            ``"both"``, which emakit's Trainer and ``EMATrainer`` take, is refused here: Lightning runs the
+            module's ``validation_step``, its ``self.log`` calls and ``on_validation_epoch_end`` once per
+            validation, and a callback running them a second time for the other weights would feed both into the
+            module's own accumulators (torchmetrics objects, outputs kept for the epoch end), which run after the
+            callback's epoch end. To measure the other weights too, validate again with the attribute changed:
+            ``callback.eval_weights = "training"; trainer.validate(module, loader)``.
+        evaluate_with_ema: deprecated: ``eval_weights="ema"`` (True) or ``"training"`` (False).
+
+    Example::
+
+        ema = EMACallback(half_life="100ba")                     # validation measures the average
+        trainer = Trainer(max_epochs=10, callbacks=[ema])
+        trainer.fit(module, train_loader, val_loader)
+        ema.eval_weights = "training"
+        trainer.validate(module, val_loader)                     # the training weights, same metric names
     """
 
-    def __init__(self, ema: EMA | None = None, *, evaluate_with_ema: bool = True, **ema_arguments: Any) -> None:
+    evaluate_with_ema = EVALUATE_WITH_EMA.attribute()
+
+    def __init__(
+        self,
+        ema: EMA | None = None,
+        *,
+        eval_weights: str = "ema",
+        evaluate_with_ema: bool | None = None,
+        **ema_arguments: Any,
+    ) -> None:
         if ema is not None and ema_arguments:
             raise ValueError(f"pass an EMA or EMA's arguments, not both: got ema and {sorted(ema_arguments)}")
         if ema is not None and not isinstance(ema, EMA):
             raise ValueError(f"ema must be an emakit.EMA, got {type(ema).__name__}")
-        if not isinstance(evaluate_with_ema, bool):
-            raise ValueError(f"evaluate_with_ema={evaluate_with_ema!r} must be True or False")
+        eval_weights = EVALUATE_WITH_EMA.resolve(evaluate_with_ema, eval_weights, owner=type(self).__name__)
+        if eval_weights == "both":
+            raise ValueError(
+                "EMACallback(eval_weights='both') is not supported in Lightning: a second validation pass from a "
+                "callback would run the module's validation_step and logging again and mix both weights into its "
+                "metrics; use eval_weights='ema' (the average) or 'training', and validate again with the other "
+                "(callback.eval_weights = 'training'; trainer.validate(module, loader))"
+            )
+        self.eval_weights = check_eval_weights(eval_weights, ("ema", "training"))
         self.ema = ema if ema is not None else EMA(**ema_arguments)
-        self.evaluate_with_ema = evaluate_with_ema
         self._last_step = 0  # trainer.global_step of the running fit at the last update (or at its start)
         self._restored_step: int | None = None  # last_step of a checkpoint loaded into the running fit
 
@@ -121,7 +160,7 @@ class EMACallback(pl.Callback):
 
     # ----------------------------------------------------------- evaluation
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with_ema and self.ema.started and not trainer.sanity_checking:
+        if self.eval_weights == "ema" and self.ema.started and not trainer.sanity_checking:
             self.ema.get_ema_model(pl_module)
 
     def _swap_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

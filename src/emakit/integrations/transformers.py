@@ -16,7 +16,7 @@ Two pieces:
 - :class:`EMATrainerMixin` / :class:`EMATrainer` add what no callback can do, because the
   ``Trainer`` has no event before an evaluation nor on resume: every ``evaluate()`` (each dataset
   of a dict, ``eval_on_start``, the training loop's evaluations, your own calls) runs with the
-  average swapped in (``ema_eval="both"`` measures the training weights too, in the same evaluation:
+  average swapped in (``eval_weights="both"`` measures the training weights too, in the same evaluation:
   one log entry and one ``on_evaluate``, holding ``eval_loss`` and ``eval_training_loss``), checkpoints
   keep the training weights, ``train(resume_from_checkpoint=...)`` restores the average exactly, and
   :meth:`EMATrainerMixin.save_ema_model` writes a ``from_pretrained`` folder of the averaged weights.
@@ -33,7 +33,7 @@ Example (runs on a CPU in seconds)::
     args = TrainingArguments("out", max_steps=20, per_device_train_batch_size=8, eval_strategy="steps",
                              eval_steps=10, save_steps=10, report_to=[], use_cpu=True)
     trainer = EMATrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
-                         ema=EMA(half_life="10ba"), ema_eval="both")
+                         ema=EMA(half_life="10ba"), eval_weights="both")
     trainer.train()                       # eval_loss: the average's; eval_training_loss: the weights'
     trainer.save_ema_model("out/ema")     # GPT2LMHeadModel.from_pretrained("out/ema") holds the average
 
@@ -66,7 +66,9 @@ except ImportError as error:  # pragma: no cover - only without the extra
     ) from error
 
 from emakit.atomic import atomic_write
+from emakit.deprecated import RenamedKeyword
 from emakit.ema import EMA
+from emakit.eval_weights import EVAL_WEIGHTS, TRAINING, check_eval_weights
 from emakit.tracked import unwrap
 
 __all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin"]
@@ -74,7 +76,9 @@ __all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixi
 EMA_STATE_NAME = "emakit_ema.pt"
 """The file, inside each ``checkpoint-N`` folder, holding ``EMA.state_dict()``."""
 
-_EMA_EVAL_MODES = ("ema", "training", "both")
+EMA_EVAL = RenamedKeyword(
+    "EMATrainer", "ema_eval", "eval_weights", {value: value for value in EVAL_WEIGHTS}, default="ema"
+)
 
 
 def _step_epoch(epoch: float | None) -> int | None:
@@ -172,13 +176,13 @@ class EMATrainerMixin:
 
     - ``ema``: the :class:`~emakit.EMA`, updated once per optimizer step by an
       :class:`EMATrainerCallback` (``ema = s * ema + (1 - s) * w``) and saved into every checkpoint.
-    - ``ema_eval``: what :meth:`evaluate` measures once the average has started: ``"ema"``
-      (default) the average, under the usual metric names; ``"training"`` the training weights;
-      ``"both"`` the average under ``{prefix}_*`` and the training weights under
+    - ``eval_weights`` (:mod:`emakit.eval_weights`): what :meth:`evaluate` measures once the average has
+      started: ``"ema"`` (default) the average, under the usual metric names; ``"training"`` the training
+      weights, under the usual names; ``"both"`` the average under ``{prefix}_*`` and the training weights under
       ``{prefix}_training_*`` (``eval_loss`` and ``eval_training_loss``), measured by two passes
       of ``evaluation_loop`` within one evaluation: one log entry and one ``on_evaluate`` hold both,
       so ``metric_for_best_model``, ``EarlyStoppingCallback`` and the loggers see every metric at once
-      (``eval_runtime`` and the throughputs cover both passes).
+      (``eval_runtime`` and the throughputs cover both passes). ``ema_eval``, its old name, is deprecated.
 
     The average is swapped in only inside ``evaluate``; checkpoints' model weights are always the
     training weights. ``train(resume_from_checkpoint=...)`` restores the average from the
@@ -194,13 +198,16 @@ class EMATrainerMixin:
         trainer = EMASeq2SeqTrainer(model=model, args=args, train_dataset=data, ema=EMA(half_life="500ba"))
     """
 
-    def __init__(self, *args: Any, ema: EMA, ema_eval: str = "ema", **kwargs: Any) -> None:
-        if ema_eval not in _EMA_EVAL_MODES:
-            raise ValueError(f"ema_eval={ema_eval!r} must be one of {', '.join(map(repr, _EMA_EVAL_MODES))}")
+    ema_eval = EMA_EVAL.attribute()
+
+    def __init__(
+        self, *args: Any, ema: EMA, eval_weights: str = "ema", ema_eval: str | None = None, **kwargs: Any
+    ) -> None:
+        eval_weights = check_eval_weights(EMA_EVAL.resolve(ema_eval, eval_weights, owner=type(self).__name__))
         self.ema = _check_ema(ema)
-        self.ema_eval = ema_eval
+        self.eval_weights = eval_weights
         self.ema_callback = EMATrainerCallback(ema)
-        self._ema_measure_training = False  # set by evaluate with ema_eval="both", taken up by evaluation_loop
+        self._ema_measure_training = False  # set by evaluate with eval_weights="both", taken up by evaluation_loop
         super().__init__(*args, **kwargs)
         self.add_callback(self.ema_callback)
 
@@ -211,21 +218,21 @@ class EMATrainerMixin:
         metric_key_prefix: str = "eval",
         **kwargs: Any,
     ) -> dict[str, float]:
-        """``Trainer.evaluate`` with the average swapped into the model (see ``ema_eval``).
+        """``Trainer.evaluate`` with the average swapped into the model (see ``eval_weights``).
 
         One call is one evaluation event: one ``log`` and one ``on_evaluate`` (per dataset of a dict), whose
-        metrics with ``ema_eval="both"`` hold the average's (``{prefix}_*``) and the training weights'
+        metrics with ``eval_weights="both"`` hold the average's (``{prefix}_*``) and the training weights'
         (``{prefix}_training_*``) together; :meth:`evaluation_loop` measures both.
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if (
             isinstance(dataset, dict)  # Trainer.evaluate calls evaluate once per dataset: each lands below
-            or self.ema_eval == "training"
+            or self.eval_weights == "training"
             or not self.ema.started
             or self.ema.swapped  # called inside ema_weights(...): evaluate what the model holds
         ):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
-        self._ema_measure_training = self.ema_eval == "both"  # taken up by this evaluation's evaluation_loop
+        self._ema_measure_training = self.eval_weights == "both"  # taken up by this evaluation's evaluation_loop
         try:
             with self.ema.ema_weights(self.model):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
@@ -241,7 +248,7 @@ class EMATrainerMixin:
         metric_key_prefix: str = "eval",
         **kwargs: Any,
     ) -> EvalLoopOutput:
-        """``Trainer.evaluation_loop``; inside an :meth:`evaluate` with ``ema_eval="both"`` it loops twice.
+        """``Trainer.evaluation_loop``; inside an :meth:`evaluate` with ``eval_weights="both"`` it loops twice.
 
         First over the model as :meth:`evaluate` left it (the average swapped in), then, with the
         training weights put back for the second loop only, under ``metric_key_prefix + "_training"``;
@@ -259,7 +266,7 @@ class EMATrainerMixin:
         if not getattr(self, "_ema_measure_training", False):
             return output
         self._ema_measure_training = False  # once per evaluate
-        training_prefix = f"{metric_key_prefix}_training"
+        training_prefix = f"{metric_key_prefix}_{TRAINING}"
         self.ema.get_training_model(self.model)  # out of the average for this loop only
         try:
             training = super().evaluation_loop(
@@ -308,7 +315,7 @@ class EMATrainerMixin:
 
 
 class EMATrainer(EMATrainerMixin, Trainer):
-    """A ``transformers.Trainer`` with an EMA of the weights: ``EMATrainer(..., ema=EMA(...), ema_eval="ema")``.
+    """A ``transformers.Trainer`` with an EMA of the weights: ``EMATrainer(..., ema=EMA(...), eval_weights="ema")``.
 
     See :class:`EMATrainerMixin` for what it does and the module docstring for a runnable example.
     """
