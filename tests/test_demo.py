@@ -96,3 +96,18 @@ def test_cli_has_the_demo_command(capsys: pytest.CaptureFixture) -> None:
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--half-life" in capsys.readouterr().out
+
+
+def test_the_readme_shows_what_emakit_demo_prints(tmp_path) -> None:
+    """The README's demo table is the default run's output, row for row (a stale table failed nothing before)."""
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--no-progress-bar"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert demo.run(args) == 0
+    rows = [line for line in printed.getvalue().splitlines() if line.startswith(RUNS)]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert len(rows) == 2 and all(row in readme.splitlines() for row in rows), rows
