@@ -21,12 +21,13 @@ import enum
 import fnmatch
 import itertools
 import operator
-import sys
 import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from emakit.storage.sharded import is_dtensor, local
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -44,21 +45,6 @@ __all__ = [
     "unwrap",
     "weightless_copy",
 ]
-
-
-def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a DTensor (an FSDP2 shard), without importing DTensor support.
-
-    ``torch.distributed.tensor`` costs about half a second to import (it pulls in sympy); a DTensor
-    exists only once it is imported, so until then nothing is one.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's data of ``tensor``: the local shard of a DTensor (FSDP2), else the tensor itself."""
-    return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
 def unwrap(model: nn.Module) -> nn.Module:

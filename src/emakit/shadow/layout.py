@@ -21,6 +21,7 @@ from torch import nn
 
 from emakit.storage import BoundGroup, CastGroup, Group, InPlaceGroup
 from emakit.storage.layout import is_dense, normalize_device
+from emakit.storage.unsupported import refuse_unsupported
 from emakit.tracked import (
     EVERYTHING,
     Change,
@@ -132,6 +133,7 @@ class ShadowLayout:
     def _layout(self, model: nn.Module, carried: dict[str, torch.Tensor] | None, strict: bool) -> None:
         tracked = TrackedTensors(model, self.selection)
         named = tracked.named
+        refuse_unsupported(model, named)  # placeholders of engines emakit does not understand: never averaged
         if not any(_kind(t, self.selection) != "copied" for t in named.values()):
             raise ValueError(
                 f"{type(model).__name__} has no floating-point parameters or buffers to average"

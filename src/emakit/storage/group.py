@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import torch
 
 from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
+from emakit.storage.sharded import local
 from emakit.storage.write_check import WriteCheck
-from emakit.tracked import local
 
 __all__ = ["Group"]
 
