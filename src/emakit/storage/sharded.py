@@ -2,32 +2,56 @@
 
 The rule: **the average lives where the weights' shards live**. Each rank averages the data it holds of each
 tensor, with no communication per update; a swap writes that data (the engine gathers it for the forward pass);
-only exports gather, to rank 0, one tensor at a time. What "the data it holds" means depends on the engine:
+only exports gather, to rank 0, one tensor at a time. Every storage mode, the layout, the state and the exports
+reach a tensor's data through the functions here, whatever the engine:
 
-==================  ======================================  ==========================================
-tensor              :func:`local` (what a swap writes)        what gathering it takes
-==================  ======================================  ==========================================
-plain tensor        the tensor itself                       nothing
-FSDP2 ``DTensor``   its local shard (``_local_tensor``)     ``full_tensor()`` (collective)
-==================  ======================================  ==========================================
+=====================  ==========================  ===============================  ==============================
+tensor                 :func:`local`: a swap        :func:`source`: the average      :func:`gathered`: the full
+                       writes it                    follows it                       tensor, for exports
+=====================  ==========================  ===============================  ==============================
+plain tensor           the tensor                   the tensor                       a copy, on every rank
+FSDP2 ``DTensor``      its local shard              its local shard                  ``full_tensor()``, every rank
+DeepSpeed ZeRO-3       ``p.ds_tensor[:k_r]``        the fp32 master partition        gathered to rank 0 only
+parameter              (:mod:`~.zero3`)             (``ds_tensor`` if frozen)        (``dist.gather``, padded)
+=====================  ==========================  ===============================  ==============================
 
-Nothing here imports an engine: a DTensor exists only once ``torch.distributed.tensor`` is imported, so until
-then nothing is one. Tensors no engine here understands are refused by :mod:`emakit.storage.unsupported`.
+A state (``state_dict``) holds each rank's data as :func:`present` shows it: a DTensor with the parameter's mesh
+and placements (``torch.distributed.checkpoint`` reshards it), ZeRO-3 partitions as plain 1-D tensors with
+:func:`partitioning` saying whose they are (they resume on the same world size only). Nothing here imports an
+engine: a DTensor or a ZeRO-3 parameter exists only once its engine is imported. Tensors no engine here
+understands are refused by :mod:`emakit.storage.unsupported`.
 
 Example::
 
     >>> w = torch.ones(3)
-    >>> local(w) is w, is_sharded(w)
-    (True, False)
+    >>> local(w) is w, source(w) is w, is_sharded(w)
+    (True, True, False)
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 import torch
 
-__all__ = ["is_dtensor", "is_sharded", "local"]
+from emakit.storage import zero3
+
+__all__ = [
+    "after_write",
+    "check_partitioning",
+    "full_shape",
+    "gathered",
+    "is_dtensor",
+    "is_sharded",
+    "local",
+    "local_data_ptr",
+    "local_numel",
+    "partitioning",
+    "present",
+    "source",
+    "state_shape",
+]
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -41,10 +65,113 @@ def is_dtensor(tensor: object) -> bool:
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether this process holds only part of ``tensor`` (or holds it somewhere other than ``tensor`` itself)."""
-    return is_dtensor(tensor)
+    """Whether this process's data of ``tensor`` is somewhere other than ``tensor`` itself (a shard, a partition)."""
+    return is_dtensor(tensor) or zero3.is_zero3(tensor)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's data of ``tensor``: the local shard of a DTensor (FSDP2), else the tensor itself."""
-    return tensor._local_tensor if is_dtensor(tensor) else tensor
+    """This process's data of ``tensor``, as the engine's forward pass reads it: the local shard of a DTensor, the
+    partition of a ZeRO-3 parameter (padding left out), else the tensor itself. A swap writes it."""
+    if is_dtensor(tensor):
+        return tensor._local_tensor
+    if zero3.is_zero3(tensor):
+        return zero3.partition(tensor)
+    return tensor
+
+
+def source(tensor: torch.Tensor) -> torch.Tensor:
+    """The data the average of ``tensor`` follows: ZeRO-3's fp32 master partition where the optimizer keeps one
+    (what it steps), else :func:`local`. Same shape as :func:`local`."""
+    return zero3.master(tensor) if zero3.is_zero3(tensor) else local(tensor)
+
+
+def local_data_ptr(tensor: torch.Tensor) -> int:
+    """Where :func:`local` starts (cheaply: no view is made)."""
+    if is_dtensor(tensor):
+        return tensor._local_tensor.data_ptr()
+    if zero3.is_zero3(tensor):
+        return tensor.ds_tensor.data_ptr()
+    return tensor.data_ptr()
+
+
+def local_numel(tensor: torch.Tensor) -> int:
+    """How many elements :func:`local` has."""
+    if is_dtensor(tensor):
+        return tensor._local_tensor.numel()
+    if zero3.is_zero3(tensor):
+        return zero3.real_numel(tensor)
+    return tensor.numel()
+
+
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape of the whole tensor (a ZeRO-3 parameter's ``ds_shape``; its own shape is ``(0,)`` outside forward)."""
+    return tensor.ds_shape if zero3.is_zero3(tensor) else tensor.shape
+
+
+def state_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape a state holds for ``tensor`` (:func:`present`): the partition's for ZeRO-3, else the full shape."""
+    return torch.Size([zero3.real_numel(tensor)]) if zero3.is_zero3(tensor) else tensor.shape
+
+
+def present(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (this process's data of an average of ``tensor``) as a state holds it: a DTensor with ``tensor``'s
+    mesh and placements (``shape``/``stride`` given: unevenly padded shards need them), else ``value`` itself."""
+    if not is_dtensor(tensor):
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        value, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+    )
+
+
+def gathered(tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> torch.Tensor | None:
+    """The full average of ``tensor`` whose local data is ``value``, where this rank receives it: every rank for a
+    DTensor (``full_tensor()``), rank 0 for ZeRO-3 (None elsewhere), ``value`` for a plain tensor (a copy unless
+    ``copy=False``). Gathered tensors are fresh. Collective for sharded tensors: every rank calls, in one order."""
+    if is_dtensor(tensor):
+        return present(tensor, value).full_tensor()
+    if zero3.is_zero3(tensor):
+        return zero3.gather_to_main(tensor, value)
+    return value.detach().clone() if copy else value
+
+
+def after_write(tensors: Iterable[torch.Tensor]) -> None:
+    """After this process's data of ``tensors`` was written (a swap, a copy into the model): make the engine see it.
+    ZeRO-3 keeps some parameters whole (persistent ones): they are gathered anew (collective). Others: nothing."""
+    whole = [t for t in tensors if zero3.is_zero3(t)]
+    if whole:
+        zero3.regather(whole)
+
+
+def partitioning(tensors: Iterable[torch.Tensor]) -> dict | None:
+    """Whose data a state of ``tensors`` holds, where it can be loaded only by the same rank of the same world:
+    ``{"engine": "deepspeed-zero3", "rank": r, "world_size": n}`` for ZeRO-3 partitions, else None."""
+    for tensor in tensors:
+        if zero3.is_zero3(tensor):
+            rank, world = zero3.layout(tensor)
+            return {"engine": "deepspeed-zero3", "rank": rank, "world_size": world}
+    return None
+
+
+def check_partitioning(saved: dict | None, here: dict | None) -> None:
+    """Refuse a state holding other ranks' partitions (another world size, another rank) or none where these are.
+
+    Example::
+
+        >>> check_partitioning(None, None)   # whole tensors on both sides: fine
+    """
+    if saved == here:
+        return
+
+    def described(layout: dict | None, whose: str) -> str:
+        if not layout:
+            return f"{whose} whole tensors (no ZeRO-3 partitions)"
+        return f"{whose} the DeepSpeed ZeRO-3 partitions of rank {layout.get('rank')} of {layout.get('world_size')}"
+
+    raise ValueError(
+        f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: a ZeRO-3 average "
+        "resumes on the same world size, each rank loading the state it saved (its own partitions). To move an "
+        "average to another world size, export it (ema.save_ema_weights(path) on every rank of the old run) and "
+        "load that file into a plain model"
+    )

@@ -9,7 +9,8 @@ names it, its engine, and what is supported:
   in the original modules (``use_orig_params=True``, some of size 0 on a rank). FSDP2 (``fully_shard``) is the way.
 - DTensors on a device mesh of more than one dimension (HSDP, tensor parallelism) or placed other than
   ``Shard(dim)`` / ``Replicate()`` (``Partial``, strided shards).
-- DeepSpeed ZeRO-3 placeholders (``ds_id``, ``ds_tensor``: the partition lives in ``p.ds_tensor``).
+- DeepSpeed ZeRO-3 parameters whose partition is not where the forward pass gathers it from, or not in memory
+  (:func:`emakit.storage.zero3.refusal`: NVMe offload, hpZ secondary partitions, MiCS and other subgroups).
 - Any other empty parameter or buffer whose entry in the model's ``state_dict()`` is larger: some engine keeps
   its data elsewhere.
 
@@ -26,7 +27,8 @@ import sys
 import torch
 from torch import nn
 
-from emakit.storage.sharded import is_dtensor
+from emakit.storage import zero3
+from emakit.storage.sharded import is_dtensor, is_sharded
 
 __all__ = ["UnsupportedTensorError", "refuse_unsupported"]
 
@@ -52,7 +54,7 @@ def refuse_unsupported(model: nn.Module, named: dict[str, torch.Tensor]) -> None
         reason = _fsdp1(tensor) or _dtensor(tensor) or _deepspeed(tensor)
         if reason:
             raise UnsupportedTensorError(f"{name!r} {reason}")
-        if tensor.numel() == 0 and (tensor.is_floating_point() or tensor.is_complex()):
+        if tensor.numel() == 0 and (tensor.is_floating_point() or tensor.is_complex()) and not is_sharded(tensor):
             empty.append(name)
     if empty:
         _refuse_placeholders(model, named, empty)
@@ -98,13 +100,7 @@ def _dtensor(tensor: torch.Tensor) -> str | None:
 
 
 def _deepspeed(tensor: torch.Tensor) -> str | None:
-    if not hasattr(tensor, "ds_id"):
-        return None
-    return (
-        f"is a DeepSpeed ZeRO-3 parameter (ds_id {tensor.ds_id}, full shape {tuple(tensor.ds_shape)}; its partition "
-        "lives in p.ds_tensor, the parameter itself is an empty placeholder outside forward): emakit does not "
-        "average ZeRO-3 partitions yet; use ZeRO stage 1 or 2, or FSDP2 (torch.distributed.fsdp.fully_shard)"
-    )
+    return zero3.refusal(tensor) if zero3.is_zero3(tensor) else None
 
 
 def _refuse_placeholders(model: nn.Module, named: dict[str, torch.Tensor], empty: list[str]) -> None:
@@ -121,5 +117,5 @@ def _refuse_placeholders(model: nn.Module, named: dict[str, torch.Tensor], empty
                 f"{name!r} is an empty placeholder (numel 0, shape {tuple(named[name].shape)}) while the model's "
                 f"state_dict() holds {numel} elements for it ({key!r}, shape {tuple(value.shape)}): some engine keeps "
                 "its data elsewhere, and averaging the placeholder would average nothing. emakit averages plain "
-                "tensors, FSDP2 DTensor shards (torch.distributed.fsdp.fully_shard) and DeepSpeed ZeRO stage 1-2"
+                "tensors, FSDP2 DTensor shards (torch.distributed.fsdp.fully_shard) and DeepSpeed ZeRO partitions"
             )
