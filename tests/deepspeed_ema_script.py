@@ -16,6 +16,7 @@ weights: the EMA follows them, then the fp32 masters the engine makes), then upd
 - ``ema.save_ema_weights(path)`` loads into the plain (unsharded) model and equals the closed form;
 - an EMA resumed from a state saved mid-run (``torch.save`` / ``torch.load(weights_only=True)``) ends bit for bit
   as the uninterrupted one; under ZeRO-3 another rank's or another world size's state is refused;
+- ``train_with_ema_weights=True`` sets the fp32 masters to the average, not only the module's weights;
 - under ZeRO-3 a rank's average holds about 1/2 of the bytes of the unsharded average, and a model whose
   forward pass gathers something else than ``p.ds_tensor`` (hpZ's secondary partitions) is refused by name.
 
@@ -233,9 +234,24 @@ def main(stage: int, dtype_name: str, persistence: int, out: Path) -> None:
 
     if stage == 3:
         check_zero3_sharding(ema, engine, out, rank, world)
+    check_train_with_ema_weights(twin, dtype)
     print(f"rank {rank}: ok", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def check_train_with_ema_weights(engine: deepspeed.DeepSpeedEngine, dtype: torch.dtype) -> None:
+    """``train_with_ema_weights=True`` puts the average into the fp32 masters the optimizer steps (ZeRO-3's partitions,
+    ZeRO-1/2's fragments), not only into the module: the next step starts from it."""
+    ema = EMA(smoothing=SMOOTHING, train_with_ema_weights=True)
+    ema.update(engine)
+    train_step(engine, STEPS + 1, dtype)
+    ema.update(engine)  # the training weights become the average
+    average = ema.ema_state_dict()  # rank 0 only under ZeRO-3
+    weights = training_weights(engine)
+    for name, value in average.items():
+        assert torch.equal(weights[f"master {name}"], value), f"train_with_ema_weights: master {name}"
+        assert torch.equal(weights[f"module {name}"], value.to(dtype)), f"train_with_ema_weights: module {name}"
 
 
 def check_zero3_sharding(ema: EMA, engine: deepspeed.DeepSpeedEngine, out: Path, rank: int, world: int) -> None:

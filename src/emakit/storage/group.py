@@ -13,7 +13,8 @@ floating-point ones with ``buffers="copy"``). Each storage mode is a subclass wi
 Every group reaches the model's data through :mod:`emakit.storage.sharded`: ``targets`` (what a swap
 writes and checks: a DTensor's local shard, a ZeRO-3 partition, else the tensor) and ``sources`` (what an
 update reads: the same, except ZeRO-3's fp32 master partition). After writing the targets the engine is told
-(:func:`~emakit.storage.sharded.after_write`: ZeRO-3 gathers its whole parameters anew).
+(:func:`~emakit.storage.sharded.after_write`: ZeRO-3 gathers its whole parameters anew); a copy of the average into
+the model reaches the optimizer's master copies too (ZeRO-3's sources, ZeRO-1/2's fragments).
 
 Swaps, unless a mode does better, *park*: the model's values are copied aside and the average
 copied in; the average itself is never written while swapped in. On the way out every parameter is
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 import torch
 
 from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
-from emakit.storage.sharded import after_write, is_sharded, local, source
+from emakit.storage.sharded import after_write, has_master_apart, is_sharded, local, source, write_masters
 from emakit.storage.write_check import WriteCheck
 
 __all__ = ["Group"]
@@ -94,6 +95,7 @@ class Group:
         self.sources = list(map(source, self.tensors)) if self.sharded else self.tensors  # what an update reads
         self.distinct_sources = any(s is not t for s, t in zip(self.sources, self.targets))  # ZeRO-3's masters
         self.sharded_tensors = [t for t in self.tensors if is_sharded(t)] if self.sharded else []
+        self.masters_apart = [i for i, t in enumerate(self.tensors) if has_master_apart(t)]  # ZeRO-1/2's fp32 copies
 
     def follow(self, tensors: list[torch.Tensor]) -> None:
         """Take the model's current tensor objects (same names, shapes, dtypes, devices) in place of the old ones."""
@@ -131,6 +133,8 @@ class Group:
         if self.distinct_sources:
             torch._foreach_copy_(self.sources, self.averages)
         self._copy_in()
+        if self.masters_apart:
+            write_masters([self.tensors[i] for i in self.masters_apart], [self.averages[i] for i in self.masters_apart])
 
     def _copy_in(self) -> None:
         """The average into the data the model's forward pass reads (a swap leaves ZeRO-3's masters alone)."""

@@ -12,7 +12,7 @@ tensor                 :func:`local`: a swap        :func:`source`: the average 
 plain tensor           the tensor                   the tensor                       a copy, on every rank
 FSDP2 ``DTensor``      its local shard              its local shard                  ``full_tensor()``, every rank
 DeepSpeed ZeRO-3       ``p.ds_tensor[:k_r]``        the fp32 master partition        gathered to rank 0 only
-parameter              (:mod:`~.zero3`)             (``ds_tensor`` if frozen)        (``dist.gather``, padded)
+parameter              (:mod:`~.zero`)             (``ds_tensor`` if frozen)        (``dist.gather``, padded)
 =====================  ==========================  ===============================  ==============================
 
 A state (``state_dict``) holds each rank's data as :func:`present` shows it: a DTensor with the parameter's mesh
@@ -35,13 +35,14 @@ from collections.abc import Iterable
 
 import torch
 
-from emakit.storage import zero3
+from emakit.storage import zero
 
 __all__ = [
     "after_write",
     "check_partitioning",
     "full_shape",
     "gathered",
+    "has_master_apart",
     "is_dtensor",
     "is_sharded",
     "local",
@@ -51,6 +52,7 @@ __all__ = [
     "present",
     "source",
     "state_shape",
+    "write_masters",
 ]
 
 
@@ -66,7 +68,7 @@ def is_dtensor(tensor: object) -> bool:
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether this process's data of ``tensor`` is somewhere other than ``tensor`` itself (a shard, a partition)."""
-    return is_dtensor(tensor) or zero3.is_zero3(tensor)
+    return is_dtensor(tensor) or zero.is_zero3(tensor)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,22 +76,22 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     partition of a ZeRO-3 parameter (padding left out), else the tensor itself. A swap writes it."""
     if is_dtensor(tensor):
         return tensor._local_tensor
-    if zero3.is_zero3(tensor):
-        return zero3.partition(tensor)
+    if zero.is_zero3(tensor):
+        return zero.partition(tensor)
     return tensor
 
 
 def source(tensor: torch.Tensor) -> torch.Tensor:
     """The data the average of ``tensor`` follows: ZeRO-3's fp32 master partition where the optimizer keeps one
     (what it steps), else :func:`local`. Same shape as :func:`local`."""
-    return zero3.master(tensor) if zero3.is_zero3(tensor) else local(tensor)
+    return zero.master(tensor) if zero.is_zero3(tensor) else local(tensor)
 
 
 def local_data_ptr(tensor: torch.Tensor) -> int:
     """Where :func:`local` starts (cheaply: no view is made)."""
     if is_dtensor(tensor):
         return tensor._local_tensor.data_ptr()
-    if zero3.is_zero3(tensor):
+    if zero.is_zero3(tensor):
         return tensor.ds_tensor.data_ptr()
     return tensor.data_ptr()
 
@@ -98,19 +100,19 @@ def local_numel(tensor: torch.Tensor) -> int:
     """How many elements :func:`local` has."""
     if is_dtensor(tensor):
         return tensor._local_tensor.numel()
-    if zero3.is_zero3(tensor):
-        return zero3.real_numel(tensor)
+    if zero.is_zero3(tensor):
+        return zero.real_numel(tensor)
     return tensor.numel()
 
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of the whole tensor (a ZeRO-3 parameter's ``ds_shape``; its own shape is ``(0,)`` outside forward)."""
-    return tensor.ds_shape if zero3.is_zero3(tensor) else tensor.shape
+    return tensor.ds_shape if zero.is_zero3(tensor) else tensor.shape
 
 
 def state_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape a state holds for ``tensor`` (:func:`present`): the partition's for ZeRO-3, else the full shape."""
-    return torch.Size([zero3.real_numel(tensor)]) if zero3.is_zero3(tensor) else tensor.shape
+    return torch.Size([zero.real_numel(tensor)]) if zero.is_zero3(tensor) else tensor.shape
 
 
 def present(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -131,25 +133,39 @@ def gathered(tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> to
     ``copy=False``). Gathered tensors are fresh. Collective for sharded tensors: every rank calls, in one order."""
     if is_dtensor(tensor):
         return present(tensor, value).full_tensor()
-    if zero3.is_zero3(tensor):
-        return zero3.gather_to_main(tensor, value)
+    if zero.is_zero3(tensor):
+        return zero.gather_to_main(tensor, value)
     return value.detach().clone() if copy else value
+
+
+def has_master_apart(tensor: torch.Tensor) -> bool:
+    """Whether an optimizer keeps a master copy of ``tensor`` apart from both :func:`local` and :func:`source`."""
+    return zero.has_master_apart(tensor)
 
 
 def after_write(tensors: Iterable[torch.Tensor]) -> None:
     """After this process's data of ``tensors`` was written (a swap, a copy into the model): make the engine see it.
     ZeRO-3 keeps some parameters whole (persistent ones): they are gathered anew (collective). Others: nothing."""
-    whole = [t for t in tensors if zero3.is_zero3(t)]
+    whole = [t for t in tensors if zero.is_zero3(t)]
     if whole:
-        zero3.regather(whole)
+        zero.regather(whole)
+
+
+def write_masters(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """After a copy of ``values`` (whole averages) into ``tensors``: write them into the master copies an optimizer
+    keeps apart from the parameters and steps (DeepSpeed ZeRO-1/2's fp32 fragments), else its next step would undo
+    the copy. ZeRO-3's masters are the sources, written as such; plain optimizers step the parameters themselves."""
+    for tensor, value in zip(tensors, values):
+        if zero.has_master_apart(tensor):
+            zero.write_master(tensor, value)
 
 
 def partitioning(tensors: Iterable[torch.Tensor]) -> dict | None:
     """Whose data a state of ``tensors`` holds, where it can be loaded only by the same rank of the same world:
     ``{"engine": "deepspeed-zero3", "rank": r, "world_size": n}`` for ZeRO-3 partitions, else None."""
     for tensor in tensors:
-        if zero3.is_zero3(tensor):
-            rank, world = zero3.layout(tensor)
+        if zero.is_zero3(tensor):
+            rank, world = zero.layout(tensor)
             return {"engine": "deepspeed-zero3", "rank": rank, "world_size": world}
     return None
 

@@ -10,7 +10,7 @@ names it, its engine, and what is supported:
 - DTensors on a device mesh of more than one dimension (HSDP, tensor parallelism) or placed other than
   ``Shard(dim)`` / ``Replicate()`` (``Partial``, strided shards).
 - DeepSpeed ZeRO-3 parameters whose partition is not where the forward pass gathers it from, or not in memory
-  (:func:`emakit.storage.zero3.refusal`: NVMe offload, hpZ secondary partitions, MiCS and other subgroups).
+  (:func:`emakit.storage.zero.refusal`: NVMe offload, hpZ secondary partitions, MiCS and other subgroups).
 - Any other empty parameter or buffer whose entry in the model's ``state_dict()`` is larger: some engine keeps
   its data elsewhere.
 
@@ -27,7 +27,7 @@ import sys
 import torch
 from torch import nn
 
-from emakit.storage import zero3
+from emakit.storage import zero
 from emakit.storage.sharded import is_dtensor, is_sharded
 
 __all__ = ["UnsupportedTensorError", "refuse_unsupported"]
@@ -100,7 +100,7 @@ def _dtensor(tensor: torch.Tensor) -> str | None:
 
 
 def _deepspeed(tensor: torch.Tensor) -> str | None:
-    return zero3.refusal(tensor) if zero3.is_zero3(tensor) else None
+    return zero.refusal(tensor) if zero.is_zero3(tensor) else None
 
 
 def _refuse_placeholders(model: nn.Module, named: dict[str, torch.Tensor], empty: list[str]) -> None:

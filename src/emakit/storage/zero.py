@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-3 partitions: where a parameter's data lives on this rank, what its average follows, and how a
-full tensor reaches rank 0.
+"""DeepSpeed ZeRO: where a parameter's data lives on this rank, what its average follows, how a full tensor reaches
+rank 0, and the fp32 master copies a copy into the model must reach too.
 
+**ZeRO-3.**
 Outside forward a ZeRO-3 parameter ``p`` is an empty placeholder (``p.numel() == 0``; small ones under
 ``stage3_param_persistence_threshold`` are also kept whole in ``p.data``). Rank ``r`` of ``n`` holds elements
 ``[r * s, (r + 1) * s)`` of the flattened tensor in ``p.ds_tensor``, ``s = ceil(p.ds_numel / n)``; the last
@@ -15,7 +16,16 @@ The average follows the **fp32 master partition** where the engine keeps one (``
 fp32 training too, where it holds the same values as ``ds_tensor``): it is what the optimizer steps and what
 DeepSpeed itself exports as the model (``zero_to_fp32``, ``safe_get_full_fp32_param``); ``ds_tensor`` under bf16 is
 its rounding, which an average of rounded terms would keep. Frozen parameters have no master: their partition is
-followed. Nothing here imports DeepSpeed: a ZeRO-3 parameter exists only once DeepSpeed made it.
+followed.
+
+**ZeRO-1/2.** Parameters are whole on every rank (bf16 under bf16) and averaged as they are; the fp32 masters are
+split across the ranks in flat partitions that cut through parameters (``p._hp_mapping``: this rank's fragment).
+Following them would take a collective per update (``safe_get_full_fp32_param`` all-reduces), so the average
+follows the module's weights: the same values under fp32, their bf16 rounding under bf16 (averaged in fp32). A copy
+of the average into the model (``train_with_ema_weights``) writes this rank's master fragment too
+(:func:`write_master`), else the next step would restore the old weights from it.
+
+Nothing here imports DeepSpeed: a ZeRO parameter exists only once DeepSpeed made it.
 
 Example (on every rank of a ZeRO-3 engine)::
 
@@ -29,7 +39,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_to_main", "is_zero3", "layout", "master", "partition", "real_numel", "refusal", "regather"]
+__all__ = [
+    "gather_to_main",
+    "has_master_apart",
+    "is_zero3",
+    "layout",
+    "master",
+    "partition",
+    "real_numel",
+    "refusal",
+    "regather",
+    "write_master",
+]
 
 SUPPORTED = (
     "emakit averages ZeRO-3 partitions held in memory (on the device or offloaded to the CPU), partitioned over "
@@ -40,6 +61,17 @@ SUPPORTED = (
 def is_zero3(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DeepSpeed ZeRO-3 parameter (partitioned or persistent), without importing DeepSpeed."""
     return hasattr(tensor, "ds_id")
+
+
+def has_master_apart(tensor: torch.Tensor) -> bool:
+    """Whether a ZeRO-1/2 optimizer keeps an fp32 master fragment of ``tensor`` apart from it (``_hp_mapping``)."""
+    return hasattr(tensor, "_hp_mapping") and not is_zero3(tensor)
+
+
+def write_master(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the whole ``value`` of ZeRO-1/2 parameter ``p`` into this rank's fragment of its fp32 master (local:
+    every rank holds ``value`` whole), as ``deepspeed.utils.safe_set_full_fp32_param`` does."""
+    p.set_full_hp_param(value)
 
 
 def layout(p: torch.Tensor) -> tuple[int, int]:
