@@ -4,8 +4,10 @@ A small MLP fits a noisy function of 16 inputs. The pattern, in order of appeara
 
 - under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` (partitioned at construction), then
   ``deepspeed.initialize`` as usual; the EMA needs nothing from DeepSpeed;
-- ``ema.update(engine)`` after every ``engine.step()``: each rank averages what it holds of each parameter (under
-  ZeRO-3 its fp32 master partitions: half the average's bytes on 2 ranks), with no communication;
+- ``ema.update(engine)`` once per optimizer step: with gradient accumulation ``engine.step()`` runs every
+  micro-batch and steps the optimizer at the boundary only (``engine.is_gradient_accumulation_boundary()`` before
+  it says so). Each rank averages what it holds of each parameter (under ZeRO-3 its fp32 master partitions: half
+  the average's bytes on 2 ranks), with no communication;
 - evaluation inside ``with ema.ema_weights(engine.module):`` on every rank (ZeRO-3's forward gathers the
   parameters, now holding the average); the training weights come back bit for bit on exit;
 - a checkpoint: ``engine.save_checkpoint`` and, beside it, each rank's ``ema.state_dict()`` (under ZeRO-3 its own
@@ -18,9 +20,10 @@ Run it (on CPU; on GPUs leave out ``DS_ACCELERATOR=cpu``)::
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/deepspeed_zero.py --stage 3 --out runs/zero3
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/deepspeed_zero.py --stage 2 --bf16 --out runs/zero2
 
-    # interrupted and resumed: 20 steps, then on to 40 from the checkpoint
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/deepspeed_zero.py --steps 20 --out runs/zero3
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/deepspeed_zero.py --steps 40 --resume --out runs/zero3
+    # 2 micro-batches per optimizer step; interrupted after 20 steps, resumed from the checkpoint to 40
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/deepspeed_zero.py --accumulate 2 --steps 20 --out runs/a
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/deepspeed_zero.py --accumulate 2 --steps 40 --resume \
+        --out runs/a
 
 The first run on a machine compiles a DeepSpeed CPU op (about 30 s; set ``TORCH_EXTENSIONS_DIR`` to keep it).
 ``tests/test_deepspeed_ema.py`` runs this script and checks that the resumed run ends as the uninterrupted one.
@@ -50,9 +53,9 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
 
 
-def batch(step: int, dtype: torch.dtype, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of this rank at ``step`` (seeded by both: a resumed run sees the same data)."""
-    generator = torch.Generator().manual_seed(step * 1000 + dist.get_rank())
+def batch(micro_step: int, dtype: torch.dtype, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch of this rank at ``micro_step`` (seeded by both: a resumed run sees the same data)."""
+    generator = torch.Generator().manual_seed(micro_step * 1000 + dist.get_rank())
     x = torch.randn(size, 16, generator=generator)
     y = torch.sin(x[:, :4].sum(dim=1, keepdim=True)) + 0.3 * torch.randn(size, 1, generator=generator)
     return x.to(dtype), y
@@ -60,7 +63,7 @@ def batch(step: int, dtype: torch.dtype, size: int = 32) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dtype: torch.dtype) -> float:
-    x, y = batch(-1, dtype, size=256)  # one held-out batch (step -1 is never trained on)
+    x, y = batch(-1, dtype, size=256)  # one held-out batch (micro-step -1 is never trained on)
     return nn.functional.mse_loss(model(x).float(), y).item()
 
 
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=3, choices=(1, 2, 3), help="ZeRO stage")
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (fp32 master weights, fp32 average)")
     parser.add_argument("--steps", type=int, default=40, help="train up to this optimizer step")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -76,6 +80,7 @@ def main() -> None:
     rank, dtype = dist.get_rank(), torch.bfloat16 if args.bf16 else torch.float32
     config = {
         "train_micro_batch_size_per_gpu": 32,
+        "gradient_accumulation_steps": args.accumulate,
         "optimizer": {"type": "Adam", "params": {"lr": 3e-3, "torch_adam": True}},
         "zero_optimization": {"stage": args.stage, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": args.bf16},
@@ -85,18 +90,22 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
 
     ema = EMA(half_life=HALF_LIFE)
-    checkpoint, step = args.out / "checkpoint", 0
+    checkpoint, micro_step = args.out / "checkpoint", 0
     if args.resume:
         _, client_state = engine.load_checkpoint(checkpoint)
-        step = client_state["step"]
+        micro_step = client_state["micro_step"]
         ema.load_state_dict(torch.load(checkpoint / f"ema-rank{rank}.pt", weights_only=True))  # this rank's
 
-    while step < args.steps:
-        step += 1
-        x, y = batch(step, dtype)
+    while engine.global_steps < args.steps:
+        x, y = batch(micro_step, dtype)
+        micro_step += 1
         engine.backward(nn.functional.mse_loss(engine(x).float(), y))
+        stepping = engine.is_gradient_accumulation_boundary()  # this engine.step() steps the optimizer
         engine.step()
+        if not stepping:
+            continue
         ema.update(engine)  # once per optimizer step; no communication
+        step = engine.global_steps
         if step % EVAL_EVERY == 0:
             training = evaluate(engine.module, dtype)
             with ema.ema_weights(engine.module):  # every rank: ZeRO-3's forward gathers the average
@@ -104,7 +113,8 @@ def main() -> None:
             if rank == 0:
                 print(f"step {step}: eval loss {training:.4f} training weights, {average:.4f} EMA", flush=True)
 
-    engine.save_checkpoint(checkpoint, client_state={"step": step})  # every rank: its ZeRO partitions
+    step = engine.global_steps
+    engine.save_checkpoint(checkpoint, client_state={"micro_step": micro_step})  # every rank: its ZeRO partitions
     torch.save(ema.state_dict(), checkpoint / f"ema-rank{rank}.pt")  # every rank: its EMA (partitions)
     path = ema.save_ema_weights(args.out / "ema.safetensors")  # every rank calls: gathered to rank 0, written
     dist.barrier()

@@ -41,13 +41,15 @@ def test_ema_of_a_deepspeed_engine_follows_the_closed_form_without_communication
 
 
 def test_the_documented_example_resumes_its_ema_bit_for_bit(tmp_path):
-    """``examples/deepspeed_zero.py`` (ZeRO-3): 20 steps at once, and 10 then resumed from its checkpoint to 20, end
-    with the same EMA partitions on every rank and the same exported file, bit for bit."""
+    """``examples/deepspeed_zero.py`` (ZeRO-3, 2 micro-batches per optimizer step): 20 steps at once, and 10 then
+    resumed from its checkpoint to 20, end with the same EMA partitions on every rank (20 updates: one per optimizer
+    step, not per micro-batch) and the same exported file, bit for bit."""
     environment = {
         "DS_ACCELERATOR": "cpu",
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions"),
     }
     runs = {"whole": ["--steps", "20"], "first": ["--steps", "10"], "resumed": ["--steps", "20", "--resume"]}
+    runs = {run: ["--accumulate", "2", *args] for run, args in runs.items()}
     outputs = {}
     for run, args in runs.items():
         out = tmp_path / ("whole" if run == "whole" else "split")

@@ -15,6 +15,9 @@ DeepSpeed ZeRO-3       ``p.ds_tensor[:k_r]``        the fp32 master partition   
 parameter              (:mod:`~.zero`)             (``ds_tensor`` if frozen)        (``dist.gather``, padded)
 =====================  ==========================  ===============================  ==============================
 
+DeepSpeed ZeRO-1/2 parameters are whole: plain tensors here, except that a copy of the average into the model
+writes the optimizer's fp32 master fragments too (:func:`write_masters`), as it writes ZeRO-3's master partitions.
+
 A state (``state_dict``) holds each rank's data as :func:`present` shows it: a DTensor with the parameter's mesh
 and placements (``torch.distributed.checkpoint`` reshards it), ZeRO-3 partitions as plain 1-D tensors with
 :func:`partitioning` saying whose they are (they resume on the same world size only). Nothing here imports an
