@@ -1,8 +1,7 @@
 """DeepSpeed ZeRO: where a parameter's data lives on this rank, what its average follows, how a full tensor reaches
 rank 0, and the fp32 master copies a copy into the model must reach too.
 
-**ZeRO-3.**
-Outside forward a ZeRO-3 parameter ``p`` is an empty placeholder (``p.numel() == 0``; small ones under
+**ZeRO-3.** Outside forward a parameter ``p`` is an empty placeholder (``p.numel() == 0``; small ones under
 ``stage3_param_persistence_threshold`` are also kept whole in ``p.data``). Rank ``r`` of ``n`` holds elements
 ``[r * s, (r + 1) * s)`` of the flattened tensor in ``p.ds_tensor``, ``s = ceil(p.ds_numel / n)``; the last
 partitions are padded, so only the first ``k_r`` elements are the tensor's::
