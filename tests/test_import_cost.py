@@ -1,6 +1,6 @@
-"""``import emakit`` costs little above ``import torch``: DTensor support (and sympy behind it), the trainer, tqdm
-and the data-loading helpers are imported on first use, not by ``import emakit`` (what ``import torch`` itself
-loads is not counted)."""
+"""``import emakit`` costs little above ``import torch``: DTensor support (and sympy behind it), DeepSpeed, the
+trainer, tqdm and the data-loading helpers are imported on first use, not by ``import emakit`` (what ``import torch``
+itself loads is not counted)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ with_torch = set(sys.modules)
 import emakit
 from emakit import EMA, PostHocEMA, functional, update_bn
 after_emakit = time.perf_counter()
-heavy = ["torch.distributed.tensor", "sympy", "tqdm", "emakit.trainer", "emakit.distributed.data"]
+heavy = ["torch.distributed.tensor", "sympy", "tqdm", "emakit.trainer", "emakit.distributed.data", "deepspeed"]
 loaded_before_use = [name for name in heavy if name in set(sys.modules) - with_torch]
 from emakit import Trainer, distributed
 print(json.dumps({

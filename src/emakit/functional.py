@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from emakit.storage.unsupported import refuse_unsupported
 from emakit.tracked import Change, TrackedTensors, describe_mismatch, is_averaged, unwrap
 
 __all__ = ["check_smoothing", "check_warmup", "compute_ema", "smoothing_from_half_life", "warmup_smoothing"]
@@ -153,6 +154,8 @@ _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary(
 
 def _make_plan(model: nn.Module, ema_model: nn.Module) -> _Plan:
     sources, targets = TrackedTensors(unwrap(model)), TrackedTensors(unwrap(ema_model))
+    refuse_unsupported(unwrap(model), sources.named)  # an engine's placeholders are never averaged
+    refuse_unsupported(unwrap(ema_model), targets.named)
     mismatch = describe_mismatch(targets.named, sources.named, "model") or describe_mismatch(
         sources.named, targets.named, "ema_model"
     )

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from emakit.storage.sharded import full_shape, is_dtensor, is_sharded, local, local_data_ptr, local_numel
+
 __all__ = [
     "BUFFER_POLICIES",
     "EVERYTHING",
@@ -46,30 +48,20 @@ __all__ = [
 ]
 
 
-def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a DTensor (an FSDP2 shard), without importing DTensor support.
-
-    ``torch.distributed.tensor`` costs about half a second to import (it pulls in sympy); a DTensor
-    exists only once it is imported, so until then nothing is one.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's data of ``tensor``: the local shard of a DTensor (FSDP2), else the tensor itself."""
-    return tensor._local_tensor if is_dtensor(tensor) else tensor
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    engine = sys.modules.get("deepspeed.runtime.engine")  # loaded only where DeepSpeed is used
+    return engine is not None and isinstance(model, engine.DeepSpeedEngine)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module under ``torch.compile`` and ``DistributedDataParallel`` wrappers.
+    """The module under ``torch.compile``, ``DistributedDataParallel`` and DeepSpeed engine wrappers.
 
     Their names differ from the wrapped module's only by an ``_orig_mod.`` or ``module.``
     prefix; averaging the wrapped module keeps the EMA's names those of the plain model.
     """
     while True:
         inner = model._modules.get("_orig_mod")  # a dict lookup: cheaper than Module.__getattr__ misses
-        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+        if inner is None and (isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model)):
             inner = model.module
         if inner is None:
             return model
@@ -177,13 +169,9 @@ class Change(enum.Enum):
 _requires_grad = operator.attrgetter("requires_grad")
 
 
-def _data_ptr(tensor: torch.Tensor) -> int:
-    return local(tensor).data_ptr()
-
-
 def _signature(tensor: torch.Tensor) -> tuple:
     data = local(tensor)
-    return tensor.shape, data.shape, data.stride(), tensor.dtype, data.device
+    return full_shape(tensor), data.shape, data.stride(), tensor.dtype, data.device
 
 
 class TrackedTensors:
@@ -225,9 +213,10 @@ class TrackedTensors:
         self._slot_registries = [registry for registry, _, _ in slots]
         self._slot_keys = [key for _, key, _ in slots]
         self._slot_values = [value for _, _, value in slots]
-        self._sharded = any(is_dtensor(t) for t in self.tensors)
+        self._sharded = any(map(is_sharded, self.tensors))  # then this process's data is looked at, not the tensor
+        self._numel = local_numel if self._sharded else torch.Tensor.numel
         self._ptrs = self._data_ptrs()
-        self._numels = list(map(torch.Tensor.numel, self.tensors))
+        self._numels = list(map(self._numel, self.tensors))
         self._signatures = list(map(_signature, self.tensors))
 
     @property
@@ -236,7 +225,7 @@ class TrackedTensors:
         return self._model()
 
     def _data_ptrs(self) -> list[int]:
-        return list(map(_data_ptr if self._sharded else torch.Tensor.data_ptr, self.tensors))
+        return list(map(local_data_ptr if self._sharded else torch.Tensor.data_ptr, self.tensors))
 
     def check(self) -> Change:
         """Whether the model still holds these tensors, where and as they were."""
@@ -245,7 +234,7 @@ class TrackedTensors:
         current = map(dict.get, self._slot_registries, self._slot_keys)
         if not all(map(operator.is_, current, self._slot_values)):
             return Change.STRUCTURE
-        if list(map(torch.Tensor.numel, self.tensors)) != self._numels:
+        if list(map(self._numel, self.tensors)) != self._numels:
             return Change.STRUCTURE
         if self._parameters and list(map(_requires_grad, self._parameters)) != self._trainable:
             return Change.STRUCTURE
@@ -261,13 +250,16 @@ class TrackedTensors:
         self._ptrs = self._data_ptrs()
 
 
-def describe_mismatch(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], what: str) -> str | None:
-    """The first difference of names or shapes between two name->tensor maps, or None when they match."""
+def describe_mismatch(
+    expected: dict[str, torch.Tensor | torch.Size], actual: dict[str, torch.Tensor | torch.Size], what: str
+) -> str | None:
+    """The first difference of names or shapes between two maps of names to tensors (or shapes), or None."""
     for name, tensor in expected.items():
         if name not in actual:
             return f"{what} has no tensor {name!r}"
-        if actual[name].shape != tensor.shape:
-            return f"tensor {name!r} has shape {tuple(actual[name].shape)} in {what}, expected {tuple(tensor.shape)}"
+        found, wanted = getattr(actual[name], "shape", actual[name]), getattr(tensor, "shape", tensor)
+        if found != wanted:
+            return f"tensor {name!r} has shape {tuple(found)} in {what}, expected {tuple(wanted)}"
     for name in actual:
         if name not in expected:
             return f"{what} has an unexpected tensor {name!r}"

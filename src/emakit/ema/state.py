@@ -2,7 +2,9 @@
 
 A state holds the averages, their counters and clock, and the rates they were made with: a state saved with
 other rates (half-lives or smoothings, update interval, warmup) is refused by name, since resuming it would
-silently continue another average (``strict=False`` continues with a warning).
+silently continue another average (``strict=False`` continues with a warning). Under DeepSpeed ZeRO-3 it holds
+this rank's partitions and says whose (``partitioning``): it resumes on the same rank of the same world size
+only; another rank's or world size's is refused, naming both.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class EMAState:
             "weights": self.shadow.state_dict(),  # the first average
             "more_weights": [shadow.state_dict() for shadow in self.shadows[1:]],  # the others, in order
             "state_dict_keys": dict(self.shadow.state_dict_keys),
+            "partitioning": self.shadow.partitioning(),  # ZeRO-3: whose partitions ("weights" holds this rank's)
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -78,7 +81,7 @@ class EMAState:
         if differences:
             warnings.warn(f"EMA: continuing a state saved with other rates ({'; '.join(differences)})", stacklevel=2)
         for shadow, weights in zip(self.shadows, [state["weights"], *more]):
-            shadow.load_state_dict(weights)
+            shadow.load_state_dict(weights, partitioning=state.get("partitioning"))  # other ranks' are refused
             if shadow.attached_model() is None:
                 shadow.state_dict_keys = dict(state.get("state_dict_keys") or {})
         self.started = bool(state["started"])

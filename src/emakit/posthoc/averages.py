@@ -25,7 +25,6 @@ from emakit.deprecated import DeprecatedAlgorithmMethods
 from emakit.posthoc.profiles import gamma_from_sigma_rel
 from emakit.shadow import ShadowWeights
 from emakit.time import Time, TimeUnit, as_interval
-from emakit.tracked import is_dtensor
 
 if TYPE_CHECKING:
     from emakit.algorithms.posthoc import PostHocEMAAlgorithm
@@ -138,15 +137,12 @@ class PostHocEMA(DeprecatedAlgorithmMethods):
         if main:
             self.folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for (average, keys), sigma_rel, gamma in zip(averages, self.sigma_rels, self.gammas):
+        for shadow, (_, keys), sigma_rel, gamma in zip(self.shadows, averages, self.sigma_rels, self.gammas):
             tensors = {}
-            for name in dict.fromkeys(keys.values()):  # one tensor at a time, in the same order on every rank
-                value = average[name]
-                if is_dtensor(value):
-                    value = value.full_tensor()  # collective; a fresh tensor, dropped at once on other ranks
-                elif not main:
-                    continue
-                if main:
+            # one tensor at a time, in the same order on every rank: sharded ones gathered (collective; rank 0
+            # receives them, other ranks drop theirs at once), the others read where they are
+            for name, value in shadow.full_averages(copy=False):
+                if main and value is not None:
                     tensors[name] = _own_cpu_copy(value)
             if not main:
                 continue

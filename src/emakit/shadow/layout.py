@@ -21,13 +21,22 @@ from torch import nn
 
 from emakit.storage import BoundGroup, CastGroup, Group, InPlaceGroup
 from emakit.storage.layout import is_dense, normalize_device
+from emakit.storage.sharded import (
+    check_partitioning,
+    full_shape,
+    is_sharded,
+    local,
+    partitioning,
+    source,
+    state_shape,
+)
+from emakit.storage.unsupported import refuse_unsupported
 from emakit.tracked import (
     EVERYTHING,
     Change,
     Selection,
     TrackedTensors,
     describe_mismatch,
-    local,
     match_wrapped_names,
     unwrap,
     weightless_copy,
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
     from emakit.shadow.weights import ShadowWeights
 
 __all__ = ["ShadowLayout", "resolve_ema_dtype"]
+
+UNKNOWN = object()  # a loaded state that does not say whose partitions it holds (a PostHocEMA's, a trainer's)
 
 # Per model, the flatten_model average its tensors are bound to: a model's tensors live in one place.
 _bound: weakref.WeakKeyDictionary[nn.Module, ShadowWeights] = weakref.WeakKeyDictionary()
@@ -66,8 +77,12 @@ def _kind(tensor: torch.Tensor, selection: Selection) -> str:
 
 
 def _layout_key(named: dict[str, torch.Tensor], selection: Selection) -> dict[str, tuple]:
-    """Per name, what a tensor must keep for its average to carry on in place: kind, dtype, device, shape."""
-    return {name: (_kind(t, selection), local(t).dtype, local(t).device, t.shape) for name, t in named.items()}
+    """Per name, what a tensor must keep for its average to carry on in place: kind, shape, and the dtype and device
+    of this process's data and of what its average follows (ZeRO-3's fp32 master appears at deepspeed.initialize)."""
+    return {
+        name: (_kind(t, selection), full_shape(t), *((d.dtype, d.device) for d in (local(t), source(t))))
+        for name, t in named.items()
+    }
 
 
 class ShadowLayout:
@@ -78,6 +93,7 @@ class ShadowLayout:
     _tracked: TrackedTensors | None
     _key: dict[str, tuple]
     _pending: dict[str, torch.Tensor] | None
+    _pending_partitioning: dict | object | None
     _skeleton: nn.Module | None
     _snapshot: nn.Module | None
     _generation: int
@@ -117,8 +133,8 @@ class ShadowLayout:
         if self._groups:
             self._layout(model, dict(self._current()), strict=self._model is not model)
         else:
-            self._layout(model, self._pending, strict=True)
-        self._pending = None
+            self._layout(model, self._pending, strict=True, saved_partitioning=self._pending_partitioning)
+        self._pending, self._pending_partitioning = None, UNKNOWN
         return model
 
     def _follow(self, tracked: TrackedTensors) -> None:
@@ -129,9 +145,18 @@ class ShadowLayout:
         self._tracked = tracked
         self._generation += 1
 
-    def _layout(self, model: nn.Module, carried: dict[str, torch.Tensor] | None, strict: bool) -> None:
+    def _layout(
+        self,
+        model: nn.Module,
+        carried: dict[str, torch.Tensor] | None,
+        strict: bool,
+        saved_partitioning: dict | object | None = UNKNOWN,
+    ) -> None:
         tracked = TrackedTensors(model, self.selection)
         named = tracked.named
+        refuse_unsupported(model, named)  # placeholders of engines emakit does not understand: never averaged
+        if carried is not None and saved_partitioning is not UNKNOWN:  # a loaded state: this rank's partitions?
+            check_partitioning(saved_partitioning, partitioning(named.values()))
         if not any(_kind(t, self.selection) != "copied" for t in named.values()):
             raise ValueError(
                 f"{type(model).__name__} has no floating-point parameters or buffers to average"
@@ -145,25 +170,27 @@ class ShadowLayout:
                 f"{type(model).__name__}'s tensors are already bound by another EMA with flatten_model=True: "
                 "a model's tensors can live in one flat buffer only; use the default flatten_model=False here"
             )
-        data_of = {id(t): local(t) for t in named.values()}
-        sharing = collections.Counter(t.untyped_storage()._cdata for t in data_of.values())
+        data_of = {id(t): (local(t), source(t)) for t in named.values()}  # this process's: swapped, followed
+        sharing = collections.Counter(t.untyped_storage()._cdata for t, _ in data_of.values())
 
         def bindable(t: torch.Tensor) -> bool:
             """Dense plain tensors alone in their storage (bound tensors have a storage each: they stay bindable)."""
-            if not bind or type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):  # DTensor shards, subclasses
+            if not bind or type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer) or is_sharded(t):  # shards
                 return False
             return sharing[t.untyped_storage()._cdata] == 1 and is_dense(t)
 
         keyed: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for name, t in named.items():
-            data = data_of[id(t)]
-            keyed.setdefault((_kind(t, self.selection), data.device, data.dtype, bindable(t)), []).append((name, t))
+            data, followed = data_of[id(t)]
+            key = (_kind(t, self.selection), data.device, data.dtype, followed.device, followed.dtype, bindable(t))
+            keyed.setdefault(key, []).append((name, t))
         self._groups = []  # the old average stays alive through `carried` only
         self._snapshot = None
-        for (kind, device, dtype, bound), entries in keyed.items():
+        for (kind, device, dtype, source_device, source_dtype, bound), entries in keyed.items():
             ema_dtype = dtype if kind == "copied" else resolve_ema_dtype(self.ema_dtype, dtype)
             ema_device = normalize_device(self.ema_device or device)
-            mode = BoundGroup if bound else InPlaceGroup if (ema_dtype, ema_device) == (dtype, device) else CastGroup
+            in_place = (ema_dtype, ema_device) == (source_dtype, source_device)  # an update reads the sources as is
+            mode = BoundGroup if bound else InPlaceGroup if in_place else CastGroup
             self._groups.append(mode(kind, entries, ema_dtype, ema_device, start=carried))
         tracked.accept_moves()  # binding moved the bound tensors
         self._model, self._tracked, self._key = model, tracked, _layout_key(named, self.selection)
@@ -179,13 +206,17 @@ class ShadowLayout:
     def _carry(
         carried: dict[str, torch.Tensor], named: dict[str, torch.Tensor], strict: bool
     ) -> dict[str, torch.Tensor]:
-        """The carried average for every tracked tensor: loaded states must match; a live model may have changed."""
-        mismatch = describe_mismatch(carried, named, "the model") or describe_mismatch(named, carried, "the EMA")
+        """The carried average for every tracked tensor: loaded states must match; a live model may have changed.
+
+        Shapes are compared as a state holds them (:func:`~emakit.storage.sharded.state_shape`: a ZeRO-3
+        partition's); a new or reshaped tensor starts from the data its average follows."""
+        shapes = {n: state_shape(t) for n, t in named.items()}
+        mismatch = describe_mismatch(carried, shapes, "the model") or describe_mismatch(shapes, carried, "the EMA")
         if mismatch is None:
             return carried
         if strict:
             raise ValueError(f"the model does not match the EMA's tensors: {mismatch}")
-        fresh = [n for n, t in named.items() if n not in carried or carried[n].shape != t.shape]
+        fresh = [n for n in named if n not in carried or carried[n].shape != shapes[n]]
         gone = [n for n in carried if n not in named]
         warnings.warn(
             f"EMA: the model's tensors changed: {len(fresh)} new or reshaped ({', '.join(fresh[:5])}) start "
@@ -193,4 +224,4 @@ class ShadowLayout:
             RuntimeWarning,
             stacklevel=5,
         )
-        return {n: t if n in fresh else carried[n] for n, t in named.items()}
+        return {n: source(t) if n in fresh else carried[n] for n, t in named.items()}

@@ -1,5 +1,9 @@
 """The state of :class:`~emakit.shadow.ShadowWeights`: what a checkpoint holds, what a plain model loads, and
 ``ema_model``'s copy of the average (made at the first request after the average changed).
+
+A state holds this process's data of each average as :func:`emakit.storage.sharded.present` shows it (DTensors
+for FSDP2 shards, plain 1-D partitions for ZeRO-3, with :meth:`ShadowState.partitioning` saying whose); exports
+gather full tensors one at a time (:meth:`ShadowState.full_averages`).
 """
 
 from __future__ import annotations
@@ -10,26 +14,12 @@ import torch
 from torch import nn
 
 from emakit.average_module import average_module, gathered_module
+from emakit.shadow.layout import UNKNOWN
 from emakit.storage import Group
-from emakit.tracked import describe_mismatch, is_dtensor, match_wrapped_names, unwrap
+from emakit.storage.sharded import check_partitioning, gathered, is_dtensor, partitioning, present
+from emakit.tracked import describe_mismatch, match_wrapped_names, unwrap
 
 __all__ = ["ShadowState"]
-
-
-def _like_model(model_tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (local data) presented like ``model_tensor``: a DTensor with its mesh and placements, or as is."""
-    if not is_dtensor(model_tensor):
-        return value
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        value,
-        model_tensor.device_mesh,
-        model_tensor.placements,
-        run_check=False,
-        shape=model_tensor.shape,
-        stride=model_tensor.stride(),
-    )
 
 
 class ShadowState:
@@ -38,6 +28,7 @@ class ShadowState:
 
     _groups: list[Group]
     _pending: dict[str, torch.Tensor] | None
+    _pending_partitioning: dict | object | None
     _skeleton: nn.Module | None
     _snapshot: nn.Module | None
     state_dict_keys: dict[str, str]
@@ -45,7 +36,7 @@ class ShadowState:
     def _current(self) -> Iterator[tuple[str, torch.Tensor]]:
         for group in self._groups:
             for name, tensor, holder in group.current_averages():
-                yield name, _like_model(tensor, holder)
+                yield name, present(tensor, holder)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The average by the model's tensor names (copies while swapped in; empty before any model)."""
@@ -56,9 +47,20 @@ class ShadowState:
             return {name: t.detach().clone() for name, t in self._current()}
         return {name: t.detach() for name, t in self._current()}
 
+    def partitioning(self) -> dict | None:
+        """Whose partitions this average holds (:func:`emakit.storage.sharded.partitioning`): ZeRO-3's rank and
+        world size, else None. A state saved here loads only where it is the same."""
+        if not self._groups:
+            return None if self._pending_partitioning is UNKNOWN else self._pending_partitioning
+        return partitioning(t for group in self._groups for t in group.tensors)
+
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the average from ``state`` (as :meth:`state_dict` gives it), now or at the next attach."""
+    def load_state_dict(self, state: dict[str, torch.Tensor], partitioning: dict | object | None = UNKNOWN) -> None:
+        """Set the average from ``state`` (as :meth:`state_dict` gives it), now or at the next attach.
+
+        ``partitioning``: :meth:`partitioning` where ``state`` was saved; a state of other ranks' ZeRO-3
+        partitions (another world size, another rank) is refused, naming both.
+        """
         bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
         if bad is not None:
             raise ValueError(f"EMA state must map tensor names to tensors; entry {bad!r} does not")
@@ -67,9 +69,12 @@ class ShadowState:
             return
         if not self._groups:
             self._pending = {name: tensor.detach().clone() for name, tensor in state.items()}
+            self._pending_partitioning = partitioning
             return
         if self.swapped:
             raise RuntimeError("cannot load EMA state while the EMA weights are swapped in")
+        if partitioning is not UNKNOWN:
+            check_partitioning(partitioning, self.partitioning())
         self._snapshot = None
         current = dict(self._current())
         state = match_wrapped_names(state, current)
@@ -81,14 +86,38 @@ class ShadowState:
         for name, tensor in current.items():
             tensor.copy_(state[name])
 
+    def full_averages(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """``(name, full average)`` one tensor at a time, in the model's ``state_dict`` order (the same on every
+        rank): a tensor where this rank receives it, None where it does not (ZeRO-3: ranks other than 0).
+
+        Sharded averages are gathered (:func:`emakit.storage.sharded.gathered`; collective: every rank iterates
+        to the end); others are copies, or with ``copy=False`` the average's own memory (read it, never write
+        it). A loaded average not laid out for a model yet gathers DTensors; ZeRO-3 partitions need their model.
+        """
+        self._settle()
+        names = dict.fromkeys(self.state_dict_keys.values())
+        if self._groups:
+            held = {name: (t, holder) for group in self._groups for name, t, holder in group.current_averages()}
+            for name in names:
+                yield name, gathered(*held[name], copy=copy or self.swapped)
+            return
+        if self.partitioning() is not None:
+            raise RuntimeError(
+                "the EMA holds ZeRO-3 partitions loaded from a state and has not seen its model since: "
+                "update it or swap it into the model (ema.ema_weights(model)) before exporting"
+            )
+        pending = self._pending or {}
+        for name in names:
+            value = pending[name]
+            yield name, value.full_tensor() if is_dtensor(value) else value.detach().clone() if copy else value
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The average keyed like the model's ``state_dict`` (tied tensors: one copy under each of their names),
-        detached copies the EMA never writes again. Sharded averages are gathered (collective: every rank calls)."""
-        averages = self.state_dict()
-        copies: dict[str, torch.Tensor] = {}
-        for name in dict.fromkeys(self.state_dict_keys.values()):
-            value = averages[name]
-            copies[name] = value.full_tensor() if is_dtensor(value) else value.detach().clone()
+        detached copies the EMA never writes again. Sharded averages are gathered (collective: every rank calls);
+        ZeRO-3 partitions to rank 0 only: the other ranks get an empty dict."""
+        copies = dict(self.full_averages())
+        if any(value is None for value in copies.values()):
+            return {}
         return {key: copies[name] for key, name in self.state_dict_keys.items()}
 
     # ------------------------------------------------------------- ema_model
@@ -102,6 +131,12 @@ class ShadowState:
         self._settle()
         model = self.attach(model) if not self.swapped else unwrap(model)
         if self._snapshot is None:
+            if self.partitioning() is not None:
+                raise ValueError(
+                    "ema_model of a DeepSpeed ZeRO-3 model is not made (its structure cannot be copied, and the "
+                    "average is gathered to rank 0 only): evaluate with `with ema.ema_weights(engine.module):`, or "
+                    "take ema.ema_state_dict() on rank 0 (call it on every rank) and load it into a plain model"
+                )
             if any(group.sharded for group in self._groups):
                 self._snapshot = gathered_module(self._skeleton, dict(self._current()))
             else:

@@ -115,7 +115,7 @@ class BoundGroup(Group):
         self.ema_flat.copy_(self.model_flat)
 
     @torch.no_grad()
-    def copy_to_model(self) -> None:
+    def _copy_in(self) -> None:
         self.model_flat.copy_(self.ema_flat)
         increment_versions(self.tensors)
 

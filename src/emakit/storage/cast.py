@@ -58,7 +58,7 @@ class CastGroup(Group):
 
     @torch.no_grad()
     def _lerp(self, weight: float) -> None:
-        data = self.local_tensors()
+        data = self.sources
         flat, views = self._temporaries()
         for (i, j), chunk_views in zip(self.chunks, views):
             torch._foreach_copy_(chunk_views, data[i:j])
@@ -70,9 +70,9 @@ class CastGroup(Group):
     def stage(self) -> None:
         """Queue a copy of the model's tensors into pinned host memory (an offloaded group; no host wait)."""
         if self._staging is None:
-            self._staging = torch.zeros(self.ema_flat.numel(), dtype=self.dtype, pin_memory=True)
+            self._staging = torch.zeros(self.ema_flat.numel(), dtype=self.source_dtype, pin_memory=True)
         views = self.views.views(self._staging, self.offsets)
-        torch._foreach_copy_(views, self.local_tensors(), non_blocking=True)
+        torch._foreach_copy_(views, self.sources, non_blocking=True)
 
     @torch.no_grad()
     def lerp_staged(self, weight: float) -> None:

@@ -10,6 +10,12 @@ floating-point ones with ``buffers="copy"``). Each storage mode is a subclass wi
 - :class:`~emakit.storage.bound.BoundGroup` (``flatten_model=True``): the model's tensors live in one
   flat buffer; an update is one ``lerp_``, a parameter swap exchanges storage pointers.
 
+Every group reaches the model's data through :mod:`emakit.storage.sharded`: ``targets`` (what a swap
+writes and checks: a DTensor's local shard, a ZeRO-3 partition, else the tensor) and ``sources`` (what an
+update reads: the same, except ZeRO-3's fp32 master partition). After writing the targets the engine is told
+(:func:`~emakit.storage.sharded.after_write`: ZeRO-3 gathers its whole parameters anew); a copy of the average into
+the model reaches the optimizer's master copies too (ZeRO-3's sources, ZeRO-1/2's fragments).
+
 Swaps, unless a mode does better, *park*: the model's values are copied aside and the average
 copied in; the average itself is never written while swapped in. On the way out every parameter is
 compared bit for bit with what was put in (:mod:`emakit.storage.write_check`), then the training
@@ -24,8 +30,8 @@ from collections.abc import Iterator
 import torch
 
 from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
+from emakit.storage.sharded import after_write, has_master_apart, is_sharded, local, source, write_masters
 from emakit.storage.write_check import WriteCheck
-from emakit.tracked import local
 
 __all__ = ["Group"]
 
@@ -38,7 +44,8 @@ class Group:
 
     Args:
         kind: ``"parameters"``, ``"buffers"`` or ``"copied"``.
-        named: ``(name, tensor)`` of the model, all of one kind, device and dtype.
+        named: ``(name, tensor)`` of the model, all of one kind, and of one device and dtype of their
+            targets and of their sources.
         ema_dtype, ema_device: the average's (normalised device).
         start: the average's starting values by name (a carried or loaded average), else the tensors' own.
     """
@@ -57,9 +64,10 @@ class Group:
         self.kind = kind
         self.names = [name for name, _ in named]
         self.tensors = [tensor for _, tensor in named]  # the model's own Parameter and buffer objects
-        data = [local(t) for t in self.tensors]  # what this process holds: a shard of a DTensor
-        self.sharded = any(d is not t for d, t in zip(data, self.tensors))
-        self.dtype, self.device = data[0].dtype, data[0].device
+        self._resolve()
+        data = self.targets
+        self.dtype, self.device = data[0].dtype, data[0].device  # the targets': parked and checked in these
+        self.source_dtype, self.source_device = self.sources[0].dtype, self.sources[0].device
         widest = max(torch.empty((), dtype=d).element_size() for d in (self.dtype, ema_dtype))
         self.row = max(1, ALIGN_BYTES // widest)  # every slice starts on a multiple of this many elements
         self.offsets, total = aligned_offsets(data, self.row)
@@ -68,7 +76,9 @@ class Group:
         self._prepare(total)
         self.ema_flat = torch.zeros(total, dtype=ema_dtype, device=ema_device, pin_memory=self.pinned)
         self.averages = [own_storage(v) for v in self.views.views(self.ema_flat, self.offsets)]
-        torch._foreach_copy_(self.averages, [local(start[n]) for n in self.names] if start is not None else data)
+        torch._foreach_copy_(
+            self.averages, [local(start[n]) for n in self.names] if start is not None else self.sources
+        )
         numels = [d.numel() for d in data]
         self.chunks = chunk_ranges(self.offsets, numels, chunk_limit(total, self.ema_flat.element_size()))
         self.parked: list[list[torch.Tensor]] | None = None  # the model's own values while swapped in
@@ -78,18 +88,24 @@ class Group:
     def _prepare(self, total: int) -> None:
         """Work a mode does before the average is allocated (binding the model keeps the peak low)."""
 
-    def local_tensors(self) -> list[torch.Tensor]:
-        """The model's tensors as this process holds them (a DTensor's local shard)."""
-        return [local(t) for t in self.tensors] if self.sharded else self.tensors
+    def _resolve(self) -> None:
+        """Find this process's data of the model's tensors (:mod:`emakit.storage.sharded`)."""
+        self.sharded = any(map(is_sharded, self.tensors))
+        self.targets = list(map(local, self.tensors)) if self.sharded else self.tensors  # what a swap writes
+        self.sources = list(map(source, self.tensors)) if self.sharded else self.tensors  # what an update reads
+        self.distinct_sources = any(s is not t for s, t in zip(self.sources, self.targets))  # ZeRO-3's masters
+        self.sharded_tensors = [t for t in self.tensors if is_sharded(t)] if self.sharded else []
+        self.masters_apart = [i for i, t in enumerate(self.tensors) if has_master_apart(t)]  # ZeRO-1/2's fp32 copies
 
     def follow(self, tensors: list[torch.Tensor]) -> None:
         """Take the model's current tensor objects (same names, shapes, dtypes, devices) in place of the old ones."""
         self.tensors = tensors
+        self._resolve()
         self._write_check = None
 
     def memory(self) -> list[torch.Tensor]:
         """The tensors an update reads or writes, as allocated (for an asynchronous update to keep alive)."""
-        return [*self.local_tensors(), self.ema_flat]
+        return [*self.targets, *(self.sources if self.distinct_sources else ()), self.ema_flat]
 
     @property
     def nbytes(self) -> int:
@@ -108,21 +124,32 @@ class Group:
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
-        torch._foreach_copy_(self.averages, self.local_tensors())
+        torch._foreach_copy_(self.averages, self.sources)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        """The average into the model's tensors (cast to their dtype); bumps their autograd versions."""
-        torch._foreach_copy_(self.local_tensors(), self.averages)
+        """The average into the model's weights (cast to their dtype), ZeRO-3's fp32 masters included; bumps their
+        autograd versions."""
+        if self.distinct_sources:
+            torch._foreach_copy_(self.sources, self.averages)
+        self._copy_in()
+        if self.masters_apart:
+            write_masters([self.tensors[i] for i in self.masters_apart], [self.averages[i] for i in self.masters_apart])
+
+    def _copy_in(self) -> None:
+        """The average into the data the model's forward pass reads (a swap leaves ZeRO-3's masters alone)."""
+        torch._foreach_copy_(self.targets, self.averages)
+        if self.sharded_tensors:
+            after_write(self.sharded_tensors)
 
     def keep_model_buffers(self) -> None:
         """While swapped in: make the model's values (statistics measured on the average) the average's."""
         if self.kind != "parameters":
-            torch._foreach_copy_(self.averages, self.local_tensors())
+            torch._foreach_copy_(self.averages, self.targets)
 
     def all_finite(self) -> torch.Tensor:
         """Whether no tensor of the model holds NaN or Inf (a bool tensor on the model's device)."""
-        tensors = [t for t in self.local_tensors() if t.numel()]
+        tensors = [t for t in self.sources if t.numel()]
         if not tensors:
             return torch.tensor(True)
         largest = torch._foreach_norm(tensors, ord=float("inf"))  # max |x|: NaN and Inf survive it, nothing overflows
@@ -133,7 +160,7 @@ class Group:
     def swap_in(self) -> None:
         """Put the average into the model's tensors; their own values are parked aside."""
         self.parked = self._park()
-        self.copy_to_model()
+        self._copy_in()
         self.swapped = True
 
     @torch.no_grad()
@@ -146,8 +173,8 @@ class Group:
         written = []
         if self.kind == "parameters":
             if self._write_check is None:
-                self._write_check = WriteCheck(self.local_tensors())
-            written = [self.names[k] for k in self._write_check.written(self.local_tensors(), self.averages)]
+                self._write_check = WriteCheck(self.targets)
+            written = [self.names[k] for k in self._write_check.written(self.targets, self.averages)]
         self._unpark(self.parked)
         self.parked, self.swapped = None, False
         return written
@@ -156,7 +183,7 @@ class Group:
         """A copy of the model's values, per chunk in a buffer of its own: pieces of at most 16 MiB come back from
         the allocator's free lists swap after swap, where one buffer of the model's size is fresh memory each time
         (on the CPU its first touch costs more than the copy)."""
-        data, parked = self.local_tensors(), []
+        data, parked = self.targets, []
         for i, j in self.chunks:
             start = self.offsets[i]
             piece = torch.empty(self._span_end(j) - start, dtype=self.dtype, device=self.device)
@@ -166,9 +193,10 @@ class Group:
         return parked
 
     def _unpark(self, parked: list[list[torch.Tensor]]) -> None:
-        data = self.local_tensors()
         for (i, j), views in zip(self.chunks, parked):
-            torch._foreach_copy_(data[i:j], views)
+            torch._foreach_copy_(self.targets[i:j], views)
+        if self.sharded_tensors:
+            after_write(self.sharded_tensors)
 
     def _span_end(self, j: int) -> int:
         """Where the slice of tensors ``..j`` ends in the flat layout (the next tensor's offset, or the end)."""

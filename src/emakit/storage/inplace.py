@@ -23,4 +23,4 @@ class InPlaceGroup(Group):
 
     @torch.no_grad()
     def _lerp(self, weight: float) -> None:
-        torch._foreach_lerp_(self.averages, self.local_tensors(), weight)
+        torch._foreach_lerp_(self.averages, self.sources, weight)
