@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from emakit import EMA, Classifier, Trainer
+from emakit import EMA, Classifier, PostHocEMA, Trainer
 from emakit.cli import main as emakit_main
 from emakit.trainer.checkpoint import list_checkpoints
 
@@ -165,6 +165,17 @@ def test_emakit_export_index_picks_among_several_emas(tmp_path):
         assert_same(snapshot(ema.ema_model), load_file(out))
     first, second = (load_file(tmp_path / f"ema{index}.safetensors") for index in range(2))
     assert not torch.equal(first["module.0.weight"], second["module.0.weight"])
+
+
+def test_emakit_export_counts_only_the_emas_of_a_run_with_a_posthoc_ema_too(tmp_path):
+    """PostHocEMA's state also names the model's keys; its averages are exported by ``emakit posthoc``, not here."""
+    ema = EMA(half_life="3ba")
+    _, checkpoint = train(tmp_path / "run", [PostHocEMA(snapshot_interval="2ba", folder=tmp_path / "phema"), ema])
+    out = tmp_path / "exported.safetensors"
+    assert emakit_main(["export", str(checkpoint), str(out)]) == 0
+    assert_same(snapshot(ema.ema_model), load_file(out))
+    with pytest.raises(SystemExit, match=r"--index 1 is out of range: 1 EMA\(s\) saved"):
+        emakit_main(["export", str(checkpoint), str(out), "--index", "1"])
 
 
 @pytest.mark.parametrize("index", [1, 5, -1])

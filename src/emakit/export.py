@@ -46,8 +46,10 @@ def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def ema_states_in_checkpoint(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
-    """The states of the EMA algorithms saved in a trainer checkpoint, in the trainer's order."""
-    return [a for a in checkpoint.get("algorithms", []) if isinstance(a, dict) and "state_dict_keys" in a]
+    """The states of the EMA algorithms saved in a trainer checkpoint, in the trainer's order (not PostHocEMA's,
+    whose averages are exported by ``emakit posthoc``)."""
+    fields = {"started", "num_updates", "weights", "state_dict_keys"}  # what an EMA state holds and others do not
+    return [a for a in checkpoint.get("algorithms", []) if isinstance(a, dict) and fields <= a.keys()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
