@@ -2,12 +2,15 @@
 updates against the float64 closed form, swaps, following a changed model, dtypes and state."""
 
 import copy
+import io
 import itertools
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
+from emakit import EMA
 from emakit.shadow import ShadowWeights
 from emakit.storage.layout import normalize_device
 
@@ -468,3 +471,22 @@ def test_async_update_without_cuda_warns_and_updates_synchronously():
         shadow.update(model, 1.0)
     assert torch.equal(shadow.state_dict()["0.weight"], model[0].weight.detach())
     assert shadow.async_update is False
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_average_before_its_first_model_holds_no_partitions_and_its_state_loads_weights_only(how):
+    """Whose partitions a loaded state holds is "not said" (UNKNOWN) until one is loaded: a copy says so too. An
+    ``object()`` sentinel became another object in a deep copy or a pickle: such a copy claimed that object as its
+    partitioning, and an EMA's state holding it no longer loaded with ``torch.load(weights_only=True)``."""
+    ema = EMA(half_life="10ba")
+    clone = copy.deepcopy(ema) if how == "deepcopy" else pickle.loads(pickle.dumps(ema))
+    assert clone.shadow.partitioning() is None
+    buffer = io.BytesIO()
+    torch.save(clone.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["partitioning"] is None
+    EMA(half_life="10ba").load_state_dict(state)
+    model = make_model()
+    clone.update(model)
+    assert clone.shadow.partitioning() is None

@@ -1,5 +1,7 @@
 """emakit: exponential moving averages of model weights for PyTorch training."""
 
+from typing import TYPE_CHECKING
+
 from emakit import functional
 from emakit._version import __version__ as __version__
 from emakit.batchnorm import update_bn
@@ -8,6 +10,10 @@ from emakit.ema import EMA
 from emakit.models import Classifier
 from emakit.posthoc import PostHocEMA
 from emakit.time import Time, Timestamp, TimeUnit
+
+if TYPE_CHECKING:  # imported on first use (__getattr__ below); type checkers see them as they are
+    from emakit import distributed as distributed
+    from emakit.trainer import Trainer as Trainer
 
 __all__ = [
     "EMA",

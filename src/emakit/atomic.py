@@ -79,7 +79,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         yield file
 
 
-def replace_folder(filled: str | os.PathLike, path: str | os.PathLike) -> Path:
+def replace_folder(filled: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Put the finished folder ``filled`` in place of ``path`` (removing an old one) and make it durable."""
     path = Path(path)
     for root, _, files in os.walk(filled):

@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     subcommands = {"demo": demo, "bench": bench, "evidence": evidence, "export": export, "posthoc": posthoc}
     for name, module in subcommands.items():
-        module.add_arguments(commands.add_parser(name, help=module.__doc__.splitlines()[0]))
+        module.add_arguments(commands.add_parser(name, help=(module.__doc__ or name).splitlines()[0]))
     args = parser.parse_args(argv)
     runner = subcommands[args.command].run
     return int(runner(args) or 0)

@@ -23,7 +23,8 @@ import itertools
 import operator
 import sys
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         inner = model._modules.get("_orig_mod")  # a dict lookup: cheaper than Module.__getattr__ misses
         if inner is None and (isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model)):
-            inner = model.module
+            inner = cast(nn.Module, model.module)  # the wrapped module (nn.Module.__getattr__ says a tensor or one)
         if inner is None:
             return model
         model = inner
@@ -251,7 +252,7 @@ class TrackedTensors:
 
 
 def describe_mismatch(
-    expected: dict[str, torch.Tensor | torch.Size], actual: dict[str, torch.Tensor | torch.Size], what: str
+    expected: Mapping[str, torch.Tensor | torch.Size], actual: Mapping[str, torch.Tensor | torch.Size], what: str
 ) -> str | None:
     """The first difference of names or shapes between two maps of names to tensors (or shapes), or None."""
     for name, tensor in expected.items():
@@ -320,6 +321,6 @@ def fill_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Modul
     for name, value in tensors.items():
         old = named[name]
         new = nn.Parameter(value, requires_grad=False) if isinstance(old, nn.Parameter) else value
-        for registry, attr in slots[id(old)]:
-            registry[attr] = new
+        for table, attr in slots[id(old)]:
+            table[attr] = new
     return model

@@ -75,7 +75,7 @@ class EMAAlgorithm(Algorithm):
         else:
             count = state.timestamp.get(ema.update_interval.unit)
             if ema.update_at(state.model, count, state.reached(ema.ema_start)):
-                metrics = {"ema/num_updates": ema.num_updates}
+                metrics: dict[str, float] = {"ema/num_updates": ema.num_updates}
                 if ema.last_smoothing is not None:
                     metrics["ema/smoothing"] = ema.last_smoothing
                 logger.log_metrics(metrics)

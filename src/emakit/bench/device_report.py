@@ -43,6 +43,9 @@ def measure_layout(name: str, device: torch.device, repeats: int, quick: bool) -
         ema.update(models[mode])  # starts the average (flatten_model: binds the model)
         ema.update(models[mode])
 
+    def updating(mode: str) -> Callable[[], bool]:
+        return lambda: emas[mode].update(models[mode])
+
     def swap(mode: str) -> Callable[[], None]:
         def once() -> None:
             with emas[mode].ema_weights(models[mode]):
@@ -51,7 +54,7 @@ def measure_layout(name: str, device: torch.device, repeats: int, quick: bool) -
         return once
 
     fns: dict[str, Callable[[], object]] = {"copy": lambda: target.copy_(source)}
-    fns |= {f"update/{mode}": (lambda m=mode: emas[m].update(models[m])) for mode in MODES}
+    fns |= {f"update/{mode}": updating(mode) for mode in MODES}
     fns |= {f"swap/{mode}": swap(mode) for mode in MODES}
     times = time_round_robin(fns, repeats, warmup=3, device=device)
     nbytes = numel * 4

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from emakit import EMA, Classifier, Trainer
 from emakit.bench import targets
-from emakit.bench.peers import MODES, SMOOTHING
+from emakit.bench.peers import MODES, SMOOTHING, Mode
 from emakit.bench.timing import model_bytes
 
 __all__ = ["EVAL_WINDOW", "attach_peaks", "bench_attach_memory", "bench_eval_memory", "peak_in_window"]
@@ -37,11 +37,14 @@ def peak_in_window(profiler: torch.profiler.profile, device: torch.device) -> in
 
     From the profiler's allocation and free events (every tensor allocation, temporaries included).
     """
+    assert profiler.profiler is not None and profiler.profiler.kineto_results is not None  # the profiler has run
     events = profiler.profiler.kineto_results.events()
     window = next(e for e in events if e.name() == EVAL_WINDOW)
     kind = device.type.upper()
     changes = sorted(
-        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == kind
+        (e.start_ns(), e.nbytes())  # type: ignore[attr-defined]  # torch's stubs of _KinetoEvent lack nbytes
+        for e in events
+        if e.name() == "[memory]" and e.device_type().name == kind
     )
     if not changes:
         raise RuntimeError(f"the profiler recorded no {device.type} allocations: cannot measure eval memory")
@@ -57,7 +60,7 @@ def peak_in_window(profiler: torch.profiler.profile, device: torch.device) -> in
     return level if peak is None else peak
 
 
-def _eval_peak(template: nn.Module, mode: dict[str, bool] | None, device: torch.device) -> int:
+def _eval_peak(template: nn.Module, mode: Mode | None, device: torch.device) -> int:
     """Peak bytes allocated during ``Trainer.eval`` of a copy of ``template`` after 2 training batches.
 
     Counted from the start of the run: everything the run frees it allocated under the profiler,

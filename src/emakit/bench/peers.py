@@ -14,7 +14,7 @@ import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -22,11 +22,19 @@ from torch import nn
 from emakit import EMA
 from emakit.functional import compute_ema
 
-__all__ = ["IMPLEMENTATIONS", "MODES", "SMOOTHING", "Impl", "check_closed_form", "import_error", "is_peer"]
+__all__ = ["IMPLEMENTATIONS", "MODES", "SMOOTHING", "Impl", "Mode", "check_closed_form", "import_error", "is_peer"]
 
 SMOOTHING = 0.999
+
+
+class Mode(TypedDict, total=False):
+    """The EMA keyword arguments of one of emakit's modes (:data:`MODES`)."""
+
+    flatten_model: bool
+
+
 # emakit's EMA modes compared by the swap and memory benchmarks: name -> EMA keyword arguments
-MODES: dict[str, dict[str, bool]] = {"default": {}, "flatten_model": {"flatten_model": True}}
+MODES: dict[str, Mode] = {"default": {}, "flatten_model": {"flatten_model": True}}
 
 
 @dataclass

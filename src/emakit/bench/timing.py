@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def time_round_robin(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
 ) -> dict[str, float]:
     """Median seconds per call of each function, called in turn (one call each per round) after a warm-up."""
     time_once = _timer(device)

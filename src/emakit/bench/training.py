@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ def bench_trainer(args: argparse.Namespace) -> dict[str, Any]:
         with_ema.append(runs[True][0])
         without.append(runs[False][0])
         ratios.append(runs[True][0] / runs[False][0])
-        inside.append(runs[True][1].engine.algorithms[0].seconds / runs[True][0])
+        inside.append(cast(_TimedEMAAlgorithm, runs[True][1].engine.algorithms[0]).seconds / runs[True][0])
     share = statistics.median(inside)
     return {
         "batches": batches,

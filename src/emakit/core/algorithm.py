@@ -8,14 +8,14 @@ used by hand, which know nothing of the trainer) as the adapter that method retu
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from emakit.core.event import Event
     from emakit.core.state import State
     from emakit.loggers import Logger
 
-__all__ = ["Algorithm", "NotAnAlgorithmError", "as_algorithm"]
+__all__ = ["Algorithm", "NotAnAlgorithmError", "ProvidesAlgorithm", "as_algorithm"]
 
 
 class Algorithm:
@@ -66,6 +66,13 @@ class Algorithm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class ProvidesAlgorithm(Protocol):
+    """What the trainer takes among its ``algorithms`` besides an :class:`Algorithm`: an object whose
+    ``as_algorithm()`` gives one (an :class:`~emakit.EMA`, a :class:`~emakit.PostHocEMA`)."""
+
+    def as_algorithm(self) -> Algorithm: ...
 
 
 class NotAnAlgorithmError(TypeError, ValueError):

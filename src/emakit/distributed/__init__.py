@@ -22,6 +22,8 @@ helper is also usable by hand, in any loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from emakit.distributed.environment import (
     TORCH_VERSION,
     barrier,
@@ -46,6 +48,9 @@ from emakit.distributed.wrapping import (
     wrap_model,
     wrapper_kind,
 )
+
+if TYPE_CHECKING:  # imported on first use (__getattr__ below); type checkers see them as they are
+    from emakit.distributed.data import EvalShardSampler, shard_eval_loader, shard_train_loader
 
 __all__ = [
     "FSDP_ON_CPU_SINCE",

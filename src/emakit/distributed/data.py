@@ -95,18 +95,18 @@ def shard_train_loader(loader: Iterable, seed: int) -> Iterable:
     if world_size() <= 1:
         return loader
     sampler = _default_sampler(loader)
-    if sampler is None:
+    if sampler is None or not isinstance(loader, DataLoader):  # a DataLoader where there is a sampler
         _warn_not_sharded(loader, "train_dataloader")
         return loader
     shuffle = isinstance(sampler, RandomSampler)
-    size, world = len(loader.dataset), world_size()
+    size, world = len(loader.dataset), world_size()  # type: ignore[arg-type]  # torch's Dataset declares no __len__
     if size % world:
         warnings.warn(
             f"the training set's {size} samples do not divide among {world} ranks: each epoch the "
             f"DistributedSampler repeats {world - size % world} of them so that every rank runs as many batches",
             stacklevel=3,
         )
-    distributed = DistributedSampler(
+    distributed: DistributedSampler[int] = DistributedSampler(
         loader.dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=False
     )
     return _rebuild(loader, distributed)
@@ -117,7 +117,7 @@ def shard_eval_loader(loader: Iterable | None) -> Iterable | None:
     if loader is None or world_size() <= 1:
         return loader
     sampler = _default_sampler(loader)
-    if sampler is None:
+    if sampler is None or not isinstance(loader, DataLoader):  # a DataLoader where there is a sampler
         _warn_not_sharded(loader, "eval_dataloader")
         return loader
-    return _rebuild(loader, EvalShardSampler(len(loader.dataset), rank(), world_size()))
+    return _rebuild(loader, EvalShardSampler(len(loader.dataset), rank(), world_size()))  # type: ignore[arg-type]

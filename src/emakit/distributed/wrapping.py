@@ -63,7 +63,9 @@ def _is_fsdp(module: nn.Module) -> bool:
 
 def wrapper_kind(model: nn.Module) -> str | None:
     """``"ddp"`` or ``"fsdp"`` when the user already wrapped ``model`` (or FSDP-sharded any submodule), else None."""
-    inner = model._modules.get("_orig_mod", model)  # under torch.compile
+    inner = model._modules.get("_orig_mod")  # under torch.compile
+    if inner is None:
+        inner = model
     if isinstance(inner, nn.parallel.DistributedDataParallel):
         return "ddp"
     if any(_is_fsdp(module) for module in inner.modules()):

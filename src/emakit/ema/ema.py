@@ -121,7 +121,7 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         self.min_smoothing = check_smoothing(min_smoothing, high_inclusive=False, name="min_smoothing")
         self.smoothings: tuple[float, ...] | None = None  # until the run's length is known, for 'dur' half-lives
         self.smoothing: float | None = None  # the first average's
-        if not self._rates.of_run:
+        if self._rates.smoothings is not None:  # None for half-lives in 'dur' (of_run): set at set_run_length
             self._set_smoothings(self._rates.smoothings)
         self.last_smoothing: float | None = None  # the smoothing of the last averaging update (with warmup)
         self.ema_start = as_time(ema_start, name="ema_start")
@@ -154,6 +154,7 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
                 f"'{self.half_life}'" if len(self.half_lives) == 1 else str(tuple(map(str, self.half_lives)))
             )
         else:
+            assert self.smoothings is not None  # given as smoothings
             rate = f"smoothing={self.smoothing if len(self.smoothings) == 1 else self.smoothings}"
         return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
 
@@ -267,6 +268,7 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         """A short name per average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
         if self.half_lives is not None:
             return [f"ema@{h}" for h in self.half_lives]
+        assert self.smoothings is not None  # given as smoothings
         return [f"ema@{s:g}" for s in self.smoothings]
 
     @property
@@ -322,6 +324,7 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         if interval is None and self.update_interval.unit is TimeUnit.BATCH:
             interval = self.update_interval.value
         if interval is not None and batches > start and self.warmup is None:
+            assert self.smoothings is not None  # set above for half-lives in 'dur', at __init__ for others
             message = run_length_warning(self.labels, self.smoothings, batches - start, interval)
             if message:
                 warnings.warn(message, stacklevel=2)

@@ -6,6 +6,7 @@ average. Sharded (FSDP2) averages are gathered: collective, every rank calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ class EMAExports:
 
     shadows: list[ShadowWeights]
     started: bool
+
+    _average: Callable[[int], ShadowWeights]  # EMASwaps
+    _require_average: Callable[[], None]  # EMASwaps
 
     def remember_structure(self, model: nn.Module) -> None:
         """Keep a weightless copy of ``model``'s structure for :attr:`ema_model`; call before FSDP2 shards it.

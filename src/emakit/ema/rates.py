@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from emakit.functional import check_smoothing, smoothing_from_half_life
 from emakit.time import Time, TimeUnit, as_interval, as_time
@@ -34,7 +35,10 @@ class Rates:
     @property
     def count(self) -> int:
         """How many averages."""
-        return len(self.half_lives if self.half_lives is not None else self.smoothings)
+        if self.half_lives is not None:
+            return len(self.half_lives)
+        assert self.smoothings is not None  # given as smoothings
+        return len(self.smoothings)
 
     @property
     def of_run(self) -> bool:
@@ -64,7 +68,7 @@ def parse_rates(
     if smoothing is None and half_life is None:
         raise ValueError("pass one of half_life (e.g. '100ba') or smoothing (e.g. 0.999)")
     given = smoothing if smoothing is not None else half_life
-    values = list(given) if isinstance(given, (tuple, list)) else [given]
+    values: list[Any] = list(given) if isinstance(given, (tuple, list)) else [given]  # each checked below
     if not values:
         raise ValueError(f"{'smoothing' if smoothing is not None else 'half_life'}={given!r} is empty")
     if smoothing is not None:
@@ -94,6 +98,7 @@ def parse_rates(
             smoothings = _smoothings([h.value for h in half_lives], interval, f"half_life={half_life!r}")
         rates = Rates(half_lives, smoothings, interval)
     keys = rates.half_lives if rates.smoothings is None else rates.smoothings
+    assert keys is not None  # one of them is given
     if len(set(keys)) != len(keys):
         raise ValueError(f"{given!r} repeats an average: give each once")
     return rates
@@ -119,7 +124,9 @@ def smoothings_for_run(rates: Rates, batches: float) -> tuple[float, ...]:
         (0.9930924954370359,)
     """
     if not rates.of_run:
+        assert rates.smoothings is not None  # known without the run's length
         return rates.smoothings
+    assert rates.half_lives is not None  # of_run: half-lives in 'dur'
     if not batches > 0:
         raise ValueError(f"a half-life in 'dur' needs a run of a known number of batches, got {batches!r}")
     in_batches = [h.value * batches for h in rates.half_lives]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -29,6 +29,8 @@ class EMASwaps:
     shadow: ShadowWeights
     started: bool
     ema_start: Time
+
+    attach: Callable[[nn.Module], None]  # EMA
 
     def _require_average(self) -> None:
         if not self.started:

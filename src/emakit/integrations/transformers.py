@@ -52,7 +52,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -169,7 +169,13 @@ class EMATrainerCallback(TrainerCallback):
         self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-class EMATrainerMixin:
+if TYPE_CHECKING:  # a mixin of Trainer subclasses: type checkers see the Trainer it is mixed into
+    _MixedIntoTrainer = Trainer
+else:
+    _MixedIntoTrainer = object
+
+
+class EMATrainerMixin(_MixedIntoTrainer):
     """Mix into a ``transformers.Trainer`` subclass (``Seq2SeqTrainer``, TRL's trainers...) to train with an EMA.
 
     Takes two keyword arguments besides the trainer's own:
@@ -211,6 +217,11 @@ class EMATrainerMixin:
         super().__init__(*args, **kwargs)
         self.add_callback(self.ema_callback)
 
+    def _trained_model(self) -> nn.Module:
+        """``self.model``, which ``Trainer.__init__`` sets (typed optional: a ``model_init`` makes it there too)."""
+        assert self.model is not None
+        return self.model
+
     def evaluate(
         self,
         eval_dataset: Any = None,
@@ -234,7 +245,7 @@ class EMATrainerMixin:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         self._ema_measure_training = self.eval_weights == "both"  # taken up by this evaluation's evaluation_loop
         try:
-            with self.ema.ema_weights(self.model):
+            with self.ema.ema_weights(self._trained_model()):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         finally:
             self._ema_measure_training = False
@@ -267,7 +278,7 @@ class EMATrainerMixin:
             return output
         self._ema_measure_training = False  # once per evaluate
         training_prefix = f"{metric_key_prefix}_{TRAINING}"
-        self.ema.get_training_model(self.model)  # out of the average for this loop only
+        self.ema.get_training_model(self._trained_model())  # out of the average for this loop only
         try:
             training = super().evaluation_loop(
                 dataloader,
@@ -278,19 +289,21 @@ class EMATrainerMixin:
                 **kwargs,
             )
         finally:
-            self.ema.get_ema_model(self.model)  # evaluate's ema_weights block swaps it out again on its exit
+            self.ema.get_ema_model(self._trained_model())  # evaluate's ema_weights block swaps it out again on its exit
         preparation = f"{training_prefix}_model_preparation_time"  # the same number as the first loop's
+        assert output.metrics is not None and training.metrics is not None  # evaluation_loop fills them
         metrics = {**output.metrics, **{k: v for k, v in training.metrics.items() if k != preparation}}
         return output._replace(metrics=metrics)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``, restoring the average from the checkpoint when resuming."""
         if resume_from_checkpoint is True:
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            output_dir = self.args.output_dir  # TrainingArguments sets it ("trainer_output" by default)
+            last = get_last_checkpoint(output_dir) if output_dir is not None and os.path.isdir(output_dir) else None
             if last is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
             resume_from_checkpoint = last
-        if resume_from_checkpoint not in (None, False):
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):  # not None or False
             self.ema_callback.load_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -310,7 +323,7 @@ class EMATrainerMixin:
             raise RuntimeError(
                 "the EMA has not started (no optimizer step reached ema_start yet): there is no averaged model to save"
             )
-        with self.ema.ema_weights(self.model):
+        with self.ema.ema_weights(self._trained_model()):
             self.save_model(os.fspath(output_dir), _internal_call=True)
 
 

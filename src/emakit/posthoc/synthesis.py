@@ -25,7 +25,7 @@ _SNAPSHOT = re.compile(r"^phema-(?P<t>[0-9]+)-(?P<sigma>[0-9.]+)\.pt$")
 
 def snapshots_in(folder: str | os.PathLike) -> list[tuple[int, float, Path]]:
     """``(step, sigma_rel, path)`` of every snapshot in ``folder``, in order of step."""
-    found = []
+    found: list[tuple[int, float, Path]] = []
     if not Path(folder).is_dir():
         return found
     for path in Path(folder).iterdir():
@@ -54,7 +54,7 @@ def synthesize(
     if at is None and found:
         at = found[-1][0]
     chosen = [(t, s, p) for t, s, p in found if 0 < t <= (at or 0) and (sources is None or s in sources)]
-    if not chosen:
+    if not chosen or at is None:  # at is None: no snapshots, none chosen
         raise ValueError(f"no snapshots in {str(folder)!r} at or before step {at} (sources {sources})")
     headers = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for _, _, p in chosen]  # no copy
     x = snapshot_coefficients([h["t"] for h in headers], [h["gamma"] for h in headers], at, gamma)

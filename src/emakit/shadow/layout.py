@@ -12,9 +12,11 @@ one is dropped.
 from __future__ import annotations
 
 import collections
+import enum
 import warnings
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Final
 
 import torch
 from torch import nn
@@ -42,15 +44,20 @@ from emakit.tracked import (
     weightless_copy,
 )
 
-if TYPE_CHECKING:
-    from emakit.shadow.weights import ShadowWeights
-
 __all__ = ["ShadowLayout", "resolve_ema_dtype"]
 
-UNKNOWN = object()  # a loaded state that does not say whose partitions it holds (a PostHocEMA's, a trainer's)
+
+class Unknown(enum.Enum):
+    """:data:`UNKNOWN`'s type: an enum, which type checkers tell from a partitioning and copies keep (deepcopy,
+    pickle: an ``object()`` sentinel became another object)."""
+
+    UNKNOWN = "unknown"
+
+
+UNKNOWN: Final = Unknown.UNKNOWN  # a loaded state not saying whose partitions it holds (a PostHocEMA's, a trainer's)
 
 # Per model, the flatten_model average its tensors are bound to: a model's tensors live in one place.
-_bound: weakref.WeakKeyDictionary[nn.Module, ShadowWeights] = weakref.WeakKeyDictionary()
+_bound: weakref.WeakKeyDictionary[nn.Module, ShadowLayout] = weakref.WeakKeyDictionary()
 
 
 def resolve_ema_dtype(ema_dtype: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
@@ -93,12 +100,21 @@ class ShadowLayout:
     _tracked: TrackedTensors | None
     _key: dict[str, tuple]
     _pending: dict[str, torch.Tensor] | None
-    _pending_partitioning: dict | object | None
+    _pending_partitioning: dict | Unknown | None
     _skeleton: nn.Module | None
     _snapshot: nn.Module | None
     _generation: int
     selection: Selection
     state_dict_keys: dict[str, str]
+    ema_dtype: str | torch.dtype
+    ema_device: torch.device | None
+    flatten_model: bool
+
+    _current: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # ShadowState
+    if TYPE_CHECKING:
+
+        @property
+        def swapped(self) -> bool: ...  # Swaps
 
     def attached_model(self) -> nn.Module | None:
         """The (unwrapped) model the groups are laid out for."""
@@ -117,6 +133,7 @@ class ShadowLayout:
         """
         model = unwrap(model)
         if self._model is model:
+            assert self._tracked is not None  # laid out for this model: _layout set both
             change = self._tracked.check()
             if change is Change.NONE:
                 return model
@@ -150,7 +167,7 @@ class ShadowLayout:
         model: nn.Module,
         carried: dict[str, torch.Tensor] | None,
         strict: bool,
-        saved_partitioning: dict | object | None = UNKNOWN,
+        saved_partitioning: dict | Unknown | None = UNKNOWN,
     ) -> None:
         tracked = TrackedTensors(model, self.selection)
         named = tracked.named

@@ -8,13 +8,14 @@ gather full tensors one at a time (:meth:`ShadowState.full_averages`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from emakit.average_module import average_module, gathered_module
-from emakit.shadow.layout import UNKNOWN
+from emakit.shadow.layout import UNKNOWN, Unknown
 from emakit.storage import Group
 from emakit.storage.sharded import check_partitioning, gathered, is_dtensor, partitioning, present
 from emakit.tracked import describe_mismatch, match_wrapped_names, unwrap
@@ -28,10 +29,17 @@ class ShadowState:
 
     _groups: list[Group]
     _pending: dict[str, torch.Tensor] | None
-    _pending_partitioning: dict | object | None
+    _pending_partitioning: dict | Unknown | None
     _skeleton: nn.Module | None
     _snapshot: nn.Module | None
     state_dict_keys: dict[str, str]
+
+    _settle: Callable[[], None]  # AsynchronousUpdates
+    attach: Callable[[nn.Module], nn.Module]  # ShadowLayout
+    if TYPE_CHECKING:
+
+        @property
+        def swapped(self) -> bool: ...  # Swaps
 
     def _current(self) -> Iterator[tuple[str, torch.Tensor]]:
         for group in self._groups:
@@ -55,7 +63,7 @@ class ShadowState:
         return partitioning(t for group in self._groups for t in group.tensors)
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], partitioning: dict | object | None = UNKNOWN) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], partitioning: dict | Unknown | None = UNKNOWN) -> None:
         """Set the average from ``state`` (as :meth:`state_dict` gives it), now or at the next attach.
 
         ``partitioning``: :meth:`partitioning` where ``state`` was saved; a state of other ranks' ZeRO-3
@@ -116,9 +124,10 @@ class ShadowState:
         detached copies the EMA never writes again. Sharded averages are gathered (collective: every rank calls);
         ZeRO-3 partitions to rank 0 only: the other ranks get an empty dict."""
         copies = dict(self.full_averages())
-        if any(value is None for value in copies.values()):
+        received = {name: value for name, value in copies.items() if value is not None}
+        if len(received) < len(copies):
             return {}
-        return {key: copies[name] for key, name in self.state_dict_keys.items()}
+        return {key: received[name] for key, name in self.state_dict_keys.items()}
 
     # ------------------------------------------------------------- ema_model
     def module(self, model: nn.Module) -> nn.Module:

@@ -9,7 +9,8 @@ byte for byte against the average (:mod:`emakit.storage.write_check`) and puts t
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -42,6 +43,10 @@ class Swaps:
     _groups: list[Group]
     _snapshot: nn.Module | None
 
+    _settle: Callable[[], None]  # AsynchronousUpdates
+    attach: Callable[[nn.Module], nn.Module]  # ShadowLayout
+    attached_model: Callable[[], nn.Module | None]  # ShadowLayout
+
     @property
     def swapped(self) -> bool:
         """Whether the average is in the model right now (between ``swap_in`` and ``swap_out``)."""
@@ -64,7 +69,7 @@ class Swaps:
                 group.note_writes()
         for group in self._groups:
             group.swap_in()
-        outer.append(self)
+        outer.append(cast("ShadowWeights", self))  # Swaps is a part of ShadowWeights only
 
     @torch.no_grad()
     def swap_out(self, model: nn.Module) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from emakit.shadow.asynchronous import AsynchronousUpdates
-from emakit.shadow.layout import UNKNOWN, ShadowLayout, resolve_ema_dtype
+from emakit.shadow.layout import UNKNOWN, ShadowLayout, Unknown, resolve_ema_dtype
 from emakit.shadow.state import ShadowState
 from emakit.shadow.swaps import Swaps, has_swaps
 from emakit.side_stream import CUDA, SideStream, StreamOps
@@ -65,7 +65,7 @@ class ShadowWeights(ShadowLayout, AsynchronousUpdates, Swaps, ShadowState):
         self._tracked: TrackedTensors | None = None  # its tensors, and the check that they are current
         self._key: dict[str, tuple] = {}  # per tracked name: what must stay the same to keep the layout
         self._pending: dict[str, torch.Tensor] | None = None  # loaded before any model was seen
-        self._pending_partitioning: dict | object | None = UNKNOWN  # whose ZeRO-3 partitions it holds, if it says
+        self._pending_partitioning: dict | Unknown | None = UNKNOWN  # whose ZeRO-3 partitions it holds, if it says
         self._skeleton: nn.Module | None = None  # a weightless copy of the model, for ema_model under FSDP
         self._snapshot: nn.Module | None = None  # ema_model: a copy of the average, until the average changes
         self.state_dict_keys: dict[str, str] = {}  # the model's state_dict key -> tracked name (tied: several)

@@ -47,8 +47,15 @@ class BoundGroup(Group):
         increment_versions(self.tensors)
 
     @torch.no_grad()
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        kind: str,
+        named: list[tuple[str, torch.Tensor]],
+        ema_dtype: torch.dtype,
+        ema_device: torch.device,
+        start: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(kind, named, ema_dtype, ema_device, start)
         self.storages = (storages(self.tensors), storages(self.averages))
         self.staging = None  # a copy of model_flat on the average's device, when it lives elsewhere
         if self.ema_flat.device != self.device:
@@ -100,11 +107,13 @@ class BoundGroup(Group):
     @torch.no_grad()
     def stage(self) -> None:
         """Queue a copy of the model buffer into the pinned staging buffer (an offloaded group; no host wait)."""
+        assert self.staging is not None  # offloaded: the average lives elsewhere
         self.staging.copy_(self.model_flat, non_blocking=True)
 
     @torch.no_grad()
     def lerp_staged(self, weight: float) -> None:
         """On the host, once the staged copy has landed: the average moves towards it (or takes it, if copied)."""
+        assert self.staging is not None  # offloaded: the average lives elsewhere
         if self.kind == "copied":
             self.ema_flat.copy_(self.staging)
         else:
@@ -143,6 +152,7 @@ class BoundGroup(Group):
         """Remember the tensors written since the version marks were taken (a pointer exchange only)."""
         if self.swapped and self.exchanges_pointers:
             now = versions(self.tensors)
+            assert self.marks is not None  # taken at swap-in
             if now != self.marks:
                 self.written.update(name for name, v, m in zip(self.names, now, self.marks) if v != m)
 
@@ -153,7 +163,8 @@ class BoundGroup(Group):
 
     def _exchange_pointers(self) -> None:
         """Exchange the storage pointers of the model's tensors and their averages: O(1) per tensor."""
-        collections.deque(map(torch.UntypedStorage._swap_data_ptr_, *self.storages), 0)
+        exchange = torch.UntypedStorage._swap_data_ptr_  # type: ignore[attr-defined]  # torch >= 2.12, not in its stubs
+        collections.deque(map(exchange, *self.storages), 0)
         increment_versions(self.tensors)
 
     def current_averages(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -77,10 +77,12 @@ class CastGroup(Group):
     @torch.no_grad()
     def lerp_staged(self, weight: float) -> None:
         """On the host, once the staged copy has landed: the average moves towards it (or takes it, if copied)."""
+        staging = self._staging
+        assert staging is not None  # stage() came first
         if self.kind == "copied":
-            self.ema_flat.copy_(self._staging)
+            self.ema_flat.copy_(staging)
             return
         step = max(1, CHUNK_BYTES // self.ema_flat.element_size())
         for start in range(0, self.ema_flat.numel(), step):
-            chunk = self._staging[start : start + step]
+            chunk = staging[start : start + step]
             self.ema_flat[start : start + step].lerp_(chunk.to(self.ema_flat.dtype), weight)

@@ -122,6 +122,15 @@ class Group:
     def _lerp(self, weight: float) -> None:
         raise NotImplementedError
 
+    def stage(self) -> None:
+        """An offloaded group's (``pinned``) first half of an asynchronous update: queue the copy of the model's
+        tensors into pinned host memory (no host wait). The modes that offload have it."""
+        raise NotImplementedError
+
+    def lerp_staged(self, weight: float) -> None:
+        """The second half, on the host once the staged copy has landed: the average moves towards it."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def copy_from_model(self) -> None:
         torch._foreach_copy_(self.averages, self.sources)
@@ -175,6 +184,7 @@ class Group:
             if self._write_check is None:
                 self._write_check = WriteCheck(self.targets)
             written = [self.names[k] for k in self._write_check.written(self.targets, self.averages)]
+        assert self.parked is not None  # swapped in
         self._unpark(self.parked)
         self.parked, self.swapped = None, False
         return written

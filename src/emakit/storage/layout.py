@@ -8,7 +8,7 @@ serializers, ``deepcopy`` and pickling see each tensor's bytes, not the whole bu
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -114,12 +114,14 @@ def storages(tensors: Sequence[torch.Tensor]) -> list[torch.UntypedStorage]:
 
 try:  # torch >= 2.5 bumps a list of tensors in one call
     torch.autograd.graph.increment_version([])
-    increment_versions = torch.autograd.graph.increment_version
+    increment_versions: Callable[[Sequence[torch.Tensor]], None] = torch.autograd.graph.increment_version
 except (TypeError, AttributeError, RuntimeError):
 
-    def increment_versions(tensors: Sequence[torch.Tensor]) -> None:
+    def _increment_each(tensors: Sequence[torch.Tensor]) -> None:
         for tensor in tensors:
             torch.autograd.graph.increment_version(tensor)
+
+    increment_versions = _increment_each
 
 
 _version = operator.attrgetter("_version")

@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 
 from emakit.storage import zero
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "after_write",
@@ -59,7 +63,7 @@ __all__ = [
 ]
 
 
-def is_dtensor(tensor: object) -> bool:
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a DTensor (an FSDP2 shard), without importing DTensor support.
 
     ``torch.distributed.tensor`` costs about half a second to import (it pulls in sympy); a DTensor
@@ -121,8 +125,10 @@ def state_shape(tensor: torch.Tensor) -> torch.Size:
 def present(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (this process's data of an average of ``tensor``) as a state holds it: a DTensor with ``tensor``'s
     mesh and placements (``shape``/``stride`` given: unevenly padded shards need them), else ``value`` itself."""
-    if not is_dtensor(tensor):
-        return value
+    return _dtensor_like(tensor, value) if is_dtensor(tensor) else value
+
+
+def _dtensor_like(tensor: DTensor, value: torch.Tensor) -> DTensor:
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(
@@ -135,7 +141,7 @@ def gathered(tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> to
     DTensor (``full_tensor()``), rank 0 for ZeRO-3 (None elsewhere), ``value`` for a plain tensor (a copy unless
     ``copy=False``). Gathered tensors are fresh. Collective for sharded tensors: every rank calls, in one order."""
     if is_dtensor(tensor):
-        return present(tensor, value).full_tensor()
+        return _dtensor_like(tensor, value).full_tensor()
     if zero.is_zero3(tensor):
         return zero.gather_to_main(tensor, value)
     return value.detach().clone() if copy else value

@@ -111,7 +111,9 @@ def _refuse_placeholders(model: nn.Module, named: dict[str, torch.Tensor], empty
     state = model.state_dict()  # without keep_vars: what an engine's hooks make of its placeholders
     for key, name in keys.items():
         value = state.get(key)
-        numel = value.numel() if isinstance(value, torch.Tensor) else 0
+        if not isinstance(value, torch.Tensor):
+            continue
+        numel = value.numel()
         if numel > 0:
             raise UnsupportedTensorError(
                 f"{name!r} is an empty placeholder (numel 0, shape {tuple(named[name].shape)}) while the model's "

@@ -63,7 +63,7 @@ class WriteCheck:
             ranges += [(first, j)] * (j > first)
         self.chunks = [(i, j, [o - dense[i] for o in dense[i:j]], sum(self.views.numels[i:j])) for i, j in ranges]
 
-    def written(self, model_tensors: Sequence[torch.Tensor], averages: Sequence[torch.Tensor]) -> list[int]:
+    def written(self, model_tensors: list[torch.Tensor], averages: list[torch.Tensor]) -> list[int]:
         """Indices of the model tensors that no longer hold exactly what ``_foreach_copy_(model, averages)`` put in."""
         written = [i for i, j, _, _ in self.chunks if j == i + 1 and not _holds(model_tensors[i], averages[i])]
         gathered = [chunk for chunk in self.chunks if chunk[1] > chunk[0] + 1]

@@ -35,6 +35,8 @@ Example (on every rank of a ZeRO-3 engine)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, TypeGuard
+
 import torch
 import torch.distributed as dist
 
@@ -56,24 +58,47 @@ SUPPORTED = (
     "all ranks"
 )
 
+if TYPE_CHECKING:  # DeepSpeed ships no type hints: what its parameters carry, as far as emakit reads them
+    import enum
 
-def is_zero3(tensor: torch.Tensor) -> bool:
+    from torch import nn
+
+    class Zero3Parameter(nn.Parameter):
+        """A DeepSpeed ZeRO-3 parameter (:func:`is_zero3`)."""
+
+        ds_id: int
+        ds_numel: int  # the whole tensor's
+        ds_shape: torch.Size
+        ds_tensor: torch.Tensor  # this rank's partition, padded
+        ds_status: enum.Enum  # ZeroParamStatus: NOT_AVAILABLE, INFLIGHT or AVAILABLE (gathered whole)
+        ds_process_group: dist.ProcessGroup | None
+
+        def partition(self, param_list: list[Zero3Parameter], has_been_updated: bool) -> None: ...
+        def all_gather(self, param_list: list[Zero3Parameter]) -> None: ...
+
+    class Zero12Parameter(nn.Parameter):
+        """A DeepSpeed ZeRO-1/2 parameter with an fp32 master fragment kept apart (:func:`has_master_apart`)."""
+
+        def set_full_hp_param(self, value: torch.Tensor) -> None: ...
+
+
+def is_zero3(tensor: torch.Tensor) -> TypeGuard[Zero3Parameter]:
     """Whether ``tensor`` is a DeepSpeed ZeRO-3 parameter (partitioned or persistent), without importing DeepSpeed."""
     return hasattr(tensor, "ds_id")
 
 
-def has_master_apart(tensor: torch.Tensor) -> bool:
+def has_master_apart(tensor: torch.Tensor) -> TypeGuard[Zero12Parameter]:
     """Whether a ZeRO-1/2 optimizer keeps an fp32 master fragment of ``tensor`` apart from it (``_hp_mapping``)."""
     return hasattr(tensor, "_hp_mapping") and not is_zero3(tensor)
 
 
-def write_master(p: torch.Tensor, value: torch.Tensor) -> None:
+def write_master(p: Zero12Parameter, value: torch.Tensor) -> None:
     """Write the whole ``value`` of ZeRO-1/2 parameter ``p`` into this rank's fragment of its fp32 master (local:
     every rank holds ``value`` whole), as ``deepspeed.utils.safe_set_full_fp32_param`` does."""
     p.set_full_hp_param(value)
 
 
-def layout(p: torch.Tensor) -> tuple[int, int]:
+def layout(p: Zero3Parameter) -> tuple[int, int]:
     """``(rank, world size)`` of this process in the group ``p`` is partitioned over."""
     rank, world = getattr(p, "ds_zero_partition_rank", None), getattr(p, "ds_zero_partition_world_size", None)
     if rank is None or world is None:  # older DeepSpeed
@@ -81,19 +106,19 @@ def layout(p: torch.Tensor) -> tuple[int, int]:
     return rank, world
 
 
-def real_numel(p: torch.Tensor) -> int:
+def real_numel(p: Zero3Parameter) -> int:
     """``k_r``: how many elements of this rank's partition are the tensor's (the rest is padding)."""
     size = p.ds_tensor.numel()
     rank, _ = layout(p)
     return max(0, min(size, p.ds_numel - rank * size))
 
 
-def partition(p: torch.Tensor) -> torch.Tensor:
+def partition(p: Zero3Parameter) -> torch.Tensor:
     """This rank's elements of ``p`` in ``p.ds_tensor`` (a view, padding left out): what the forward pass gathers."""
     return p.ds_tensor.narrow(0, 0, real_numel(p))
 
 
-def master(p: torch.Tensor) -> torch.Tensor:
+def master(p: Zero3Parameter) -> torch.Tensor:
     """This rank's elements of ``p``'s fp32 master partition (a view into the optimizer's flat buffer), or
     :func:`partition` where there is none (a frozen parameter, no optimizer yet).
 
@@ -109,7 +134,7 @@ def master(p: torch.Tensor) -> torch.Tensor:
     return optimizer.fp32_partitioned_groups_flat[group].narrow(0, offset, real_numel(p))
 
 
-def _master_refusal(p: torch.Tensor, optimizer: object) -> str | None:
+def _master_refusal(p: Zero3Parameter, optimizer: Any) -> str | None:
     """Why the average cannot follow ``p``'s fp32 master partition in place, or None."""
     if getattr(optimizer, "swap_optimizer", False):
         return f"has its fp32 master swapped to NVMe (offload_optimizer.device='nvme'); {SUPPORTED}"
@@ -124,7 +149,7 @@ def _master_refusal(p: torch.Tensor, optimizer: object) -> str | None:
     return None
 
 
-def refusal(p: torch.Tensor) -> str | None:
+def refusal(p: Zero3Parameter) -> str | None:
     """Why emakit cannot average ZeRO-3 parameter ``p``, or None when it can."""
     where = f"is a DeepSpeed ZeRO-3 parameter (ds_id {getattr(p, 'ds_id', '?')})"
     if getattr(p, "ds_tensor", None) is None:
@@ -150,7 +175,7 @@ def refusal(p: torch.Tensor) -> str | None:
     return None
 
 
-def regather(params: list[torch.Tensor]) -> None:
+def regather(params: list[Zero3Parameter]) -> None:
     """After their partitions were written: gather anew the parameters the engine keeps whole (persistent ones,
     ``ds_status`` AVAILABLE), as DeepSpeed does after an optimizer step. Collective: every rank calls."""
     whole = [p for p in params if p.ds_status.name == "AVAILABLE"]
@@ -159,7 +184,7 @@ def regather(params: list[torch.Tensor]) -> None:
         whole[0].all_gather(param_list=whole)
 
 
-def gather_to_main(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
+def gather_to_main(p: Zero3Parameter, value: torch.Tensor) -> torch.Tensor | None:
     """The full tensor whose partition on this rank is ``value`` (``k_r`` elements): on rank 0 of ``p``'s group, in
     ``value``'s dtype and ``p``'s full shape; None on the others. Collective: every rank calls."""
     size, group = p.ds_tensor.numel(), p.ds_process_group

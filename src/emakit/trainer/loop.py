@@ -16,7 +16,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ class TrainerLoop:
     logger: Logger
     seed: int
     train_dataloader: Iterable
+    eval_dataloader: Iterable | None
     eval_interval: Time
     save_interval: Time
     progress_bar: bool
@@ -145,7 +146,8 @@ class TrainerLoop:
         with self._autocast():
             state.outputs = self._train_module(state.batch)  # the DDP wrapper, where there is one
             run(Event.AFTER_FORWARD)
-            state.loss = module.loss(state.outputs, state.batch)
+            loss_of = cast("Callable[[Any, Any], torch.Tensor]", module.loss)  # the model has one (check_model)
+            state.loss = loss_of(state.outputs, state.batch)
             run(Event.AFTER_LOSS)
         scaler = self._scaler
         (scaler.scale(state.loss) if scaler is not None else state.loss).backward()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -17,7 +17,9 @@ def rng_state() -> dict[str, Any]:
     with contextlib.suppress(ImportError):
         import numpy as np
 
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # legacy=True (the default) gives a tuple; numpy's stubs pick their legacy=False overload (a dict)
+        legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+        kind, keys, pos, has_gauss, gauss = legacy
         state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

@@ -23,6 +23,7 @@ from torch import nn
 
 from emakit import distributed
 from emakit.core import Algorithm, Callback, Engine, Event, State
+from emakit.core.algorithm import ProvidesAlgorithm
 from emakit.deprecated import RenamedKeyword
 from emakit.eval_weights import check_eval_weights
 from emakit.loggers import Logger, LoggerDestination
@@ -122,7 +123,7 @@ class Trainer(TrainerLoop, TrainerEvaluation, TrainerResume):
         eval_dataloader: Iterable | None = None,
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         schedulers: Any | Sequence[Any] | None = None,
-        algorithms: Sequence[Algorithm] = (),
+        algorithms: Sequence[Algorithm | ProvidesAlgorithm] = (),
         callbacks: Sequence[Callback] = (),
         loggers: Sequence[LoggerDestination] = (),
         eval_interval: str | int | Time = "1ep",
