@@ -23,11 +23,11 @@ import os
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed_ema_script import counting_collectives, followed_weights, make_engine, make_model, train_step
 
-import deepspeed
 from emakit import PostHocEMA
 
 STEPS = 12
