@@ -191,3 +191,18 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path) -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check"
     result = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "torch sees no CUDA device" in result.stderr
+
+
+def test_quick_bench_measures_a_sharded_average_per_rank_against_the_whole_one(results: dict) -> None:
+    """2 processes (FSDP2 on CPU, torch 2.9+): each rank's average of its shards against the whole average."""
+    ranks = results["ranks"]
+    if "skipped" in ranks:
+        pytest.skip(ranks["skipped"])
+    assert ranks["ranks"] == 2 and [row["rank"] for row in ranks["per_rank"]] == [0, 1]
+    for row in ranks["per_rank"]:
+        assert row["whole_s"] > 0 and row["sharded_s"] > 0 and row["roofline_s"] > 0
+        # each rank holds about half of the average (tiny quick tensors: padding of odd sizes on top)
+        assert 0.45 < row["sharded_bytes"] / row["whole_bytes"] < 0.6
+    assert ranks["time_ratio"] == pytest.approx(ranks["sharded_s"] / ranks["whole_s"])
+    assert ranks["bytes_ratio"] == pytest.approx(ranks["sharded_bytes"] / ranks["whole_bytes"])
+    assert ranks["targets"] == {str(targets.RANK_BYTES): targets.RANK_BYTES.passes(ranks["bytes_ratio"])}

@@ -29,7 +29,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from emakit.storage.sharded import full_shape, is_dtensor, is_sharded, local, local_data_ptr, local_numel
+from emakit.storage.sharded import full_shape, is_dtensor, local, local_readers
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -214,19 +214,15 @@ class TrackedTensors:
         self._slot_registries = [registry for registry, _, _ in slots]
         self._slot_keys = [key for _, key, _ in slots]
         self._slot_values = [value for _, _, value in slots]
-        self._sharded = any(map(is_sharded, self.tensors))  # then this process's data is looked at, not the tensor
-        self._numel = local_numel if self._sharded else torch.Tensor.numel
+        self._data_ptrs, self._local_numels = local_readers(self.tensors)  # this process's data, where sharded
         self._ptrs = self._data_ptrs()
-        self._numels = list(map(self._numel, self.tensors))
+        self._numels = self._local_numels()
         self._signatures = list(map(_signature, self.tensors))
 
     @property
     def model(self) -> nn.Module | None:
         """The model these tensors are of (None once it is gone)."""
         return self._model()
-
-    def _data_ptrs(self) -> list[int]:
-        return list(map(local_data_ptr if self._sharded else torch.Tensor.data_ptr, self.tensors))
 
     def check(self) -> Change:
         """Whether the model still holds these tensors, where and as they were."""
@@ -235,7 +231,7 @@ class TrackedTensors:
         current = map(dict.get, self._slot_registries, self._slot_keys)
         if not all(map(operator.is_, current, self._slot_values)):
             return Change.STRUCTURE
-        if list(map(self._numel, self.tensors)) != self._numels:
+        if self._local_numels() != self._numels:
             return Change.STRUCTURE
         if self._parameters and list(map(_requires_grad, self._parameters)) != self._trainable:
             return Change.STRUCTURE

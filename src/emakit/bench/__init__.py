@@ -10,8 +10,9 @@ roofline is a flat ``ema.lerp_(param, w)`` over as many elements, timed in the s
 a device-to-device copy moving as many bytes. Then per layout, for both modes of ``EMA``: the time of
 an ``ema_weights`` swap in and out against one copy of the weights and against torch_ema's
 ``average_parameters()``, and the extra bytes a Trainer evaluation holds with the EMA; the peak
-memory of attaching an EMA to a 200M-parameter model (a fresh process per mode); and the wall time
-of a short Trainer run with an EMA every batch against one without.
+memory of attaching an EMA to a 200M-parameter model (a fresh process per mode); the per-rank update time
+and bytes of an average of FSDP2 shards against the whole average, on 2 processes (:mod:`emakit.bench.ranks`);
+and the wall time of a short Trainer run with an EMA every batch against one without.
 
 Every implementation is checked against the closed form of one step before it is timed. Ratios are
 measured in one run; absolute times depend on the machine (``--json`` records it). Each ratio the
@@ -35,6 +36,7 @@ import torch
 from emakit.bench.layouts import LAYOUTS
 from emakit.bench.memory import bench_attach_memory, bench_eval_memory
 from emakit.bench.peers import IMPLEMENTATIONS, import_error
+from emakit.bench.ranks import bench_ranks
 from emakit.bench.report import layout_table, machine, summary_tables
 from emakit.bench.swap import bench_swap
 from emakit.bench.training import bench_trainer
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-trainer", dest="trainer", action="store_false", help="skip the trainer-overhead runs")
     parser.add_argument(
         "--no-attach", dest="attach", action="store_false", help="skip the memory of attaching an EMA to a 200M model"
+    )
+    parser.add_argument(
+        "--no-ranks", dest="ranks", action="store_false", help="skip the 2-process run of a sharded average (CPU)"
     )
 
 
@@ -93,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     results["posthoc"] = bench_posthoc(first, LAYOUTS[first](args.quick).to(args.device), args)
     if args.attach:
         results["attach_memory"] = bench_attach_memory(args)
+    if args.ranks:
+        results["ranks"] = bench_ranks(first, args)
     if args.trainer:
         results["trainer"] = bench_trainer(args)
     print(summary_tables(results), flush=True)

@@ -197,6 +197,30 @@ def summary_tables(results: dict[str, Any]) -> str:
             "(peak - memory before the model) / the model's bytes; build ratio: the same after building (1.0)\n"
             f"{table}"
         )
+    ranks = results.get("ranks")
+    if ranks and "skipped" not in ranks:
+        table = format_table(
+            ["layout", "ranks", "whole ms", "shards ms", "time ratio", "whole MB", "shards MB", "bytes ratio"],
+            [
+                [
+                    ranks["layout"],
+                    ranks["ranks"],
+                    _ms(ranks["whole_s"]),
+                    _ms(ranks["sharded_s"]),
+                    f"{ranks['time_ratio']:.3f}",
+                    f"{ranks['whole_bytes'] / 1e6:.2f}",
+                    f"{ranks['sharded_bytes'] / 1e6:.2f}",
+                    verdict(ranks["bytes_ratio"], targets.RANK_BYTES),
+                ]
+            ],
+        )
+        parts.append(
+            f"== ranks: per rank of {ranks['ranks']} processes (gloo), an EMA of the FSDP2-sharded model (each rank "
+            "averages its shards, no communication) against an EMA of the whole model (what each DDP rank keeps); "
+            f"round-robin medians, the slowest rank's time and the largest rank's bytes\n{table}"
+        )
+    elif ranks:
+        parts.append(f"== ranks: skipped ({ranks['skipped']})")
     trainer = results.get("trainer")
     if trainer:
         table = format_table(

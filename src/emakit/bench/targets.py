@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ATTACH_MEMORY", "EMA_SHARE", "EVAL_MEMORY", "SWAP_DEFAULT", "SWAP_FLATTEN", "UPDATE", "Target"]
+__all__ = [
+    "ATTACH_MEMORY", "EMA_SHARE", "EVAL_MEMORY", "RANK_BYTES", "SWAP_DEFAULT", "SWAP_FLATTEN", "UPDATE", "Target",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -46,3 +48,4 @@ EVAL_MEMORY = {
 }
 ATTACH_MEMORY = Target("peak / model bytes", "<=", 2.1)  # both modes
 EMA_SHARE = Target("time in EMA", "<=", 0.03)
+RANK_BYTES = Target("sharded / whole bytes per rank", "<=", 0.51)  # 2 ranks: half, + 1% for shards' padding

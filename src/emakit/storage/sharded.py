@@ -33,8 +33,9 @@ Example::
 
 from __future__ import annotations
 
+import operator
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeGuard
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "local",
     "local_data_ptr",
     "local_numel",
+    "local_readers",
     "partitioning",
     "present",
     "source",
@@ -110,6 +112,34 @@ def local_numel(tensor: torch.Tensor) -> int:
     if zero.is_zero3(tensor):
         return zero.real_numel(tensor)
     return tensor.numel()
+
+
+def local_readers(tensors: Sequence[torch.Tensor]) -> tuple[Callable[[], list[int]], Callable[[], list[int]]]:
+    """Two functions giving :func:`local_data_ptr` and :func:`local_numel` of each of ``tensors``, in one fixed order
+    (DTensors first): for a per-update check that compares them with earlier readings.
+
+    Which engine holds each tensor is looked up once, here: a DTensor's local shard is then read by C-level maps,
+    without a Python call per tensor (FSDP2 models of thousands of small tensors spent more time asking each tensor
+    what it is than averaging it). The tensors must stay the objects they are (their registration is checked apart).
+    """
+    dtensors = [t for t in tensors if is_dtensor(t)]
+    others = [t for t in tensors if not is_dtensor(t)]
+    local_shard = operator.attrgetter("_local_tensor")
+    if not dtensors:
+        pointer, count = (
+            (local_data_ptr, local_numel)
+            if any(map(is_sharded, others))
+            else (torch.Tensor.data_ptr, torch.Tensor.numel)
+        )
+        return (lambda: list(map(pointer, others))), (lambda: list(map(count, others)))
+
+    def pointers() -> list[int]:
+        return [*map(torch.Tensor.data_ptr, map(local_shard, dtensors)), *map(local_data_ptr, others)]
+
+    def numels() -> list[int]:
+        return [*map(torch.Tensor.numel, map(local_shard, dtensors)), *map(local_numel, others)]
+
+    return pointers, numels
 
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:
