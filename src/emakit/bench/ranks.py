@@ -137,7 +137,8 @@ def _rank_main(argv: list[str]) -> None:
         torch.set_num_threads(max(1, args.threads // world))
         torch.manual_seed(0)  # the same model on every rank
         whole = LAYOUTS[args.layout](args.quick)
-        sharded = fully_shard(copy.deepcopy(whole), mesh=init_device_mesh("cpu", (world,)))
+        sharded = copy.deepcopy(whole)
+        fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)))  # in place: its parameters become shards
         emas = {"whole": EMA(smoothing=SMOOTHING), "sharded": EMA(smoothing=SMOOTHING)}
         models: dict[str, nn.Module] = {"whole": whole, "sharded": sharded}
         for name, ema in emas.items():
