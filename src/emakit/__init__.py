@@ -13,6 +13,7 @@ from emakit.time import Time, Timestamp, TimeUnit
 
 if TYPE_CHECKING:  # imported on first use (__getattr__ below); type checkers see them as they are
     from emakit import distributed as distributed
+    from emakit.merging import merge as merge
     from emakit.trainer import Trainer as Trainer
 
 __all__ = [
@@ -29,13 +30,15 @@ __all__ = [
     "Trainer",
     "distributed",
     "functional",
+    "merge",
     "update_bn",
 ]
 
 
 def __getattr__(name: str) -> object:
-    """``Trainer`` and ``distributed``, imported on first use: the trainer (tqdm, data loading) and the multi-process
-    helpers are not needed to average weights by hand, and ``import emakit`` stays cheap."""
+    """``Trainer``, ``distributed`` and ``merge``, imported on first use: the trainer (tqdm, data loading), the
+    multi-process helpers and checkpoint merging are not needed to average weights by hand, and ``import emakit``
+    stays cheap."""
     if name == "Trainer":
         from emakit.trainer import Trainer
 
@@ -44,4 +47,8 @@ def __getattr__(name: str) -> object:
         import emakit.distributed
 
         return emakit.distributed
+    if name == "merge":
+        from emakit.merging import merge
+
+        return merge
     raise AttributeError(f"module 'emakit' has no attribute {name!r}")

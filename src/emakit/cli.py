@@ -1,4 +1,4 @@
-"""The ``emakit`` command: ``demo`` (the main job), ``bench``, ``evidence``, ``export``, ``posthoc``."""
+"""The ``emakit`` command: ``demo`` (the main job), ``bench``, ``evidence``, ``export``, ``posthoc``, ``merge``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emakit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from emakit import bench, demo, evidence, export, posthoc
+    from emakit import bench, demo, evidence, export, merging, posthoc
 
-    subcommands = {"demo": demo, "bench": bench, "evidence": evidence, "export": export, "posthoc": posthoc}
+    subcommands = {
+        "demo": demo,
+        "bench": bench,
+        "evidence": evidence,
+        "export": export,
+        "posthoc": posthoc,
+        "merge": merging,
+    }
     for name, module in subcommands.items():
         module.add_arguments(commands.add_parser(name, help=(module.__doc__ or name).splitlines()[0]))
     args = parser.parse_args(argv)
