@@ -50,10 +50,12 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
     """An exponential moving average of a model's weights, for evaluation with smoother metrics.
 
     Args:
-        half_life: time for a term's weight in the average to halve, ``"Nba"`` or ``"Nep"``; or a
-            fraction of the run, ``"0.02dur"`` (2% of its optimizer steps), resolved when the run's
-            length is known (:meth:`set_run_length`: a Trainer and the integrations call it).
+        half_life: time for a term's weight in the average to halve, ``"Nba"`` or ``"Nep"`` (a bare int
+            counts batches: ``100`` is ``"100ba"``); or a fraction of the run, ``"0.02dur"`` (2% of its
+            optimizer steps), resolved when the run's length is known (:meth:`set_run_length`: a Trainer
+            and the integrations call it).
         smoothing: the per-update factor instead of ``half_life``, in (0, 1).
+        decay: ``smoothing`` under the name timm, diffusers, torchtitan and Lightning give it (pass one of them).
         ema_start: when the average starts (initialised from the weights at the first update
             event at or after it); any unit, ``"0.3dur"`` meaning 30% of ``max_duration``.
         update_interval: how often to update, in ``half_life``'s unit; default ``1`` of it
@@ -112,7 +114,13 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         trainable_only: bool = False,
         buffers: str = "average",
         flatten_model: bool = False,
+        *,
+        decay: float | Sequence[float] | None = None,
     ) -> None:
+        if decay is not None:  # the peers' name of smoothing
+            if smoothing is not None:
+                raise ValueError(f"pass one of smoothing={smoothing!r} and decay={decay!r} (the same thing), not both")
+            smoothing = decay
         given = half_life is not _DEFAULT_HALF_LIFE
         self._rates = parse_rates(half_life, smoothing, update_interval, half_life_given=given)
         self.half_lives, self.update_interval = self._rates.half_lives, self._rates.update_interval
@@ -142,6 +150,7 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
         self._run_batches: float | None = None  # the run's optimizer steps, once set_run_length was called
         self._algorithm: EMAAlgorithm | None = None  # the trainer's adapter, made by as_algorithm()
+        self._stored: dict[int, ShadowWeights | None] = {}  # store(model) .. restore(model)
 
     def _set_smoothings(self, smoothings: tuple[float, ...]) -> None:
         if self.min_smoothing > min(smoothings):

@@ -25,7 +25,7 @@ class EMAExports:
     shadows: list[ShadowWeights]
     started: bool
 
-    _average: Callable[[int], ShadowWeights]  # EMASwaps
+    _average: Callable[[int | str], ShadowWeights]  # EMASwaps
     _require_average: Callable[[], None]  # EMASwaps
 
     def remember_structure(self, model: nn.Module) -> None:
@@ -51,8 +51,14 @@ class EMAExports:
         """
         return self.ema_model_at(0)
 
-    def ema_model_at(self, index: int) -> nn.Module:
-        """:attr:`ema_model` of average ``index`` (several half-lives: in the order given)."""
+    @property
+    def module(self) -> nn.Module:
+        """:attr:`ema_model` under the name timm's ``ModelEmaV3`` and torch's ``AveragedModel`` give it."""
+        return self.ema_model
+
+    def ema_model_at(self, index: int | str) -> nn.Module:
+        """:attr:`ema_model` of average ``index``: its position (several half-lives: in the order given) or its label
+        (``"200ba"``, ``"ema@200ba"``)."""
         shadow = self._average(index)
         self._require_average()
         model = shadow.attached_model()
@@ -60,7 +66,7 @@ class EMAExports:
             raise RuntimeError("the EMA has not seen its model yet: call get_ema_model(model) instead")
         return shadow.module(model)
 
-    def ema_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
+    def ema_state_dict(self, index: int | str = 0) -> dict[str, torch.Tensor]:
         """Average ``index`` as a ``state_dict`` of the model: detached copies, keyed like ``model.state_dict()``.
 
         ``model.load_state_dict(ema.ema_state_dict())`` puts the average into a plain model (with
@@ -72,7 +78,7 @@ class EMAExports:
         self._require_average()
         return shadow.model_state_dict()
 
-    def save_ema_weights(self, path: str | Path, index: int = 0) -> Path:
+    def save_ema_weights(self, path: str | Path, index: int | str = 0) -> Path:
         """Write average ``index``'s weights to ``path`` as safetensors, keyed like the model's ``state_dict``.
 
         The file loads into a plain model: ``model.load_state_dict(safetensors.torch.load_file(path))``.

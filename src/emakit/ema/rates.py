@@ -54,9 +54,9 @@ def parse_rates(
 ) -> Rates:
     """The averages of ``EMA(half_life=..., smoothing=..., update_interval=...)``, validated.
 
-    One of ``half_life`` (``"100ba"``, or a tuple for several averages) and ``smoothing`` (in (0, 1),
-    or a tuple); ``half_life_given=False`` marks ``half_life`` as the default, which ``smoothing``
-    replaces. ``update_interval`` defaults to 1 of the half-life's unit (``"1ba"`` with smoothings).
+    One of ``half_life`` (``"100ba"``, a bare int counting batches, or a tuple for several averages) and
+    ``smoothing`` (in (0, 1), or a tuple); ``half_life_given=False`` marks ``half_life`` as the default, which
+    ``smoothing`` replaces. ``update_interval`` defaults to 1 of the half-life's unit (``"1ba"`` with smoothings).
 
     Example::
 
@@ -76,7 +76,13 @@ def parse_rates(
         smoothings = tuple(check_smoothing(v, low_inclusive=False, high_inclusive=False) for v in values)
         rates = Rates(None, smoothings, interval)
     else:
-        half_lives = tuple(as_time(v, name="half_life") for v in values)
+        fractions = [v for v in values if isinstance(v, float) and 0 < v < 1]
+        if fractions:  # EMA(0.999): a smoothing passed where the half-life goes
+            raise ValueError(
+                f"half_life={fractions[0]!r} is not a time; a factor in (0, 1) is a smoothing: EMA(smoothing="
+                f"{fractions[0]!r}) (or decay=...), or give the half-life as '100ba' or 100 (batches)"
+            )
+        half_lives = tuple(as_time(v, name="half_life", int_unit=TimeUnit.BATCH) for v in values)  # 100: "100ba"
         if any(h.unit not in HALF_LIFE_UNITS or h.value <= 0 for h in half_lives):
             raise ValueError(
                 f"half_life={half_life!r} must be > 0 and in 'ba', 'ep' or 'dur' (a fraction of the run), e.g. '100ba'"

@@ -32,6 +32,10 @@ class EMASwaps:
 
     attach: Callable[[nn.Module], None]  # EMA
 
+    labels: property  # EMA's: a short name per average
+
+    _stored: dict[int, ShadowWeights | None]  # store(model) .. restore(model): id(model) -> what copy_to swapped in
+
     def _require_average(self) -> None:
         if not self.started:
             raise RuntimeError(
@@ -39,9 +43,19 @@ class EMASwaps:
                 f"('{self.ema_start}') yet, so there are no EMA weights"
             )
 
-    def _average(self, index: int) -> ShadowWeights:
+    def _average(self, index: int | str) -> ShadowWeights:
+        """Average ``index``: its position (from 0), or its label (``"ema@200ba"`` or ``"200ba"``: :attr:`labels`)."""
+        if isinstance(index, str):
+            labels = self.labels
+            for position, label in enumerate(labels):
+                if index in (label, label.removeprefix("ema@")):
+                    return self.shadows[position]
+            raise ValueError(f"index={index!r} names no average of this EMA: its labels are {labels}")
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.shadows):
-            raise ValueError(f"index={index!r} must be an int in [0, {len(self.shadows)}): this EMA keeps that many")
+            raise ValueError(
+                f"index={index!r} must be an int in [0, {len(self.shadows)}) or a label of {self.labels}: this EMA "
+                "keeps that many averages"
+            )
         return self.shadows[index]
 
     @property
@@ -49,7 +63,7 @@ class EMASwaps:
         """Whether one of this EMA's averages is in the model now."""
         return any(shadow.swapped for shadow in self.shadows)
 
-    def get_ema_model(self, model: nn.Module, index: int = 0) -> nn.Module:
+    def get_ema_model(self, model: nn.Module, index: int | str = 0) -> nn.Module:
         """Put average ``index`` into ``model`` and return it (see :meth:`ema_weights`)."""
         shadow = self._average(index)
         self._require_average()
@@ -64,7 +78,7 @@ class EMASwaps:
                 shadow.swap_out(model)
         return model
 
-    def ema_weights(self, model: nn.Module, index: int = 0) -> contextlib.AbstractContextManager[nn.Module]:
+    def ema_weights(self, model: nn.Module, index: int | str = 0) -> contextlib.AbstractContextManager[nn.Module]:
         """Inside the block ``model`` holds average ``index`` (the first by default); on exit its own weights again.
 
         On exit the training weights are back bit for bit and the average is as it was: buffers
@@ -74,6 +88,52 @@ class EMASwaps:
         Swaps nest: an inner block of another EMA must end first.
         """
         return _EMAWeights(self, model, self._average(index))
+
+    def copy_to(self, model: nn.Module, index: int | str = 0) -> None:
+        """Set ``model``'s weights to average ``index`` — for good, as diffusers' and torch_ema's ``copy_to`` do;
+        between :meth:`store` and :meth:`restore` it is a swap instead (:meth:`ema_weights`' safety).
+
+        For good: the training weights are overwritten (and under DeepSpeed, the optimizer's fp32 masters with
+        them), e.g. at the end of training. To evaluate and go on training, use ``with ema.ema_weights(model):``.
+        """
+        model = _module(model, "copy_to")
+        shadow = self._average(index)
+        self._require_average()
+        if id(model) in self._stored:
+            if self._stored[id(model)] is not None:
+                raise RuntimeError("copy_to: an average is already in the model since store(); restore(model) first")
+            self._stored[id(model)] = shadow
+            shadow.swap_in(model)
+            return
+        if shadow.swapped:
+            raise RuntimeError("copy_to: this average is swapped into the model; leave ema_weights(...) first")
+        shadow.copy_to_model(model)
+
+    def store(self, model: nn.Module) -> None:
+        """Keep ``model``'s training weights for :meth:`restore`: the torch_ema / diffusers way to evaluate::
+
+            ema.store(model)        # then copy_to swaps the average in: the training weights are parked
+            ema.copy_to(model)
+            evaluate(model)
+            ema.restore(model)      # training weights back bit for bit; a write inside raises, naming it
+
+        The same as ``with ema.ema_weights(model):`` (prefer it: it cannot forget the restore).
+        """
+        model = _module(model, "store")
+        if id(model) in self._stored:
+            raise RuntimeError("store: the model's weights are already stored; restore(model) first")
+        self._stored[id(model)] = None
+
+    def restore(self, model: nn.Module) -> None:
+        """Put back the training weights :meth:`store` kept (see there); after a :meth:`copy_to` in between, the
+        model's parameters are checked byte for byte first: a write to them raises, naming it."""
+        model = _module(model, "restore")
+        stored = self._stored
+        if id(model) not in stored:
+            raise RuntimeError("restore: nothing is stored for this model; call store(model) first")
+        shadow = stored.pop(id(model))
+        if shadow is not None:
+            shadow.swap_out(model)
 
     @contextlib.contextmanager
     def training_weights(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -124,6 +184,15 @@ class EMASwaps:
             with self.ema_weights(model, index):
                 update_bn(loader, model, **kwargs)
                 shadow.keep_buffers_from_model()
+
+
+def _module(model: object, method: str) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(
+        f"{method} takes the model (an nn.Module), not {type(model).__name__}: emakit tracks the model's parameters "
+        f"and buffers by name, e.g. ema.{method}(model) rather than ema.{method}(model.parameters())"
+    )
 
 
 class _EMAWeights(contextlib.AbstractContextManager):
