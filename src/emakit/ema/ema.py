@@ -25,6 +25,7 @@ from torch import nn
 
 from emakit.deprecated import DeprecatedAlgorithmMethods
 from emakit.ema.exports import EMAExports
+from emakit.ema.on_step import EMAOnStep
 from emakit.ema.rates import parse_rates, run_length_warning, smoothings_for_run
 from emakit.ema.state import EMAState
 from emakit.ema.swaps import EMASwaps
@@ -46,7 +47,7 @@ class _DefaultHalfLife(str):
 _DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
 
 
-class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
+class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods):
     """An exponential moving average of a model's weights, for evaluation with smoother metrics.
 
     Args:
@@ -94,6 +95,8 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
             ema.update(model)                 # once per optimizer step
         with ema.ema_weights(model):          # model holds the average inside
             evaluate(model)
+
+    Or let every ``optimizer.step()`` update it: ``ema.update_on_step(optimizer, model)``.
     """
 
     def __init__(
@@ -151,6 +154,8 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         self._run_batches: float | None = None  # the run's optimizer steps, once set_run_length was called
         self._algorithm: EMAAlgorithm | None = None  # the trainer's adapter, made by as_algorithm()
         self._stored: dict[int, ShadowWeights | None] = {}  # store(model) .. restore(model)
+        self._step_hooks = None  # update_on_step(optimizer, model): the optimizer hooks that update this EMA
+        self._updating_on_step = False
 
     def _set_smoothings(self, smoothings: tuple[float, ...]) -> None:
         if self.min_smoothing > min(smoothings):
@@ -177,6 +182,7 @@ class EMA(EMASwaps, EMAExports, EMAState, DeprecatedAlgorithmMethods):
         due when ``count`` is a multiple of ``update_interval`` and the start is reached. In a plain
         loop use :meth:`update`, which counts optimizer steps itself.
         """
+        self._refuse_update_beside_hooks()
         if count % self.update_interval.value != 0 or not start_reached:
             return False
         if self.skip_nonfinite and not self.shadow.model_is_finite(model):
