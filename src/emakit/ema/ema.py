@@ -17,7 +17,7 @@ nothing of emakit's trainer: :meth:`EMA.as_algorithm` gives the adapter a Traine
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,6 +57,9 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
             and the integrations call it).
         smoothing: the per-update factor instead of ``half_life``, in (0, 1).
         decay: ``smoothing`` under the name timm, diffusers, torchtitan and Lightning give it (pass one of them).
+        schedule: the smoothing as a function of the optimizer step instead (``schedule(step) -> smoothing``,
+            steps counted from 1; a list: one average each), e.g. :func:`emakit.schedules.cosine` (DINO) or
+            :func:`emakit.schedules.growing_half_life` (torchtitan). Updates count in ``"ba"``; no ``warmup``.
         ema_start: when the average starts (initialised from the weights at the first update
             event at or after it); any unit, ``"0.3dur"`` meaning 30% of ``max_duration``.
         update_interval: how often to update, in ``half_life``'s unit; default ``1`` of it
@@ -119,13 +122,21 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         flatten_model: bool = False,
         *,
         decay: float | Sequence[float] | None = None,
+        schedule: Callable[[int], float] | Sequence[Callable[[int], float]] | None = None,
     ) -> None:
         if decay is not None:  # the peers' name of smoothing
             if smoothing is not None:
                 raise ValueError(f"pass one of smoothing={smoothing!r} and decay={decay!r} (the same thing), not both")
             smoothing = decay
         given = half_life is not _DEFAULT_HALF_LIFE
-        self._rates = parse_rates(half_life, smoothing, update_interval, half_life_given=given)
+        self._rates = parse_rates(half_life, smoothing, update_interval, half_life_given=given, schedule=schedule)
+        self.schedules = self._rates.schedules
+        if self.schedules is not None and (warmup is not None or min_smoothing):
+            raise ValueError(
+                f"schedule= gives every update's smoothing: warmup={warmup!r} and min_smoothing={min_smoothing!r} "
+                "do not apply; ramp the schedule itself"
+            )
+        self.last_scheduled: tuple[int, tuple[float, ...]] | None = None  # (step, smoothings) of the last update
         self.half_lives, self.update_interval = self._rates.half_lives, self._rates.update_interval
         self.half_life = self.half_lives[0] if self.half_lives else None  # of the first average
         self.warmup = check_warmup(warmup)
@@ -163,7 +174,9 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         self.smoothings, self.smoothing = smoothings, smoothings[0]
 
     def __repr__(self) -> str:
-        if self.half_lives is not None:
+        if self.schedules is not None:
+            rate = f"schedule={self.schedules[0] if len(self.schedules) == 1 else list(self.schedules)!r}"
+        elif self.half_lives is not None:
             rate = "half_life=" + (
                 f"'{self.half_life}'" if len(self.half_lives) == 1 else str(tuple(map(str, self.half_lives)))
             )
@@ -194,13 +207,13 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
                 stacklevel=3,
             )
             return False
-        if self.smoothings is None:
+        if self.smoothings is None and self.schedules is None:
             raise RuntimeError(
                 f"half_life='{self.half_life}' is a fraction of the run, whose length the EMA does not know: "
                 "call ema.set_run_length(total_optimizer_steps) before the first update, or train in a Trainer"
             )
         if self.started:
-            used = [warmup_smoothing(s, self.num_updates, self.warmup, self.min_smoothing) for s in self.smoothings]
+            used = self._smoothings_at(count)
             for shadow, smoothing in zip(self.shadows, used):  # each reads the weights: ~1x one average's time
                 shadow.update(model, 1.0 - smoothing)
             self.last_smoothing = used[0]
@@ -212,6 +225,20 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         if self.train_with_ema_weights:
             self.shadow.copy_to_model(model)
         return True
+
+    def _smoothings_at(self, step: int) -> list[float]:
+        """Each average's smoothing for an update at optimizer step ``step``: its schedule's, or its own with warmup."""
+        if self.schedules is None:
+            assert self.smoothings is not None  # checked by update_at
+            return [warmup_smoothing(s, self.num_updates, self.warmup, self.min_smoothing) for s in self.smoothings]
+        used = []
+        for label, schedule in zip(self.labels, self.schedules):
+            value = schedule(step)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ValueError(f"EMA {label}: the schedule gave smoothing {value!r} at step {step}, not in [0, 1]")
+            used.append(float(value))
+        self.last_scheduled = (step, tuple(used))
+        return used
 
     def update(self, model: nn.Module, *, epoch: int | None = None) -> bool:
         """Count one batch (one optimizer step) of ``model``; update the average when one is due.
@@ -281,6 +308,10 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
     @property
     def labels(self) -> list[str]:
         """A short name per average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
+        if self.schedules is not None:
+            names = [getattr(f, "label", None) or getattr(f, "__name__", "schedule") for f in self.schedules]
+            unique = len(set(names)) == len(names)
+            return [f"ema@{name}" if unique else f"ema@{name}#{i}" for i, name in enumerate(names)]
         if self.half_lives is not None:
             return [f"ema@{h}" for h in self.half_lives]
         assert self.smoothings is not None  # given as smoothings
@@ -332,6 +363,11 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         if self._rates.of_run:
             self._set_smoothings(smoothings_for_run(self._rates, batches))
         self._run_batches = batches
+        if self.schedules is not None:  # a schedule spanning the run learns its length; no half-life to warn about
+            for schedule in self.schedules:
+                if callable(getattr(schedule, "set_run_length", None)):
+                    schedule.set_run_length(batches)  # type: ignore[attr-defined]
+            return
         if start is None:
             start = {TimeUnit.BATCH: self.ema_start.value, TimeUnit.DURATION: self.ema_start.value * batches}.get(
                 self.ema_start.unit, 0

@@ -9,7 +9,7 @@ average has fallen by ``smoothing ** u``, so the weights the average started fro
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +31,13 @@ class Rates:
     half_lives: tuple[Time, ...] | None
     smoothings: tuple[float, ...] | None
     update_interval: Time
+    schedules: tuple[Callable[[int], float], ...] | None = None  # EMA(schedule=...): smoothing(step)
 
     @property
     def count(self) -> int:
         """How many averages."""
+        if self.schedules is not None:
+            return len(self.schedules)
         if self.half_lives is not None:
             return len(self.half_lives)
         assert self.smoothings is not None  # given as smoothings
@@ -51,6 +54,7 @@ def parse_rates(
     smoothing: float | Sequence[float] | None,
     update_interval: str | Time | None,
     half_life_given: bool = True,
+    schedule: Callable[[int], float] | Sequence[Callable[[int], float]] | None = None,
 ) -> Rates:
     """The averages of ``EMA(half_life=..., smoothing=..., update_interval=...)``, validated.
 
@@ -63,6 +67,8 @@ def parse_rates(
         >>> parse_rates(("50ba", "100ba"), None, None).smoothings
         (0.9862327044933592, 0.9930924954370359)
     """
+    if schedule is not None:
+        return _parse_schedules(schedule, smoothing, half_life if half_life_given else None, update_interval)
     if smoothing is not None and half_life is not None and half_life_given:
         raise ValueError(f"pass exactly one of half_life={half_life!r} and smoothing={smoothing!r}, not both")
     if smoothing is None and half_life is None:
@@ -108,6 +114,25 @@ def parse_rates(
     if len(set(keys)) != len(keys):
         raise ValueError(f"{given!r} repeats an average: give each once")
     return rates
+
+
+def _parse_schedules(
+    schedule: Callable[[int], float] | Sequence[Callable[[int], float]],
+    smoothing: object,
+    half_life: object,
+    update_interval: str | Time | None,
+) -> Rates:
+    """``EMA(schedule=f)`` or ``schedule=[f, g]`` (one average each): callables of the optimizer step."""
+    if smoothing is not None or half_life is not None:
+        given = f"smoothing={smoothing!r}" if smoothing is not None else f"half_life={half_life!r}"
+        raise ValueError(f"pass one of schedule= and {given}: a schedule gives the smoothing of every update")
+    schedules = tuple(schedule) if isinstance(schedule, (list, tuple)) else (schedule,)
+    if not schedules or not all(callable(f) for f in schedules):
+        raise ValueError(f"schedule={schedule!r} must be a callable step -> smoothing, or a list of them")
+    interval = as_interval(update_interval if update_interval is not None else "1ba", name="update_interval")
+    if interval.unit is not TimeUnit.BATCH:
+        raise ValueError(f"update_interval='{interval}': a schedule counts optimizer steps, give it in 'ba'")
+    return Rates(None, None, interval, schedules)
 
 
 def _smoothings(half_lives: Sequence[float], interval: Time, described: str) -> tuple[float, ...]:

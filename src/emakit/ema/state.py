@@ -10,6 +10,7 @@ only; another rank's or world size's is refused, naming both.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from emakit.shadow import ShadowWeights
@@ -36,6 +37,9 @@ class EMAState:
     batches_seen: int
     num_skipped: int
     last_smoothing: float | None
+    schedules: tuple[Callable[[int], float], ...] | None
+    last_scheduled: tuple[int, tuple[float, ...]] | None
+    labels: property
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -48,6 +52,10 @@ class EMAState:
             "batches_seen": self.batches_seen,
             "num_skipped": self.num_skipped,
             "last_smoothing": self.last_smoothing,
+            # a schedule is saved by its values: the step and smoothings of the last update (checked on load)
+            "schedule_at": None
+            if self.last_scheduled is None
+            else [self.last_scheduled[0], list(self.last_scheduled[1])],
             "weights": self.shadow.state_dict(),  # the first average
             "more_weights": [shadow.state_dict() for shadow in self.shadows[1:]],  # the others, in order
             "state_dict_keys": dict(self.shadow.state_dict_keys),
@@ -89,6 +97,8 @@ class EMAState:
         self.batches_seen = int(state["batches_seen"])
         self.num_skipped = int(state.get("num_skipped", 0))
         self.last_smoothing = state.get("last_smoothing")
+        at = state.get("schedule_at")
+        self.last_scheduled = None if at is None else (int(at[0]), tuple(at[1]))
 
     def _rate_differences(self, state: dict[str, Any]) -> list[str]:
         """What of the rates in ``state`` differs from this EMA's (entries a state lacks are not compared)."""
@@ -97,15 +107,22 @@ class EMAState:
             mine.pop("smoothings")  # half-lives in 'dur' get their smoothing only once the run's length is known
         elif state.get("smoothings") is None and self.smoothing is not None:
             mine = {"smoothing": self.smoothing, **mine}  # a state from before 'smoothings' was saved
-        return [
+        differences = [
             f"{key} {state[key]!r} saved, {value!r} here"
             for key, value in mine.items()
             if key in state and state[key] != value and value is not None
         ]
+        at = state.get("schedule_at")
+        if self.schedules is not None and at is not None:  # the schedule must give the saved smoothings again
+            here = [float(schedule(int(at[0]))) for schedule in self.schedules]
+            if here != list(at[1]):
+                differences.append(f"the schedule gave {list(at[1])} at step {at[0]}, gives {here} here")
+        return differences
 
     def state_dict_rates(self) -> dict[str, Any]:
         """The entries of :meth:`state_dict` that say how the average moves."""
         return {
+            "schedules": None if self.schedules is None else list(self.labels),
             "half_lives": None if self.half_lives is None else [str(h) for h in self.half_lives],
             "smoothings": None if self.smoothings is None else list(self.smoothings),
             "update_interval": str(self.update_interval),
