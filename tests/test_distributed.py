@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchrun import torchrun
 
 from emakit import EMA, Classifier, Trainer, distributed
+from emakit.export import ema_states_at, save_ema_state
 from emakit.trainer.checkpoint import list_checkpoints, load_checkpoint
 
 SCRIPT = Path(__file__).with_name("distributed_train.py")
@@ -113,6 +115,14 @@ def test_fsdp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, single)
                 assert torch.equal(resumed[rank][key][name], tensor), f"resumed {key} {name} on rank {rank}"
         assert resumed[rank]["eval"] == uninterrupted[rank]["eval"]
         assert resumed[rank]["eval_history"] == uninterrupted[rank]["eval_history"]
+    # emakit export reads the last DCP folder whole, in this one process: the run's gathered average, bit for bit
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert newest.name.startswith("ep2-"), newest
+    (state,) = ema_states_at(newest)
+    exported = safetensors.torch.load_file(save_ema_state(state, tmp_path / "exported.safetensors"))
+    assert sorted(exported) == sorted(resumed[0]["ema_model"])
+    for name, tensor in resumed[0]["ema_model"].items():
+        assert torch.equal(exported[name], tensor), f"exported {name}"
 
 
 @needs_fsdp_on_cpu

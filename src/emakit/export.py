@@ -2,7 +2,11 @@
 
 The file's keys are the model's ``state_dict`` keys (tied weights under each of their
 names), its tensors the average's. ``EMA.save_ema_weights(path)`` writes it from a live EMA;
-``emakit export CHECKPOINT OUT.safetensors`` writes it from a trainer checkpoint.
+``emakit export CHECKPOINT OUT.safetensors`` writes it from a checkpoint of any run that kept an EMA
+(:func:`ema_states_at`): emakit's Trainer (a ``.pt`` file, or the ``.dcp`` folder of a sharded run, whose
+shards are read whole without a process group), Lightning (a ``.ckpt`` with an ``EMACallback``), the Hugging
+Face Trainer (a ``checkpoint-N/`` folder with ``emakit_ema.pt``), accelerate (a ``save_state`` folder with the
+EMA registered for checkpointing), or a file of ``torch.save(ema.state_dict())``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from emakit import distributed
 from emakit.atomic import atomic_path
 from emakit.tracked import is_dtensor
 
-__all__ = ["add_arguments", "ema_states_in_checkpoint", "run", "save_ema_state", "save_state_dict"]
+__all__ = [
+    "HF_EMA_STATE_NAME", "add_arguments", "ema_states_at", "ema_states_in_checkpoint", "run", "save_ema_state",
+    "save_state_dict",
+]  # fmt: skip
+
+HF_EMA_STATE_NAME = "emakit_ema.pt"  # the EMA's state in a Hugging Face checkpoint-N/ folder
+_EMA_FIELDS = {"started", "num_updates", "weights", "state_dict_keys"}  # what an EMA state holds and others do not
 
 
 def save_state_dict(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -48,25 +58,102 @@ def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
 def ema_states_in_checkpoint(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     """The states of the EMA algorithms saved in a trainer checkpoint, in the trainer's order (not PostHocEMA's,
     whose averages are exported by ``emakit posthoc``)."""
-    fields = {"started", "num_updates", "weights", "state_dict_keys"}  # what an EMA state holds and others do not
-    return [a for a in checkpoint.get("algorithms", []) if isinstance(a, dict) and fields <= a.keys()]
+    return [a for a in checkpoint.get("algorithms", []) if _is_ema_state(a)]
+
+
+def _is_ema_state(value: object) -> bool:
+    return isinstance(value, dict) and value.keys() >= _EMA_FIELDS
+
+
+def ema_states_at(path: str | Path) -> list[dict[str, Any]]:
+    """The EMA states a checkpoint holds, in the run's order (see the module for the formats read).
+
+    ValueError names the path when it holds none, is of no format read here, or holds ZeRO-3 partitions of one rank
+    (those are exported by ``ema.save_ema_weights`` in the run, which gathers them).
+    """
+    path = Path(path)
+    if path.is_dir():
+        states = _states_in_folder(path)
+    elif path.suffix == ".ckpt":  # Lightning: EMACallback states under checkpoint["callbacks"]
+        checkpoint = _load(path)
+        callbacks = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
+        states = [v["ema"] for v in callbacks.values() if isinstance(v, dict) and _is_ema_state(v.get("ema"))]
+    else:
+        checkpoint = _load(path)
+        if isinstance(checkpoint, dict) and "format_version" in checkpoint:
+            from emakit.trainer.checkpoint import load_checkpoint  # CRC-checked
+
+            states = ema_states_in_checkpoint(load_checkpoint(path))
+        else:
+            states = [checkpoint] if _is_ema_state(checkpoint) else []
+    for state in states:
+        if state.get("partitioning"):
+            raise ValueError(
+                f"{str(path)!r} holds the EMA partitions of rank {state['partitioning'].get('rank')} of a "
+                f"{state['partitioning'].get('engine')} run: export it in the run, ema.save_ema_weights(path) on "
+                "every rank, which gathers them"
+            )
+    return states
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch.load raises many types for foreign or damaged files
+        raise ValueError(f"{str(path)!r} is not a checkpoint emakit can read safely: {error}") from None
+
+
+def _states_in_folder(path: Path) -> list[dict[str, Any]]:
+    if (path / ".metadata").is_file():  # emakit's sharded (FSDP) checkpoint: DCP shards + trainer.pt
+        return _sharded_states(path)
+    if (path / HF_EMA_STATE_NAME).is_file():  # the Hugging Face callback
+        state = _load(path / HF_EMA_STATE_NAME)
+        return [state] if _is_ema_state(state) else []
+    found = []  # accelerate's save_state: one custom_checkpoint_N.pkl per object registered for checkpointing
+    for file in sorted(path.glob("custom_checkpoint_*.pkl"), key=lambda f: int(f.stem.rsplit("_", 1)[1])):
+        state = _load(file)
+        if _is_ema_state(state):
+            found.append(state)
+    return found
+
+
+def _sharded_states(path: Path) -> list[dict[str, Any]]:
+    """The EMA states of a sharded checkpoint folder, each shard read whole (DCP without a process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from emakit.trainer.checkpoint import load_checkpoint
+    from emakit.trainer.sharded import PLAIN_FILE, marked_keys, merge_sharded
+
+    plain = load_checkpoint(path / PLAIN_FILE)
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    states = ema_states_in_checkpoint(plain)
+    marked = marked_keys(states)
+    tensors = {}
+    for key in marked:
+        spec = metadata[key]
+        if not isinstance(spec, TensorStorageMetadata):
+            raise ValueError(f"sharded checkpoint {str(path)!r}: {key!r} is not a tensor in its DCP metadata")
+        tensors[key] = torch.empty(tuple(spec.size), dtype=spec.properties.dtype)  # whole: DCP fills every shard
+    if tensors:
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    return merge_sharded(states, tensors)  # only the EMAs' tensors are read
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by emakit's Trainer")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a checkpoint of a run with an EMA: emakit (.pt, .dcp), Lightning (.ckpt), "
+        "Hugging Face (checkpoint-N/), accelerate (save_state folder), or torch.save(ema.state_dict())",
+    )  # fmt: skip
     parser.add_argument("output", type=Path, help="the safetensors file to write")
     parser.add_argument("--index", type=int, default=0, help="which EMA, when the run had several (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from emakit.trainer.checkpoint import load_checkpoint
-
-    if args.checkpoint.is_dir():
-        raise SystemExit(
-            f"emakit export: {str(args.checkpoint)!r} is a sharded (FSDP) checkpoint folder: call "
-            "ema.save_ema_weights(path) on every rank of the run, which gathers the shards"
-        )
-    states = ema_states_in_checkpoint(load_checkpoint(args.checkpoint))
+    try:
+        states = ema_states_at(args.checkpoint)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"emakit export: {error}") from None
     if not states:
         raise SystemExit(f"emakit export: checkpoint {str(args.checkpoint)!r} holds no EMA state")
     if not 0 <= args.index < len(states):

@@ -69,11 +69,12 @@ from emakit.atomic import atomic_write
 from emakit.deprecated import RenamedKeyword
 from emakit.ema import EMA
 from emakit.eval_weights import EVAL_WEIGHTS, TRAINING, check_eval_weights
+from emakit.export import HF_EMA_STATE_NAME
 from emakit.tracked import unwrap
 
 __all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin"]
 
-EMA_STATE_NAME = "emakit_ema.pt"
+EMA_STATE_NAME = HF_EMA_STATE_NAME  # emakit export reads it there
 """The file, inside each ``checkpoint-N`` folder, holding ``EMA.state_dict()``."""
 
 EMA_EVAL = RenamedKeyword(

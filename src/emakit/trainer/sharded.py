@@ -14,16 +14,20 @@ every rank has finished, so a crash never leaves a folder under a checkpoint's n
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.tensor import DTensor
 
 from emakit import distributed
 from emakit.atomic import replace_folder
 from emakit.trainer.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["PLAIN_FILE", "load_sharded_checkpoint", "merge_sharded", "save_sharded_checkpoint", "split_sharded"]
+__all__ = [
+    "PLAIN_FILE", "load_sharded_checkpoint", "marked_keys", "merge_sharded", "save_sharded_checkpoint", "split_sharded",
+]  # fmt: skip
 
 PLAIN_FILE = "trainer.pt"
 _MARKER = "__dcp_key__"
@@ -51,8 +55,9 @@ def split_sharded(state: Any, key: str = "") -> tuple[Any, dict[str, DTensor]]:
     return state, tensors
 
 
-def merge_sharded(plain: Any, tensors: dict[str, DTensor]) -> Any:
-    """The inverse of :func:`split_sharded`: markers replaced by ``tensors[key]``."""
+def merge_sharded(plain: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`split_sharded`: markers replaced by ``tensors[key]`` (DTensors, or whole tensors read
+    without a process group)."""
     if isinstance(plain, dict):
         if set(plain) == {_MARKER}:
             key = plain[_MARKER]
@@ -99,7 +104,7 @@ def load_sharded_checkpoint(path: str | Path, template: dict[str, Any]) -> dict[
         raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: it has no {PLAIN_FILE}")
     plain = load_checkpoint(path / PLAIN_FILE)
     _, tensors = split_sharded(template)
-    saved = set(_markers(plain))
+    saved = set(marked_keys(plain))
     if saved != set(tensors):
         missing, extra = sorted(set(tensors) - saved), sorted(saved - set(tensors))
         first = (
@@ -115,12 +120,12 @@ def load_sharded_checkpoint(path: str | Path, template: dict[str, Any]) -> dict[
     return merge_sharded(plain, tensors)
 
 
-def _markers(plain: Any) -> list[str]:
-    """The DCP keys named by the markers in ``plain``."""
+def marked_keys(plain: Any) -> list[str]:
+    """The DCP keys named by the markers in ``plain`` (as :func:`split_sharded` left them)."""
     if isinstance(plain, dict):
         if set(plain) == {_MARKER}:
             return [plain[_MARKER]]
-        return [key for value in plain.values() for key in _markers(value)]
+        return [key for value in plain.values() for key in marked_keys(value)]
     if isinstance(plain, (list, tuple)):
-        return [key for value in plain for key in _markers(value)]
+        return [key for value in plain for key in marked_keys(value)]
     return []
