@@ -12,6 +12,7 @@ EMA registered for checkpointing), or a file of ``torch.save(ema.state_dict())``
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,16 @@ def ema_states_at(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only``: a file holding pickled objects is refused without running them."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was refused: it holds objects other than tensors and plain values (loading "
+            f"it could run code): {str(error).splitlines()[0]}"
+        ) from None
     except Exception as error:  # torch.load raises many types for foreign or damaged files
-        raise ValueError(f"{str(path)!r} is not a checkpoint emakit can read safely: {error}") from None
+        raise ValueError(f"checkpoint {str(path)!r} is truncated, corrupt or not a torch.save file: {error}") from None
 
 
 def _states_in_folder(path: Path) -> list[dict[str, Any]]:
@@ -150,10 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        states = ema_states_at(args.checkpoint)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"emakit export: {error}") from None
+    states = ema_states_at(args.checkpoint)  # ValueError names a refused, damaged or foreign checkpoint
     if not states:
         raise SystemExit(f"emakit export: checkpoint {str(args.checkpoint)!r} holds no EMA state")
     if not 0 <= args.index < len(states):
