@@ -14,7 +14,8 @@ Every group reaches the model's data through :mod:`emakit.storage.sharded`: ``ta
 writes and checks: a DTensor's local shard, a ZeRO-3 partition, else the tensor) and ``sources`` (what an
 update reads: the same, except ZeRO-3's fp32 master partition). After writing the targets the engine is told
 (:func:`~emakit.storage.sharded.after_write`: ZeRO-3 gathers its whole parameters anew); a copy of the average into
-the model reaches the optimizer's master copies too (ZeRO-3's sources, ZeRO-1/2's fragments).
+the model reaches the optimizer's master copies too (ZeRO-3's sources, ZeRO-1/2's fragments). Writes the engine
+would lose are refused before they happen (:func:`~emakit.storage.sharded.before_write`: FSDP1 units unsharded).
 
 Swaps, unless a mode does better, *park*: the model's values are copied aside and the average
 copied in; the average itself is never written while swapped in. On the way out every parameter is
@@ -30,7 +31,15 @@ from collections.abc import Iterator
 import torch
 
 from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
-from emakit.storage.sharded import after_write, has_master_apart, is_sharded, local, source, write_masters
+from emakit.storage.sharded import (
+    after_write,
+    before_write,
+    has_master_apart,
+    is_sharded,
+    local,
+    source,
+    write_masters,
+)
 from emakit.storage.write_check import WriteCheck
 
 __all__ = ["Group"]
@@ -139,6 +148,8 @@ class Group:
     def copy_to_model(self) -> None:
         """The average into the model's weights (cast to their dtype), ZeRO-3's fp32 masters included; bumps their
         autograd versions."""
+        if self.sharded_tensors:
+            before_write(self.sharded_tensors)
         if self.distinct_sources:
             torch._foreach_copy_(self.sources, self.averages)
         self._copy_in()
@@ -168,6 +179,8 @@ class Group:
     @torch.no_grad()
     def swap_in(self) -> None:
         """Put the average into the model's tensors; their own values are parked aside."""
+        if self.sharded_tensors:
+            before_write(self.sharded_tensors)
         self.parked = self._park()
         self._copy_in()
         self.swapped = True
@@ -179,6 +192,8 @@ class Group:
         Such a write (an optimizer step, ``.data``, numpy, another process) changed the model's copy of
         the average only: the average itself is as it was, and the training weights come back unchanged.
         """
+        if self.sharded_tensors:
+            before_write(self.sharded_tensors)
         written = []
         if self.kind == "parameters":
             if self._write_check is None:
