@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from torch.distributed.fsdp._flat_param import FlatParamHandle
 
 __all__ = [
+    "after_write",
     "check_sharded",
     "clean_name",
     "export_names",
@@ -67,6 +68,7 @@ __all__ = [
     "local_numel",
     "refusal",
     "register",
+    "unsharded_refusal",
     "state_dict_keys",
 ]
 
@@ -100,12 +102,14 @@ def is_flat(tensor: torch.Tensor) -> bool:
     return getattr(tensor, "_is_flat_param", False) is True
 
 
-def register(model: nn.Module) -> None:
+def register(model: nn.Module) -> list[FlatParamHandle]:
     """Note the handle of every FSDP1 unit in ``model`` (a ``FullyShardedDataParallel`` module), so that its flat and
-    original parameters can be found, checked and gathered. Cheap: nothing happens unless FSDP is imported."""
+    original parameters can be found, checked and gathered; returns them. Cheap: nothing happens unless FSDP is
+    imported."""
     module = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    handles: list[FlatParamHandle] = []
     if module is None:
-        return
+        return handles
     for unit in model.modules():
         handle = getattr(unit, "_handle", None) if isinstance(unit, module.FullyShardedDataParallel) else None
         if handle is None:  # a unit without parameters of its own
@@ -114,6 +118,18 @@ def register(model: nn.Module) -> None:
         _where[flat] = _Where(ref, None)
         for index, param in enumerate(flat._params or ()):  # use_orig_params=True; tied ones are the same objects
             _where[param] = _Where(ref, index)
+        handles.append(handle)
+    return handles
+
+
+def unsharded_refusal(handles: list[FlatParamHandle]) -> str | None:
+    """Why an EMA cannot use a model whose FSDP1 units are ``handles`` now (one is unsharded), or None. Inside
+    ``summon_full_params`` with ``use_orig_params=False`` the module holds the original parameters, not the
+    FlatParameters: only the handles tell."""
+    for handle in handles:
+        if _is_unsharded_now(handle):
+            return f"the FSDP1 unit of {list(handle.flat_param._fqns)[:4]} is one {_UNSHARDED}"
+    return None
 
 
 def _handle(tensor: torch.Tensor) -> tuple[FlatParamHandle, int | None] | None:
@@ -138,12 +154,13 @@ def _in_shard(handle: FlatParamHandle, index: int) -> int:
     return info.numel_in_shard if info.in_shard else 0
 
 
-def refusal(tensor: torch.Tensor) -> str | None:
-    """Why emakit cannot average FSDP1 tensor ``tensor`` now, or None when it can."""
+def refusal(tensor: torch.Tensor, handles: list[FlatParamHandle]) -> str | None:
+    """Why emakit cannot average FSDP1 tensor ``tensor`` of a model whose units are ``handles`` (:func:`register`)
+    now, or None when it can."""
     what = "an FSDP1 FlatParameter" if is_flat(tensor) else "a view into an FSDP1 FlatParameter (use_orig_params=True)"
     where = f"is {what} (torch.distributed.fsdp.FullyShardedDataParallel, shape {tuple(tensor.shape)} on this rank)"
     found = _handle(tensor)
-    if found is None:
+    if found is None or not any(found[0] is handle for handle in handles):
         return (
             f"{where} whose FullyShardedDataParallel module is not in the model given to the EMA: pass the FSDP-"
             "wrapped model itself (the root FullyShardedDataParallel module), not its .module or a submodule"
@@ -187,6 +204,20 @@ def check_sharded(tensors: list[torch.Tensor]) -> None:
             )
 
 
+def after_write(tensors: list[torch.Tensor]) -> None:
+    """After this rank's shards of ``tensors`` were written: free the unsharded copies FSDP kept of their units, so
+    that the next forward pass gathers the shards anew. FSDP keeps the root unit unsharded after its forward pass
+    (the backward pass would gather it again) and skips the next gather while that copy is allocated: after a
+    ``no_grad`` evaluation the next forward would otherwise run on stale weights (the training weights inside a
+    swap, the average after it). What FSDP itself does when it reshards (``_reshard``)."""
+    handles = {id(found[0]): found[0] for found in map(_handle, tensors) if found is not None}
+    for handle in handles.values():
+        if handle.uses_sharded_strategy and not _is_unsharded_now(handle) and not handle.needs_unshard():
+            handle.reshard(free_unsharded_flat_param=True)
+            handle.post_reshard()
+            handle._prefetched = False
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's data of FSDP1 tensor ``tensor``: a FlatParameter without its padding, else the view itself."""
     return tensor.narrow(0, 0, local_numel(tensor)) if is_flat(tensor) else tensor
@@ -202,7 +233,7 @@ def layout(tensor: torch.Tensor) -> dict[str, Any]:
     group the unit is sharded over (under ``HYBRID_SHARD`` the shard group; ``NO_SHARD`` too: its flat layout)."""
     found = _handle(tensor)
     if found is None:
-        raise ValueError(f"FSDP1 tensor of shape {tuple(tensor.shape)} was not registered: {refusal(tensor)}")
+        raise ValueError(f"FSDP1 tensor of shape {tuple(tensor.shape)} {refusal(tensor, [])}")
     handle = found[0]
     return {"engine": "fsdp1", "rank": handle.rank, "world_size": handle.world_size}
 
@@ -258,7 +289,7 @@ def exported(name: str, tensor: torch.Tensor, value: torch.Tensor, copy: bool) -
     sharded strategies: every rank calls, in one order."""
     found = _handle(tensor)
     if found is None:
-        raise ValueError(f"{name!r} {refusal(tensor)}")
+        raise ValueError(f"{name!r} {refusal(tensor, [])}")
     handle, index = found
     flat = handle.flat_param
     if index is not None:  # an original parameter: value is all of this rank's slice of it

@@ -214,10 +214,16 @@ def before_write(tensors: list[torch.Tensor]) -> None:
 
 def after_write(tensors: Iterable[torch.Tensor]) -> None:
     """After this process's data of ``tensors`` was written (a swap, a copy into the model): make the engine see it.
-    ZeRO-3 keeps some parameters whole (persistent ones): they are gathered anew (collective). Others: nothing."""
+    ZeRO-3 keeps some parameters whole (persistent ones): they are gathered anew (collective). FSDP1 keeps some units
+    unsharded after a forward pass: those copies are freed (:func:`emakit.storage.fsdp1.after_write`; local). Others:
+    nothing."""
+    tensors = list(tensors)
     whole = [t for t in tensors if zero.is_zero3(t)]
     if whole:
         zero.regather(whole)
+    flat = [t for t in tensors if fsdp1.is_fsdp1(t)]
+    if flat:
+        fsdp1.after_write(flat)
 
 
 def write_masters(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:

@@ -44,20 +44,21 @@ def refuse_unsupported(model: nn.Module, named: dict[str, torch.Tensor]) -> None
     ``named``: the tracked tensors by name. Cheap for plain models: a few attribute checks per tensor; the model's
     ``state_dict()`` is read only when an empty floating-point tensor is tracked.
     """
-    fsdp1.register(model)  # the FSDP1 units' handles: where each FSDP1 tensor's shard lies
+    units = fsdp1.register(model)  # the FSDP1 units' handles: where each FSDP1 tensor's shard lies
+    unsharded = fsdp1.unsharded_refusal(units)
+    if unsharded:
+        raise UnsupportedTensorError(unsharded)
     empty = []
     for name, tensor in named.items():
-        reason = _fsdp1(tensor) or _dtensor(tensor) or _deepspeed(tensor)
+        reason = (
+            (fsdp1.refusal(tensor, units) if fsdp1.is_fsdp1(tensor) else None) or _dtensor(tensor) or _deepspeed(tensor)
+        )
         if reason:
             raise UnsupportedTensorError(f"{name!r} {reason}")
         if tensor.numel() == 0 and (tensor.is_floating_point() or tensor.is_complex()) and not is_sharded(tensor):
             empty.append(name)
     if empty:
         _refuse_placeholders(model, named, empty)
-
-
-def _fsdp1(tensor: torch.Tensor) -> str | None:
-    return fsdp1.refusal(tensor) if fsdp1.is_fsdp1(tensor) else None
 
 
 def _dtensor(tensor: torch.Tensor) -> str | None:
