@@ -1,4 +1,5 @@
-"""Run under torchrun with 2 processes (gloo, CPU): an EMA of a torch FSDP1 model (``FullyShardedDataParallel``), by hand.
+"""Run under torchrun with 2 processes (gloo, CPU): an EMA of a torch FSDP1 model (``FullyShardedDataParallel``)
+by hand.
 
 Usage: fsdp1_ema_script.py USE_ORIG_PARAMS OUT_DIR      (USE_ORIG_PARAMS: "true" or "false")
 
@@ -237,8 +238,10 @@ def check_sharding(ema: EMA, model: FSDP, out: Path, rank: int, world: int) -> N
     check_refused(lambda: attached.load_state_dict(other), f"flat shards of rank {1 - rank} of {world}")
     bigger = {**state, "partitioning": {**state["partitioning"], "world_size": 4}}
     check_refused(lambda: attached.load_state_dict(bigger), f"rank {rank} of 4, but this model has")
-    print(f"rank {rank}: FSDP1 average holds {ratio:.4f} of the parameters' unsharded bytes, {overall:.4f} of all",
-          flush=True)
+    print(
+        f"rank {rank}: FSDP1 average holds {ratio:.4f} of the parameters' unsharded bytes, {overall:.4f} of all",
+        flush=True,
+    )
 
 
 def check_train_with_ema_weights(model: FSDP, optimizer: torch.optim.Optimizer) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import safetensors.torch
-import torch
 from torchrun import torchrun
 
 from emakit import distributed

@@ -3,8 +3,8 @@
 FSDP1 makes its FlatParameter (and, with ``use_orig_params=True``, flat views in the original modules) in a world
 of one process too (as NO_SHARD): emakit averages them given the FSDP root, and refuses them given its ``.module``
 (the root unit's handle is not in it; ``tests/fsdp1_ema_script.py`` checks the other FSDP1 refusals on 2 ranks);
-DTensors on a 2-D mesh or with a Partial placement need a process group only. Every case but the supported ones (``-ok``) must raise
-UnsupportedTensorError at the first update; a case that does not prints ``CASE: NONE``.
+DTensors on a 2-D mesh or with a Partial placement need a process group only. Every case but the supported ones
+(``-ok``) must raise UnsupportedTensorError at the first update; a case that does not prints ``CASE: NONE``.
 """
 
 from __future__ import annotations

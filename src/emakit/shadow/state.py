@@ -143,9 +143,10 @@ class ShadowState:
         self._settle()
         model = self.attach(model) if not self.swapped else unwrap(model)
         if self._snapshot is None:
-            if self.partitioning() is not None:
+            whose = self.partitioning()
+            if whose is not None:
                 raise ValueError(
-                    f"ema_model of a model sharded by {self.partitioning()['engine']} is not made (its structure "
+                    f"ema_model of a model sharded by {whose['engine']} is not made (its structure "
                     "cannot be copied, and the average is gathered to rank 0 only): evaluate with "
                     "`with ema.ema_weights(model):` (DeepSpeed: engine.module), or take ema.ema_state_dict() on "
                     "rank 0 (call it on every rank) and load it into a plain model"

@@ -44,7 +44,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 if TYPE_CHECKING:
-    from torch.distributed.fsdp._flat_param import FlatParamHandle
+    from torch.distributed.fsdp._flat_param import FlatParameter, FlatParamHandle
 
 __all__ = [
     "after_write",
@@ -68,8 +68,8 @@ __all__ = [
     "local_numel",
     "refusal",
     "register",
-    "unsharded_refusal",
     "state_dict_keys",
+    "unsharded_refusal",
 ]
 
 FSDP2_WAY = (
@@ -84,7 +84,7 @@ class _Where(NamedTuple):
     """Which handle an FSDP1 tensor belongs to, and which original parameter it is (None: the FlatParameter)."""
 
     handle: weakref.ref[FlatParamHandle]
-    index: int | None
+    param: int | None
 
 
 # FSDP1 tensor (by identity) -> its handle and index; weak both ways (a handle holds its tensors: a strong value
@@ -97,7 +97,7 @@ def is_fsdp1(tensor: torch.Tensor) -> bool:
     return getattr(tensor, "_fsdp_flattened", False) is True
 
 
-def is_flat(tensor: torch.Tensor) -> bool:
+def is_flat(tensor: torch.Tensor) -> TypeGuard[FlatParameter]:
     """Whether ``tensor`` is an FSDP1 ``FlatParameter`` (``use_orig_params=False``)."""
     return getattr(tensor, "_is_flat_param", False) is True
 
@@ -135,7 +135,7 @@ def unsharded_refusal(handles: list[FlatParamHandle]) -> str | None:
 def _handle(tensor: torch.Tensor) -> tuple[FlatParamHandle, int | None] | None:
     where = _where.get(tensor)
     handle = where.handle() if where is not None else None
-    return None if handle is None or where is None else (handle, where.index)
+    return None if handle is None or where is None else (handle, where.param)
 
 
 def _strategy(handle: FlatParamHandle) -> str:
@@ -151,7 +151,7 @@ def _is_unsharded_now(handle: FlatParamHandle) -> bool:
 def _in_shard(handle: FlatParamHandle, index: int) -> int:
     """How many elements of original parameter ``index`` this rank's shard holds."""
     info = handle.flat_param._shard_param_infos[index]
-    return info.numel_in_shard if info.in_shard else 0
+    return (info.numel_in_shard or 0) if info.in_shard else 0
 
 
 def refusal(tensor: torch.Tensor, handles: list[FlatParamHandle]) -> str | None:
@@ -300,7 +300,7 @@ def exported(name: str, tensor: torch.Tensor, value: torch.Tensor, copy: bool) -
         return
     for export, i in zip(export_names(name, tensor), range(flat._num_params)):
         info = flat._shard_param_infos[i]
-        piece = value.narrow(0, info.offset_in_shard, info.numel_in_shard) if info.in_shard else value[:0]
+        piece = value.narrow(0, info.offset_in_shard or 0, info.numel_in_shard or 0) if info.in_shard else value[:0]
         if handle.uses_sharded_strategy:
             yield export, _gather_param(handle, i, piece)
         else:

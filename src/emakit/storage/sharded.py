@@ -261,7 +261,8 @@ def check_partitioning(saved: dict | None, here: dict | None) -> None:
     def described(layout: dict | None, whose: str) -> str:
         if not layout:
             return f"{whose} whole tensors (no ZeRO-3 partitions or FSDP1 flat shards)"
-        what = _PIECES.get(layout.get("engine"), f"the {layout.get('engine')} shards")
+        engine = str(layout.get("engine"))
+        what = _PIECES.get(engine, f"the {engine} shards")
         return f"{whose} {what} of rank {layout.get('rank')} of {layout.get('world_size')}"
 
     raise ValueError(
