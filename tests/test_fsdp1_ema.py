@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 from torchrun import torchrun
 
 from emakit import distributed
@@ -30,3 +32,36 @@ def test_ema_of_an_fsdp1_model_follows_the_closed_form_without_communication(tmp
     assert result.stdout.count("of the parameters' unsharded bytes") == 2
     for mode in ("SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD 2x1", "HYBRID_SHARD 1x2", "mixed precision"):
         assert result.stdout.count(f": {mode}: {{'engine': 'fsdp1'") == 2, (mode, result.stdout[-3000:])
+
+
+def test_the_documented_example_resumes_its_ema_bit_for_bit(tmp_path):
+    """``examples/fsdp1.py`` (``use_orig_params=True``): 20 steps at once, and 10 then resumed from its checkpoint to
+    20, end with the same EMA shards on every rank and the same exported file, bit for bit; the evaluation inside
+    ``ema_weights`` and the plain model holding the exported average print the same loss."""
+    runs = {"whole": ["--steps", "20"], "first": ["--steps", "10"], "resumed": ["--steps", "20", "--resume"]}
+    outputs = {}
+    for run, args in runs.items():
+        out = tmp_path / ("whole" if run == "whole" else "split")
+        result = torchrun(EXAMPLE, "--use-orig-params", *args, "--out", str(out), timeout=100)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        outputs[run] = result.stdout
+    assert "step 20: eval loss" in outputs["whole"]
+    swapped = outputs["whole"].split("step 20: eval loss")[1].split(" (EMA)")[0].split(", ")[1]
+    assert f"plain model with the EMA weights: eval loss {swapped}" in outputs["whole"]
+    for rank in (0, 1):
+        whole, split = (
+            torch.load(tmp_path / run / "checkpoint" / f"rank{rank}.pt", weights_only=True)["ema"]
+            for run in ("whole", "split")
+        )
+        assert whole["partitioning"] == {"engine": "fsdp1", "rank": rank, "world_size": 2}
+        assert whole["num_updates"] == split["num_updates"] == 20
+        assert whole["weights"].keys() == split["weights"].keys()
+        for name, value in whole["weights"].items():
+            assert torch.equal(split["weights"][name], value), name
+    exported = [safetensors.torch.load_file(tmp_path / run / "ema.safetensors") for run in ("whole", "split")]
+    assert exported[0].keys() == exported[1].keys() == set(make_plain_keys())
+    assert all(torch.equal(exported[0][name], exported[1][name]) for name in exported[0])
+
+
+def make_plain_keys() -> list[str]:
+    return [f"{layer}.{kind}" for layer in (0, 2, 4) for kind in ("weight", "bias")]
