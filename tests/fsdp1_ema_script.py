@@ -260,6 +260,18 @@ def check_refusals(ema: EMA, model: FSDP) -> None:
     with FSDP.summon_full_params(model, writeback=False):  # the module holds the full parameters
         check_refused(lambda: ema.update(model), "that FSDP has unsharded now (inside its forward")
         check_refused(lambda: ema.ema_weights(model).__enter__(), "FSDP has unsharded now")
+    training = local_tensors(model)
+    block = ema.ema_weights(model)
+    block.__enter__()
+    with FSDP.summon_full_params(model):  # writes the full parameters back into the shards on exit
+        try:  # leaving the swap here would restore the shards, then the summon would overwrite them
+            block.__exit__(None, None, None)
+        except (ValueError, RuntimeError) as error:
+            print(f"rank {dist.get_rank()}: swap left inside summon_full_params: {error}", flush=True)
+        else:
+            raise AssertionError("a swap left inside summon_full_params was not refused")
+    ema.get_training_model(model)  # outside: the training weights come back bit for bit
+    assert all(torch.equal(training[n], t) for n, t in local_tensors(model).items()), "training weights not back"
     check_refused(lambda: EMA(smoothing=SMOOTHING).update(model.module), "pass the FSDP-wrapped model itself")
     check_refused(lambda: ema.ema_model, "ema_model of a model sharded by fsdp1 is not made")
     with counting_collectives() as calls:  # the refusals left the EMA as it was: it updates on, silently

@@ -15,7 +15,7 @@ writes and checks: a DTensor's local shard, a ZeRO-3 partition, else the tensor)
 update reads: the same, except ZeRO-3's fp32 master partition). After writing the targets the engine is told
 (:func:`~emakit.storage.sharded.after_write`: ZeRO-3 gathers its whole parameters anew); a copy of the average into
 the model reaches the optimizer's master copies too (ZeRO-3's sources, ZeRO-1/2's fragments). Writes the engine
-would lose are refused before they happen (:func:`~emakit.storage.sharded.before_write`: FSDP1 units unsharded).
+would lose are refused before any group writes (:meth:`Group.check_writable`: FSDP1 units unsharded).
 
 Swaps, unless a mode does better, *park*: the model's values are copied aside and the average
 copied in; the average itself is never written while swapped in. On the way out every parameter is
@@ -148,8 +148,6 @@ class Group:
     def copy_to_model(self) -> None:
         """The average into the model's weights (cast to their dtype), ZeRO-3's fp32 masters included; bumps their
         autograd versions."""
-        if self.sharded_tensors:
-            before_write(self.sharded_tensors)
         if self.distinct_sources:
             torch._foreach_copy_(self.sources, self.averages)
         self._copy_in()
@@ -161,6 +159,12 @@ class Group:
         torch._foreach_copy_(self.targets, self.averages)
         if self.sharded_tensors:
             after_write(self.sharded_tensors)
+
+    def check_writable(self) -> None:
+        """Raise (ValueError) where a write into the model's data would be lost now (an FSDP1 unit unsharded): every
+        group is asked before any writes, so that a refused swap or copy leaves everything as it was."""
+        if self.sharded_tensors:
+            before_write(self.sharded_tensors)
 
     def keep_model_buffers(self) -> None:
         """While swapped in: make the model's values (statistics measured on the average) the average's."""
@@ -179,8 +183,6 @@ class Group:
     @torch.no_grad()
     def swap_in(self) -> None:
         """Put the average into the model's tensors; their own values are parked aside."""
-        if self.sharded_tensors:
-            before_write(self.sharded_tensors)
         self.parked = self._park()
         self._copy_in()
         self.swapped = True
@@ -192,8 +194,6 @@ class Group:
         Such a write (an optimizer step, ``.data``, numpy, another process) changed the model's copy of
         the average only: the average itself is as it was, and the training weights come back unchanged.
         """
-        if self.sharded_tensors:
-            before_write(self.sharded_tensors)
         written = []
         if self.kind == "parameters":
             if self._write_check is None:
