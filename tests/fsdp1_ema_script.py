@@ -5,7 +5,8 @@ Usage: fsdp1_ema_script.py USE_ORIG_PARAMS OUT_DIR      (USE_ORIG_PARAMS: "true"
 
 Each rank trains an MLP (a BatchNorm among its layers) wrapped by FSDP1 (``device_id=cpu``, each Linear its own unit,
 the rest in the root unit) on batches of its own and keeps ``EMA(smoothing=2 ** (-1 / 4))`` of it, updated after
-every optimizer step through ``ema.update(model)``. It checks:
+every optimizer step through ``ema.update(model)`` (started, and swapped in and out, before the model's first forward
+pass: before FSDP's lazy initialisation). It checks:
 
 - no collective runs inside ``ema.update`` (every ``torch.distributed`` collective is counted; a positive control
   shows the counter sees the export's gathers);
@@ -156,7 +157,11 @@ def main(orig: bool, out: Path) -> None:
         assert all(n.endswith("_flat_param") for n, _ in model.named_parameters())
     ema = EMA(smoothing=SMOOTHING)
     probe = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
-    history, evaluations, resumed = [], [], None
+    ema.update(model)  # the average starts before FSDP's lazy initialisation (its first forward pass)
+    with ema.ema_weights(model):
+        pass
+    history, evaluations, resumed = [full_weights(model)], [], None
+    full_weights(twin)
     for step in range(1, STEPS + 1):
         for m, optimizer in zip((model, twin), optimizers):
             train_step(m, optimizer, step)

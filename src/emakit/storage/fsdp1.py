@@ -145,7 +145,8 @@ def _strategy(handle: FlatParamHandle) -> str:
 def _is_unsharded_now(handle: FlatParamHandle) -> bool:
     """Whether FSDP has the unit's flat parameter unsharded (forward, backward, ``summon_full_params``)."""
     flat = handle.flat_param
-    return handle.uses_sharded_strategy and flat.data_ptr() != flat._local_shard.data_ptr()
+    shard = getattr(flat, "_local_shard", None)  # set at FSDP's lazy init (its first forward): until then, flat is
+    return handle.uses_sharded_strategy and shard is not None and flat.data_ptr() != shard.data_ptr()
 
 
 def _in_shard(handle: FlatParamHandle, index: int) -> int:
@@ -212,7 +213,13 @@ def after_write(tensors: list[torch.Tensor]) -> None:
     swap, the average after it). What FSDP itself does when it reshards (``_reshard``)."""
     handles = {id(found[0]): found[0] for found in map(_handle, tensors) if found is not None}
     for handle in handles.values():
-        if handle.uses_sharded_strategy and not _is_unsharded_now(handle) and not handle.needs_unshard():
+        initialized = hasattr(handle.flat_param, "_local_shard")  # FSDP's lazy init: no unsharded copy before it
+        if (
+            handle.uses_sharded_strategy
+            and initialized
+            and not _is_unsharded_now(handle)
+            and not handle.needs_unshard()
+        ):
             handle.reshard(free_unsharded_flat_param=True)
             handle.post_reshard()
             handle._prefetched = False
