@@ -15,6 +15,7 @@ import torch
 from torchrun import torchrun
 
 from emakit import distributed
+from emakit.export import save_ema_state
 
 SCRIPT = Path(__file__).with_name("fsdp1_ema_script.py")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp1.py"
@@ -66,3 +67,17 @@ def test_the_documented_example_resumes_its_ema_bit_for_bit(tmp_path):
 
 def make_plain_keys() -> list[str]:
     return [f"{layer}.{kind}" for layer in (0, 2, 4) for kind in ("weight", "bias")]
+
+
+def test_a_state_of_one_ranks_shards_is_not_exported_as_a_model(tmp_path):
+    """``emakit export``'s path writes whole tensors from a state: one rank's FSDP1 (or ZeRO-3) shards are refused,
+    naming the way (``save_ema_weights`` on every rank), not written as a model's weights."""
+    state = {
+        "started": True,
+        "weights": {"_fsdp_wrapped_module.0.weight": torch.zeros(8)},  # rank 0's slice of a (4, 4) weight
+        "state_dict_keys": {"0.weight": "_fsdp_wrapped_module.0.weight"},
+        "partitioning": {"engine": "fsdp1", "rank": 0, "world_size": 2},
+    }
+    with pytest.raises(ValueError, match=r"fsdp1 shards of rank 0 of 2 only: call ema.save_ema_weights\(path\)"):
+        save_ema_state(state, tmp_path / "ema.safetensors")
+    assert not (tmp_path / "ema.safetensors").exists()
