@@ -8,8 +8,8 @@ the rest in the root unit) on batches of its own and keeps ``EMA(smoothing=2 ** 
 every optimizer step through ``ema.update(model)`` (started, and swapped in and out, before the model's first forward
 pass: before FSDP's lazy initialisation). It checks:
 
-- no collective runs inside ``ema.update`` (every ``torch.distributed`` collective is counted; a positive control
-  shows the counter sees the export's gathers);
+- no collective runs inside ``ema.update``, the first one (the layout) included (every ``torch.distributed``
+  collective is counted; a positive control shows the counter sees the export's gathers);
 - the exported average (``ema.ema_state_dict()``, rank 0; empty elsewhere) equals the float64 closed form of the
   full weights, gathered for the check only with ``FSDP.summon_full_params`` (buffers: rank 0's own, which FSDP1
   neither shards nor synchronises);
@@ -157,7 +157,9 @@ def main(orig: bool, out: Path) -> None:
         assert all(n.endswith("_flat_param") for n, _ in model.named_parameters())
     ema = EMA(smoothing=SMOOTHING)
     probe = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
-    ema.update(model)  # the average starts before FSDP's lazy initialisation (its first forward pass)
+    with counting_collectives() as calls:  # laid out from FSDP's metadata: the wrapper's state_dict() would gather
+        ema.update(model)  # the average starts before FSDP's lazy initialisation (its first forward pass)
+    assert calls == [], f"the first ema.update communicated: {calls}"
     with ema.ema_weights(model):
         pass
     history, evaluations, resumed = [full_weights(model)], [], None
