@@ -1,8 +1,10 @@
 """Run under torchrun (1 process is enough, gloo): tensors emakit must refuse, each printed as ``CASE: message``.
 
-FSDP1 makes its FlatParameter (and, with ``use_orig_params=True``, flat views in the original modules, some of
-size 0) in a world of one process too; DTensors on a 2-D mesh or with a Partial placement need a process group
-only. Every case must raise UnsupportedTensorError at the first update; a case that does not prints ``CASE: NONE``.
+FSDP1 makes its FlatParameter (and, with ``use_orig_params=True``, flat views in the original modules) in a world
+of one process too (as NO_SHARD): emakit averages them given the FSDP root, and refuses them given its ``.module``
+(the root unit's handle is not in it; ``tests/fsdp1_ema_script.py`` checks the other FSDP1 refusals on 2 ranks);
+DTensors on a 2-D mesh or with a Partial placement need a process group only. Every case but the supported ones
+(``-ok``) must raise UnsupportedTensorError at the first update; a case that does not prints ``CASE: NONE``.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def main() -> None:
     for orig in (False, True):
         wrapped = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"), use_orig_params=orig)
         wrapped(torch.randn(2, 5)).sum().backward()
-        report(f"fsdp1-wrapper-orig{orig}", wrapped)
-        report(f"fsdp1-inner-orig{orig}", wrapped.module)
+        report(f"fsdp1-inner-orig{orig}", wrapped.module)  # first: no EMA has seen the root's units yet
+        report(f"fsdp1-wrapper-orig{orig}-ok", wrapped)
     world = dist.get_world_size()
     mesh_2d = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
     report("dtensor-2d", Holder(DTensor.from_local(torch.ones(4, 3), mesh_2d, [Replicate(), Shard(0)])))

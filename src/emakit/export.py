@@ -52,6 +52,13 @@ def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
     weights, keys = state.get("weights") or {}, state.get("state_dict_keys") or {}
     if not state.get("started") or not weights:
         raise ValueError("the EMA has not started: there are no EMA weights to save")
+    whose = state.get("partitioning")
+    if whose:  # one rank's ZeRO-3 partitions or FSDP1 flat shards: not tensors a plain model loads
+        raise ValueError(
+            f"the EMA state holds the {whose.get('engine')} shards of rank {whose.get('rank')} of "
+            f"{whose.get('world_size')} only: call ema.save_ema_weights(path) on every rank of the run, which gathers "
+            "them to rank 0"
+        )
     full = {name: t.full_tensor() if is_dtensor(t) else t for name, t in weights.items()}
     return save_state_dict({key: full[name] for key, name in keys.items()}, path)
 

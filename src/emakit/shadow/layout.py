@@ -30,6 +30,7 @@ from emakit.storage.sharded import (
     local,
     partitioning,
     source,
+    state_dict_keys,
     state_shape,
 )
 from emakit.storage.unsupported import refuse_unsupported
@@ -214,10 +215,7 @@ class ShadowLayout:
         self._generation += 1
         if bind:
             _bound[model] = self
-        name_of = {id(t): name for name, t in named.items()}
-        self.state_dict_keys = {
-            key: name_of[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in name_of
-        }
+        self.state_dict_keys = state_dict_keys(model, named)  # the unwrapped model's keys -> export names
 
     @staticmethod
     def _carry(

@@ -17,7 +17,7 @@ from torch import nn
 from emakit.average_module import average_module, gathered_module
 from emakit.shadow.layout import UNKNOWN, Unknown
 from emakit.storage import Group
-from emakit.storage.sharded import check_partitioning, gathered, is_dtensor, partitioning, present
+from emakit.storage.sharded import check_partitioning, export_names, exported, is_dtensor, partitioning, present
 from emakit.tracked import describe_mismatch, match_wrapped_names, unwrap
 
 __all__ = ["ShadowState"]
@@ -96,9 +96,10 @@ class ShadowState:
 
     def full_averages(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
         """``(name, full average)`` one tensor at a time, in the model's ``state_dict`` order (the same on every
-        rank): a tensor where this rank receives it, None where it does not (ZeRO-3: ranks other than 0).
+        rank): a tensor where this rank receives it, None where it does not (ZeRO-3, FSDP1: ranks other than 0).
+        Names are export names (:attr:`state_dict_keys`' values): an FSDP1 FlatParameter's average stands for several.
 
-        Sharded averages are gathered (:func:`emakit.storage.sharded.gathered`; collective: every rank iterates
+        Sharded averages are gathered (:func:`emakit.storage.sharded.exported`; collective: every rank iterates
         to the end); others are copies, or with ``copy=False`` the average's own memory (read it, never write
         it). A loaded average not laid out for a model yet gathers DTensors; ZeRO-3 partitions need their model.
         """
@@ -106,12 +107,14 @@ class ShadowState:
         names = dict.fromkeys(self.state_dict_keys.values())
         if self._groups:
             held = {name: (t, holder) for group in self._groups for name, t, holder in group.current_averages()}
-            for name in names:
-                yield name, gathered(*held[name], copy=copy or self.swapped)
+            owner = {export: name for name, (t, _) in held.items() for export in export_names(name, t)}
+            for name in dict.fromkeys(owner[export] for export in names):
+                yield from exported(name, *held[name], copy=copy or self.swapped)
             return
         if self.partitioning() is not None:
             raise RuntimeError(
-                "the EMA holds ZeRO-3 partitions loaded from a state and has not seen its model since: "
+                "the EMA holds ZeRO-3 partitions or FSDP1 flat shards loaded from a state and has not seen its model "
+                "since: "
                 "update it or swap it into the model (ema.ema_weights(model)) before exporting"
             )
         pending = self._pending or {}
@@ -122,7 +125,7 @@ class ShadowState:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The average keyed like the model's ``state_dict`` (tied tensors: one copy under each of their names),
         detached copies the EMA never writes again. Sharded averages are gathered (collective: every rank calls);
-        ZeRO-3 partitions to rank 0 only: the other ranks get an empty dict."""
+        ZeRO-3 partitions and FSDP1 flat shards to rank 0 only: the other ranks get an empty dict."""
         copies = dict(self.full_averages())
         received = {name: value for name, value in copies.items() if value is not None}
         if len(received) < len(copies):
@@ -140,11 +143,13 @@ class ShadowState:
         self._settle()
         model = self.attach(model) if not self.swapped else unwrap(model)
         if self._snapshot is None:
-            if self.partitioning() is not None:
+            whose = self.partitioning()
+            if whose is not None:
                 raise ValueError(
-                    "ema_model of a DeepSpeed ZeRO-3 model is not made (its structure cannot be copied, and the "
-                    "average is gathered to rank 0 only): evaluate with `with ema.ema_weights(engine.module):`, or "
-                    "take ema.ema_state_dict() on rank 0 (call it on every rank) and load it into a plain model"
+                    f"ema_model of a model sharded by {whose['engine']} is not made (its structure "
+                    "cannot be copied, and the average is gathered to rank 0 only): evaluate with "
+                    "`with ema.ema_weights(model):` (DeepSpeed: engine.module), or take ema.ema_state_dict() on "
+                    "rank 0 (call it on every rank) and load it into a plain model"
                 )
             if any(group.sharded for group in self._groups):
                 self._snapshot = gathered_module(self._skeleton, dict(self._current()))

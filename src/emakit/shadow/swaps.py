@@ -63,6 +63,8 @@ class Swaps:
             raise RuntimeError("the EMA weights are already swapped in")
         self.attach(model)
         model = unwrap(model)
+        for group in self._groups:  # every group before any writes: a refused swap changes nothing
+            group.check_writable()
         outer = _swaps.setdefault(model, [])
         if outer:  # the innermost swap so far notes what was written under it: from here on writes are this one's
             for group in outer[-1]._groups:
@@ -91,6 +93,8 @@ class Swaps:
                 "swap-outs must come in the reverse order of swap-ins: another EMA's weights were swapped into "
                 "this model after this one's and are still in; swap that one out first"
             )
+        for group in self._groups:  # every group before any writes: a refused swap-out leaves the swap in place
+            group.check_writable()
         stack.pop()
         written = {group: group.swap_out() for group in self._groups}
         if stack:  # the swap under this one is innermost again; what this one wrote there it also undid

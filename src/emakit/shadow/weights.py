@@ -109,6 +109,8 @@ class ShadowWeights(ShadowLayout, AsynchronousUpdates, Swaps, ShadowState):
     def copy_to_model(self, model: nn.Module) -> None:
         """Set the model's weights to the average (cast to the model's dtype)."""
         self._checked(model, "copy the EMA into the model")
+        for group in self._groups:  # every group before any writes
+            group.check_writable()
         for group in self._groups:
             group.copy_to_model()
 

@@ -14,7 +14,8 @@ Every group reaches the model's data through :mod:`emakit.storage.sharded`: ``ta
 writes and checks: a DTensor's local shard, a ZeRO-3 partition, else the tensor) and ``sources`` (what an
 update reads: the same, except ZeRO-3's fp32 master partition). After writing the targets the engine is told
 (:func:`~emakit.storage.sharded.after_write`: ZeRO-3 gathers its whole parameters anew); a copy of the average into
-the model reaches the optimizer's master copies too (ZeRO-3's sources, ZeRO-1/2's fragments).
+the model reaches the optimizer's master copies too (ZeRO-3's sources, ZeRO-1/2's fragments). Writes the engine
+would lose are refused before any group writes (:meth:`Group.check_writable`: FSDP1 units unsharded).
 
 Swaps, unless a mode does better, *park*: the model's values are copied aside and the average
 copied in; the average itself is never written while swapped in. On the way out every parameter is
@@ -30,7 +31,15 @@ from collections.abc import Iterator
 import torch
 
 from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
-from emakit.storage.sharded import after_write, has_master_apart, is_sharded, local, source, write_masters
+from emakit.storage.sharded import (
+    after_write,
+    before_write,
+    has_master_apart,
+    is_sharded,
+    local,
+    source,
+    write_masters,
+)
 from emakit.storage.write_check import WriteCheck
 
 __all__ = ["Group"]
@@ -150,6 +159,12 @@ class Group:
         torch._foreach_copy_(self.targets, self.averages)
         if self.sharded_tensors:
             after_write(self.sharded_tensors)
+
+    def check_writable(self) -> None:
+        """Raise (ValueError) where a write into the model's data would be lost now (an FSDP1 unit unsharded): every
+        group is asked before any writes, so that a refused swap or copy leaves everything as it was."""
+        if self.sharded_tensors:
+            before_write(self.sharded_tensors)
 
     def keep_model_buffers(self) -> None:
         """While swapped in: make the model's values (statistics measured on the average) the average's."""

@@ -13,16 +13,21 @@ plain tensor           the tensor                   the tensor                  
 FSDP2 ``DTensor``      its local shard              its local shard                  ``full_tensor()``, every rank
 DeepSpeed ZeRO-3       ``p.ds_tensor[:k_r]``        the fp32 master partition        gathered to rank 0 only
 parameter              (:mod:`~.zero`)             (``ds_tensor`` if frozen)        (``dist.gather``, padded)
+FSDP1 FlatParameter    its shard, padding left      the same                         each original parameter
+or original parameter  out; a view: itself                                           gathered to rank 0 only
+(:mod:`~.fsdp1`)       (``use_orig_params=True``)                                    (:func:`exported`)
 =====================  ==========================  ===============================  ==============================
 
 DeepSpeed ZeRO-1/2 parameters are whole: plain tensors here, except that a copy of the average into the model
 writes the optimizer's fp32 master fragments too (:func:`write_masters`), as it writes ZeRO-3's master partitions.
 
 A state (``state_dict``) holds each rank's data as :func:`present` shows it: a DTensor with the parameter's mesh
-and placements (``torch.distributed.checkpoint`` reshards it), ZeRO-3 partitions as plain 1-D tensors with
-:func:`partitioning` saying whose they are (they resume on the same world size only). Nothing here imports an
-engine: a DTensor or a ZeRO-3 parameter exists only once its engine is imported. Tensors no engine here
-understands are refused by :mod:`emakit.storage.unsupported`.
+and placements (``torch.distributed.checkpoint`` reshards it), ZeRO-3 partitions and FSDP1 flat shards as plain
+1-D tensors with :func:`partitioning` saying whose they are (they resume on the same world size only). An export
+names full tensors as the unwrapped model's ``state_dict`` does (:func:`state_dict_keys`, :func:`exported`): an
+FSDP1 FlatParameter's average stands for several. Nothing here imports an engine: a DTensor, a ZeRO-3 or an FSDP1
+parameter exists only once its engine is imported. Tensors no engine here understands are refused by
+:mod:`emakit.storage.unsupported`.
 
 Example::
 
@@ -35,19 +40,23 @@ from __future__ import annotations
 
 import operator
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeGuard
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
+from torch import nn
 
-from emakit.storage import zero
+from emakit.storage import fsdp1, zero
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 __all__ = [
     "after_write",
+    "before_write",
     "check_partitioning",
+    "export_names",
+    "exported",
     "full_shape",
     "gathered",
     "has_master_apart",
@@ -60,6 +69,7 @@ __all__ = [
     "partitioning",
     "present",
     "source",
+    "state_dict_keys",
     "state_shape",
     "write_masters",
 ]
@@ -77,16 +87,19 @@ def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether this process's data of ``tensor`` is somewhere other than ``tensor`` itself (a shard, a partition)."""
-    return is_dtensor(tensor) or zero.is_zero3(tensor)
+    return is_dtensor(tensor) or zero.is_zero3(tensor) or fsdp1.is_fsdp1(tensor)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's data of ``tensor``, as the engine's forward pass reads it: the local shard of a DTensor, the
-    partition of a ZeRO-3 parameter (padding left out), else the tensor itself. A swap writes it."""
+    partition of a ZeRO-3 parameter or the shard of an FSDP1 FlatParameter (padding left out), else the tensor
+    itself (an FSDP1 original parameter is a view of its slice of the shard). A swap writes it."""
     if is_dtensor(tensor):
         return tensor._local_tensor
     if zero.is_zero3(tensor):
         return zero.partition(tensor)
+    if fsdp1.is_flat(tensor):
+        return fsdp1.local(tensor)
     return tensor
 
 
@@ -111,7 +124,7 @@ def local_numel(tensor: torch.Tensor) -> int:
         return tensor._local_tensor.numel()
     if zero.is_zero3(tensor):
         return zero.real_numel(tensor)
-    return tensor.numel()
+    return fsdp1.local_numel(tensor)
 
 
 def local_readers(tensors: Sequence[torch.Tensor]) -> tuple[Callable[[], list[int]], Callable[[], list[int]]]:
@@ -148,8 +161,11 @@ def full_shape(tensor: torch.Tensor) -> torch.Size:
 
 
 def state_shape(tensor: torch.Tensor) -> torch.Size:
-    """The shape a state holds for ``tensor`` (:func:`present`): the partition's for ZeRO-3, else the full shape."""
-    return torch.Size([zero.real_numel(tensor)]) if zero.is_zero3(tensor) else tensor.shape
+    """The shape a state holds for ``tensor`` (:func:`present`): the partition's for ZeRO-3, the shard's for an FSDP1
+    FlatParameter, else the tensor's (an FSDP1 original parameter's 1-D slice; a DTensor's global shape)."""
+    if zero.is_zero3(tensor) or fsdp1.is_flat(tensor):
+        return torch.Size([local_numel(tensor)])
+    return tensor.shape
 
 
 def present(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -168,13 +184,51 @@ def _dtensor_like(tensor: DTensor, value: torch.Tensor) -> DTensor:
 
 def gathered(tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> torch.Tensor | None:
     """The full average of ``tensor`` whose local data is ``value``, where this rank receives it: every rank for a
-    DTensor (``full_tensor()``), rank 0 for ZeRO-3 (None elsewhere), ``value`` for a plain tensor (a copy unless
-    ``copy=False``). Gathered tensors are fresh. Collective for sharded tensors: every rank calls, in one order."""
+    DTensor (``full_tensor()``), rank 0 for ZeRO-3 and an FSDP1 original parameter (None elsewhere), ``value`` for a
+    plain tensor (a copy unless ``copy=False``). Gathered tensors are fresh. Collective for sharded tensors: every
+    rank calls, in one order. An FSDP1 FlatParameter stands for several tensors: :func:`exported`."""
     if is_dtensor(tensor):
         return _dtensor_like(tensor, value).full_tensor()
     if zero.is_zero3(tensor):
         return zero.gather_to_main(tensor, value)
+    if fsdp1.is_fsdp1(tensor):
+        return fsdp1.gathered(tensor, value, copy)
     return value.detach().clone() if copy else value
+
+
+def export_names(name: str, tensor: torch.Tensor) -> list[str]:
+    """The names of the full tensors the average of tracked tensor ``name`` stands for: ``[name]``, except for an
+    FSDP1 FlatParameter (its original parameters', ``prefix._flat_param`` -> ``prefix.<fqn>``).
+
+    Example::
+
+        >>> export_names("fc.weight", torch.ones(2))
+        ['fc.weight']
+    """
+    return fsdp1.export_names(name, tensor) if fsdp1.is_flat(tensor) else [name]
+
+
+def exported(name: str, tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> Iterator[tuple[str, Any]]:
+    """``(export name, full average)`` of each tensor the average ``value`` of tracked tensor ``name`` stands for
+    (:func:`export_names`), where this rank receives it (None elsewhere): :func:`gathered`, one tensor at a time.
+    Collective for sharded tensors: every rank calls, in one order."""
+    if fsdp1.is_fsdp1(tensor):
+        yield from fsdp1.exported(name, tensor, value, copy)
+    else:
+        yield name, gathered(tensor, value, copy)
+
+
+def state_dict_keys(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The key of each full tensor of ``model`` in the unwrapped model's ``state_dict`` -> its export name
+    (:func:`export_names` of the tracked tensors ``named``), tied tensors under each of their names.
+
+    From ``model.state_dict(keep_vars=True)``, except for a model FSDP1 wrapped: its ``state_dict()`` would gather
+    the whole model, so FSDP's metadata names its tensors (wrapper prefixes left out).
+    """
+    if any(map(fsdp1.is_fsdp1, named.values())):
+        return fsdp1.state_dict_keys(model, named)
+    name_of = {id(t): name for name, t in named.items()}
+    return {key: name_of[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in name_of}
 
 
 def has_master_apart(tensor: torch.Tensor) -> bool:
@@ -182,12 +236,24 @@ def has_master_apart(tensor: torch.Tensor) -> bool:
     return zero.has_master_apart(tensor)
 
 
+def before_write(tensors: list[torch.Tensor]) -> None:
+    """Before this process's data of ``tensors`` is written (a swap, a copy into the model): refuse where the write
+    would be lost (ValueError): FSDP1 units unsharded now (inside a forward pass or ``summon_full_params``)."""
+    fsdp1.check_sharded([t for t in tensors if fsdp1.is_fsdp1(t)])
+
+
 def after_write(tensors: Iterable[torch.Tensor]) -> None:
     """After this process's data of ``tensors`` was written (a swap, a copy into the model): make the engine see it.
-    ZeRO-3 keeps some parameters whole (persistent ones): they are gathered anew (collective). Others: nothing."""
+    ZeRO-3 keeps some parameters whole (persistent ones): they are gathered anew (collective). FSDP1 keeps some units
+    unsharded after a forward pass: those copies are freed (:func:`emakit.storage.fsdp1.after_write`; local). Others:
+    nothing."""
+    tensors = list(tensors)
     whole = [t for t in tensors if zero.is_zero3(t)]
     if whole:
         zero.regather(whole)
+    flat = [t for t in tensors if fsdp1.is_fsdp1(t)]
+    if flat:
+        fsdp1.after_write(flat)
 
 
 def write_masters(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -201,11 +267,14 @@ def write_masters(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> No
 
 def partitioning(tensors: Iterable[torch.Tensor]) -> dict | None:
     """Whose data a state of ``tensors`` holds, where it can be loaded only by the same rank of the same world:
-    ``{"engine": "deepspeed-zero3", "rank": r, "world_size": n}`` for ZeRO-3 partitions, else None."""
+    ``{"engine": "deepspeed-zero3", "rank": r, "world_size": n}`` for ZeRO-3 partitions, ``{"engine": "fsdp1", ...}``
+    for FSDP1 flat shards (:func:`emakit.storage.fsdp1.layout`), else None."""
     for tensor in tensors:
         if zero.is_zero3(tensor):
             rank, world = zero.layout(tensor)
             return {"engine": "deepspeed-zero3", "rank": rank, "world_size": world}
+        if fsdp1.is_fsdp1(tensor):
+            return fsdp1.layout(tensor)
     return None
 
 
@@ -221,12 +290,17 @@ def check_partitioning(saved: dict | None, here: dict | None) -> None:
 
     def described(layout: dict | None, whose: str) -> str:
         if not layout:
-            return f"{whose} whole tensors (no ZeRO-3 partitions)"
-        return f"{whose} the DeepSpeed ZeRO-3 partitions of rank {layout.get('rank')} of {layout.get('world_size')}"
+            return f"{whose} whole tensors (no ZeRO-3 partitions or FSDP1 flat shards)"
+        engine = str(layout.get("engine"))
+        what = _PIECES.get(engine, f"the {engine} shards")
+        return f"{whose} {what} of rank {layout.get('rank')} of {layout.get('world_size')}"
 
     raise ValueError(
-        f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: a ZeRO-3 average "
-        "resumes on the same world size, each rank loading the state it saved (its own partitions). To move an "
-        "average to another world size, export it (ema.save_ema_weights(path) on every rank of the old run) and "
-        "load that file into a plain model"
+        f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: an average of ZeRO-3 "
+        "partitions or FSDP1 flat shards resumes on the same world size, each rank loading the state it saved (its "
+        "own shards). To move an average to another world size, export it (ema.save_ema_weights(path) on every rank "
+        "of the old run) and load that file into a plain model"
     )
+
+
+_PIECES = {"deepspeed-zero3": "the DeepSpeed ZeRO-3 partitions", "fsdp1": "the FSDP1 flat shards"}

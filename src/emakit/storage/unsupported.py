@@ -5,8 +5,11 @@ the data elsewhere. Averaging the placeholder averages nothing, silently; so at 
 tracked tensor must be one emakit understands (:mod:`emakit.storage.sharded`), else :class:`UnsupportedTensorError`
 names it, its engine, and what is supported:
 
-- FSDP1 (``torch.distributed.fsdp.FullyShardedDataParallel``): its ``FlatParameter`` and the flat views it leaves
-  in the original modules (``use_orig_params=True``, some of size 0 on a rank). FSDP2 (``fully_shard``) is the way.
+- FSDP1 (``torch.distributed.fsdp.FullyShardedDataParallel``) tensors emakit cannot average now
+  (:func:`emakit.storage.fsdp1.refusal`): a unit unsharded (inside FSDP's forward pass or ``summon_full_params``), a
+  view whose size is not what FSDP's metadata says this rank holds, a model given without its FSDP root. Their
+  handles are found first (:func:`emakit.storage.fsdp1.register`): an empty view is legitimately empty where FSDP's
+  metadata says the parameter lies in other ranks' shards.
 - DTensors on a device mesh of more than one dimension (HSDP, tensor parallelism) or placed other than
   ``Shard(dim)`` / ``Replicate()`` (``Partial``, strided shards).
 - DeepSpeed ZeRO-3 parameters whose partition is not where the forward pass gathers it from, or not in memory
@@ -22,20 +25,13 @@ Example::
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
-from emakit.storage import zero
+from emakit.storage import fsdp1, zero
 from emakit.storage.sharded import is_dtensor, is_sharded
 
 __all__ = ["UnsupportedTensorError", "refuse_unsupported"]
-
-FSDP2_WAY = (
-    "shard the model with FSDP2 instead (torch.distributed.fsdp.fully_shard on a 1-D device mesh): emakit averages "
-    "each rank's DTensor shards in place"
-)
 
 
 class UnsupportedTensorError(ValueError):
@@ -48,40 +44,21 @@ def refuse_unsupported(model: nn.Module, named: dict[str, torch.Tensor]) -> None
     ``named``: the tracked tensors by name. Cheap for plain models: a few attribute checks per tensor; the model's
     ``state_dict()`` is read only when an empty floating-point tensor is tracked.
     """
-    _refuse_fsdp1_modules(model)
+    units = fsdp1.register(model)  # the FSDP1 units' handles: where each FSDP1 tensor's shard lies
+    unsharded = fsdp1.unsharded_refusal(units)
+    if unsharded:
+        raise UnsupportedTensorError(unsharded)
     empty = []
     for name, tensor in named.items():
-        reason = _fsdp1(tensor) or _dtensor(tensor) or _deepspeed(tensor)
+        reason = (
+            (fsdp1.refusal(tensor, units) if fsdp1.is_fsdp1(tensor) else None) or _dtensor(tensor) or _deepspeed(tensor)
+        )
         if reason:
             raise UnsupportedTensorError(f"{name!r} {reason}")
         if tensor.numel() == 0 and (tensor.is_floating_point() or tensor.is_complex()) and not is_sharded(tensor):
             empty.append(name)
     if empty:
         _refuse_placeholders(model, named, empty)
-
-
-def _refuse_fsdp1_modules(model: nn.Module) -> None:
-    module = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
-    if module is None:
-        return
-    for path, submodule in model.named_modules():
-        if isinstance(submodule, module.FullyShardedDataParallel):
-            where = f"module {path!r}" if path else "the model"
-            raise UnsupportedTensorError(
-                f"{where} is an FSDP1 wrapper (torch.distributed.fsdp.FullyShardedDataParallel), whose flat shards "
-                f"emakit does not average; {FSDP2_WAY}"
-            )
-
-
-def _fsdp1(tensor: torch.Tensor) -> str | None:
-    if not getattr(tensor, "_fsdp_flattened", False):
-        return None
-    flat = getattr(tensor, "_is_flat_param", False)
-    what = "an FSDP1 FlatParameter" if flat else "a view into an FSDP1 FlatParameter (use_orig_params=True)"
-    return (
-        f"is {what} (torch.distributed.fsdp.FullyShardedDataParallel, shape {tuple(tensor.shape)} on this rank): "
-        f"emakit does not average FSDP1's flat shards; {FSDP2_WAY}"
-    )
 
 
 def _dtensor(tensor: torch.Tensor) -> str | None:
