@@ -84,10 +84,16 @@ def _kind(tensor: torch.Tensor, selection: Selection) -> str:
 
 
 def _layout_key(named: dict[str, torch.Tensor], selection: Selection) -> dict[str, tuple]:
-    """Per name, what a tensor must keep for its average to carry on in place: kind, shape, and the dtype and device
-    of this process's data and of what its average follows (ZeRO-3's fp32 master appears at deepspeed.initialize)."""
+    """Per name, what a tensor must keep for its average to carry on in place: kind, shape, the shape of this
+    process's data (``fully_shard`` keeps a parameter's shape and shards its data), and the dtype and device of this
+    process's data and of what its average follows (ZeRO-3's fp32 master appears at deepspeed.initialize)."""
     return {
-        name: (_kind(t, selection), full_shape(t), *((d.dtype, d.device) for d in (local(t), source(t))))
+        name: (
+            _kind(t, selection),
+            full_shape(t),
+            local(t).shape,
+            *((d.dtype, d.device) for d in (local(t), source(t))),
+        )
         for name, t in named.items()
     }
 

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from emakit.average_module import average_module, gathered_module
+from emakit.distributed.environment import is_main
 from emakit.shadow.layout import UNKNOWN, Unknown
 from emakit.storage import Group
-from emakit.storage.sharded import check_partitioning, gathered, is_dtensor, partitioning, present
+from emakit.storage.sharded import check_partitioning, gathered, is_dtensor, localized, partitioning, present
 from emakit.tracked import describe_mismatch, match_wrapped_names, unwrap
 
 __all__ = ["ShadowState"]
@@ -92,7 +93,7 @@ class ShadowState:
         if mismatch is not None:
             raise ValueError(f"EMA state does not match the model: {mismatch}")
         for name, tensor in current.items():
-            tensor.copy_(state[name])
+            tensor.copy_(localized(tensor, state[name]))  # a whole tensor for a shard: this rank's part
 
     def full_averages(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
         """``(name, full average)`` one tensor at a time, in the model's ``state_dict`` order (the same on every
@@ -128,6 +129,22 @@ class ShadowState:
         if len(received) < len(copies):
             return {}
         return {key: received[name] for key, name in self.state_dict_keys.items()}
+
+    def main_state_dict(self) -> dict[str, torch.Tensor]:
+        """The average keyed like the model's ``state_dict``, as CPU copies on rank 0 (the process that writes files)
+        and an empty dict on the other ranks: what an export writes.
+
+        Sharded averages are gathered one tensor at a time (collective: every rank calls) and each gathered tensor
+        is dropped at once where it is not kept, so no rank holds more than one gathered tensor at a time beside
+        rank 0's copies.
+        """
+        main = is_main()
+        copies: dict[str, torch.Tensor] = {}
+        for name, value in self.full_averages(copy=False):
+            if main:
+                assert value is not None  # rank 0 receives every tensor (full_averages)
+                copies[name] = value.detach().to("cpu", copy=True)
+        return {key: copies[name] for key, name in self.state_dict_keys.items()} if main else {}
 
     # ------------------------------------------------------------- ema_model
     def module(self, model: nn.Module) -> nn.Module:

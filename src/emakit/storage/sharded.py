@@ -53,6 +53,7 @@ __all__ = [
     "is_dtensor",
     "is_sharded",
     "local",
+    "localized",
     "local_data_ptr",
     "local_numel",
     "partitioning",
@@ -134,6 +135,26 @@ def _dtensor_like(tensor: DTensor, value: torch.Tensor) -> DTensor:
     return DTensor.from_local(
         value, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
     )
+
+
+def localized(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (an average of ``tensor``, from a state or an earlier layout) as this process holds it for
+    ``tensor``: a whole tensor meeting a DTensor becomes a DTensor with ``tensor``'s mesh and placements, each rank
+    keeping its own part (no communication: every rank has the whole ``value``); anything else is ``value``.
+
+    So an average of the unsharded model (one loaded from a full checkpoint, or laid out before ``fully_shard``)
+    carries on, shard by shard, once the model is sharded.
+
+    Example::
+
+        >>> localized(torch.ones(3), torch.zeros(3))   # plain tensors: the value itself
+        tensor([0., 0., 0.])
+    """
+    if not is_dtensor(tensor) or is_dtensor(value) or value.shape != tensor.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.detach(), tensor.device_mesh, tensor.placements, src_data_rank=None)
 
 
 def gathered(tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> torch.Tensor | None:

@@ -23,7 +23,14 @@ from emakit import distributed
 from emakit.atomic import replace_folder
 from emakit.trainer.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["PLAIN_FILE", "load_sharded_checkpoint", "merge_sharded", "save_sharded_checkpoint", "split_sharded"]
+__all__ = [
+    "PLAIN_FILE",
+    "load_sharded_checkpoint",
+    "marker_keys",
+    "merge_sharded",
+    "save_sharded_checkpoint",
+    "split_sharded",
+]
 
 PLAIN_FILE = "trainer.pt"
 _MARKER = "__dcp_key__"
@@ -99,7 +106,7 @@ def load_sharded_checkpoint(path: str | Path, template: dict[str, Any]) -> dict[
         raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: it has no {PLAIN_FILE}")
     plain = load_checkpoint(path / PLAIN_FILE)
     _, tensors = split_sharded(template)
-    saved = set(_markers(plain))
+    saved = set(marker_keys(plain))
     if saved != set(tensors):
         missing, extra = sorted(set(tensors) - saved), sorted(saved - set(tensors))
         first = (
@@ -115,12 +122,12 @@ def load_sharded_checkpoint(path: str | Path, template: dict[str, Any]) -> dict[
     return merge_sharded(plain, tensors)
 
 
-def _markers(plain: Any) -> list[str]:
-    """The DCP keys named by the markers in ``plain``."""
+def marker_keys(plain: Any) -> list[str]:
+    """The DCP keys named by the markers in ``plain`` (a state as :func:`split_sharded` leaves it)."""
     if isinstance(plain, dict):
         if set(plain) == {_MARKER}:
             return [plain[_MARKER]]
-        return [key for value in plain.values() for key in _markers(value)]
+        return [key for value in plain.values() for key in marker_keys(value)]
     if isinstance(plain, (list, tuple)):
-        return [key for value in plain for key in _markers(value)]
+        return [key for value in plain for key in marker_keys(value)]
     return []
