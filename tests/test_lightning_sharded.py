@@ -1,0 +1,81 @@
+"""EMACallback under Lightning's sharding strategies, with the real Lightning on 2 CPU processes (gloo).
+
+- ``ModelParallelStrategy`` (FSDP2 through ``fully_shard`` in ``configure_model``): ``lightning_sharded_script.py``
+  checks, against the float64 closed form of the gathered weights and against runs without the callback or without
+  interruption, the average, evaluation, training, resume (Lightning's checkpoint folder and its one-file variant),
+  the export, the bytes per rank and the absence of collectives in an update;
+- ``examples/lightning_model_parallel.py`` (the runnable example of ``docs/integrations/lightning.md``) is run and
+  resumed;
+- ``DeepSpeedStrategy``: Lightning 2.6 refuses the CPU, so the callback under it is tested on GPUs
+  (``tests/gpu/test_lightning_deepspeed.py``); here a test pins that the refusal is Lightning's own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from torchrun import torchrun
+
+from emakit.integrations.lightning import EMACallback
+
+SCRIPT = Path(__file__).with_name("lightning_sharded_script.py")
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lightning_model_parallel.py"
+
+
+def run_script(tmp_path: Path, case: str) -> None:
+    result = torchrun(SCRIPT, str(tmp_path), case, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count(f"{case} rank") == 2 and result.stdout.count(": ok") == 2, result.stdout[-3000:]
+
+
+def test_model_parallel_fsdp2_average_eval_training_resume_export_and_bytes(tmp_path):
+    """The model built in ``__init__``; Lightning's default checkpoint: a DCP folder holding every rank's shards."""
+    run_script(tmp_path, "folder")
+
+
+def test_model_parallel_one_file_checkpoint_and_an_average_carried_over_from_ddp(tmp_path):
+    """The model built in ``configure_model``; ``save_distributed_checkpoint=False``; an average started under DDP."""
+    run_script(tmp_path, "file")
+
+
+def test_the_model_parallel_example_resumes_and_exports_what_validation_saw(tmp_path):
+    """Two epochs, then resumed from ``last.ckpt`` to three: the resumed run continues the count of updates (one
+    per optimizer step: 512 samples, batch 32, 2 ranks: 8 per epoch), and in each run validation with the average
+    swapped in measures the same loss as the plain module holding the exported file."""
+    losses = []
+    for epochs, resume in ((2, []), (3, ["--resume"])):
+        result = torchrun(EXAMPLE, "--epochs", str(epochs), *resume, "--out", str(tmp_path), timeout=200)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        swapped = re.search(r"step (\d+): validation with the EMA swapped in: loss ([\d.]+)", result.stdout)
+        plain = re.search(r"plain module with the exported EMA weights: loss ([\d.]+)", result.stdout)
+        updates = re.search(r"\((\d+) updates\)", result.stdout)
+        assert swapped and plain and updates, result.stdout[-3000:]
+        assert int(swapped.group(1)) == int(updates.group(1)) == 8 * epochs
+        assert abs(float(swapped.group(2)) - float(plain.group(1))) <= 2e-6, result.stdout[-3000:]
+        losses.append(float(plain.group(1)))
+    assert losses[0] != losses[1]  # the resumed run trained on
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_lightning_refuses_deepspeed_on_the_cpu(tmp_path, monkeypatch):
+    """Lightning 2.6's DeepSpeedStrategy runs on CUDA only (its accelerator check, then its device-index checks and
+    the ``device_rank`` it hands DeepSpeed): the callback under it is tested on GPUs. When this test fails, Lightning
+    has lifted the refusal: test the callback under it on the CPU too."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    module = BoringModel()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(stage=3), callbacks=[EMACallback(smoothing=0.9)],
+        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="The DeepSpeed strategy is only supported on CUDA GPUs") as refusal:
+        trainer.fit(module)
+    raised_in = Path(refusal.traceback[-1].path).as_posix()
+    assert raised_in.endswith("lightning/pytorch/strategies/deepspeed.py"), raised_in
