@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -95,11 +96,13 @@ class ShardedModule(pl.LightningModule):
 
 
 class StepRecorder(pl.Callback):
-    """The full weights after each optimizer step, in order (listed before the EMA: what it averages)."""
+    """The full weights after each optimizer step, in order (listed before the EMA: what it averages), as ``read``
+    gives them (default: :func:`full_weights`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None) -> None:
         self.steps: list[dict[str, torch.Tensor]] = []
         self._last = 0
+        self.read = read or full_weights
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._last = trainer.global_step
@@ -107,7 +110,7 @@ class StepRecorder(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > self._last:
             self._last = trainer.global_step
-            self.steps.append(full_weights(pl_module))
+            self.steps.append(self.read(pl_module))
 
 
 class CollectiveCounter(TorchDispatchMode):

@@ -7,12 +7,15 @@
 - ``examples/lightning_model_parallel.py`` (the runnable example of ``docs/integrations/lightning.md``) is run and
   resumed;
 - ``DeepSpeedStrategy``: Lightning 2.6 refuses the CPU, so the callback under it is tested on GPUs
-  (``tests/gpu/test_lightning_deepspeed.py``); here a test pins that the refusal is Lightning's own.
+  (``tests/gpu/test_lightning_deepspeed.py``); here a test pins that the refusal is Lightning's own, and the
+  mechanism its ZeRO-3 checkpoints rely on (the average saved whole by rank 0, each rank taking its partitions back
+  on load) runs with a raw DeepSpeed engine.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from torchrun import torchrun
 from emakit.integrations.lightning import EMACallback
 
 SCRIPT = Path(__file__).with_name("lightning_sharded_script.py")
+WHOLE_STATE_SCRIPT = Path(__file__).with_name("deepspeed_whole_state_script.py")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lightning_model_parallel.py"
 
 
@@ -79,3 +83,14 @@ def test_lightning_refuses_deepspeed_on_the_cpu(tmp_path, monkeypatch):
         trainer.fit(module)
     raised_in = Path(refusal.traceback[-1].path).as_posix()
     assert raised_in.endswith("lightning/pytorch/strategies/deepspeed.py"), raised_in
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_a_zero3_average_saved_whole_on_rank_0_resumes_every_ranks_partitions(tmp_path):
+    """What the callback saves in Lightning's DeepSpeed checkpoint (callback states come from rank 0 only)."""
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
+    result = torchrun(
+        WHOLE_STATE_SCRIPT, str(tmp_path), timeout=150, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count(": ok") == 2, result.stdout[-3000:]

@@ -180,8 +180,8 @@ class EMACallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """A checkpoint written while the average is swapped in (from inside evaluation) gets the training weights;
-        sharded averages (FSDP2 under ``ModelParallelStrategy``) are saved shard by shard beside the model's
-        (:mod:`emakit.integrations.lightning_sharded`)."""
+        sharded averages (FSDP2 under ``ModelParallelStrategy``, ZeRO-3 under ``DeepSpeedStrategy``) are saved so that
+        every rank's part resumes (:mod:`emakit.integrations.lightning_sharded`)."""
         if self.ema.swapped:
             self.ema.get_training_model(pl_module)
             try:
@@ -189,7 +189,7 @@ class EMACallback(pl.Callback):
                 checkpoint["state_dict"] = {k: v.detach().clone() for k, v in weights.items()}
             finally:
                 self.ema.get_ema_model(pl_module)
-        place_shards(trainer, checkpoint, self.state_key)
+        place_shards(trainer, checkpoint, self.state_key, self.ema)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

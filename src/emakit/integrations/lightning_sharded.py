@@ -1,25 +1,27 @@
-""":class:`~emakit.integrations.lightning.EMACallback`'s state in the checkpoints of Lightning's sharding strategy.
+""":class:`~emakit.integrations.lightning.EMACallback`'s state in the checkpoints of Lightning's sharding strategies.
 
-Under ``ModelParallelStrategy`` (FSDP2's ``fully_shard`` in ``configure_model``) the EMA holds each rank's DTensor
-shards of the average, different on every rank. Lightning writes such a checkpoint as a folder
-(``save_distributed_checkpoint=True``, its default): the model's and optimizers' states through
-``torch.distributed.checkpoint`` (DCP: every rank writes its shards), and everything else, callback states included,
-pickled by rank 0 alone into ``meta.pt``. Left there, the average's shards would be rank 0's only, and on resume every
-rank would load rank 0's (a size error where the shards differ in shape, a silently wrong average where they do not;
-measured with Lightning 2.6.6). So:
+Where the model is sharded, each rank's EMA holds its own part of the average: DTensor shards under
+``ModelParallelStrategy`` (FSDP2's ``fully_shard`` in ``configure_model``), fp32 master partitions under
+``DeepSpeedStrategy`` with ZeRO-3. But Lightning saves callback states from rank 0 alone: ``ModelParallelStrategy``
+pickles everything but the model and optimizers into its folder's ``meta.pt`` from rank 0, DeepSpeed writes its
+``client_state`` from rank 0. Left there, every other rank's part would be lost and, on resume, every rank would
+load rank 0's (a size error where the parts differ in shape, a silently wrong average where they do not; measured
+with Lightning 2.6.6 and ``ModelParallelStrategy``). So:
 
-- on save, the callback's DTensors move into the checkpoint's ``"state_dict"``, which DCP writes shard by shard,
-  under keys of their own (``"emakit/<callback state key>/ema/weights/<tensor>"``: no module has such a key), and
-  its state in ``meta.pt`` keeps a marker naming each (:func:`emakit.trainer.sharded.split_sharded`);
-- on load (``trainer.fit(..., ckpt_path=folder)``), before the callback's state is restored, every rank reads its
-  shards of the marked keys from the folder (``trainer.ckpt_path``) into this run's layout. Lightning's own loading
-  reads only the model's keys from ``"state_dict"`` and never sees these.
-
-With ``save_distributed_checkpoint=False`` the checkpoint is one file of full tensors written by rank 0: the average
-is gathered into it like the model, one tensor at a time (collective, at each save), and on load each rank keeps its
-part of each full tensor (:func:`emakit.storage.sharded.localized`). Strategies that write rank 0's objects only and
-do not shard the checkpoint (any other strategy) are refused when the average holds shards, rather than saving rank
-0's shards for every rank.
+- ``ModelParallelStrategy`` writing a checkpoint folder (``save_distributed_checkpoint=True``, its default): on
+  save, the callback's DTensors move into the checkpoint's ``"state_dict"``, which ``torch.distributed.checkpoint``
+  (DCP) writes shard by shard, under keys of their own (``"emakit/<callback state key>/ema/weights/<tensor>"``: no
+  module has such a key), and its state in ``meta.pt`` keeps a marker naming each
+  (:func:`emakit.trainer.sharded.split_sharded`). On load (``trainer.fit(..., ckpt_path=folder)``), before the
+  callback's state is restored, every rank reads its shards of the marked keys from the folder
+  (``trainer.ckpt_path``) into this run's layout. Lightning's own loading reads only the model's keys from
+  ``"state_dict"`` and never sees these. Nothing is gathered.
+- Strategies that write one file of full tensors (``ModelParallelStrategy(save_distributed_checkpoint=False)``) or
+  callback states from rank 0 (``DeepSpeedStrategy`` under ZeRO-3): the average is saved whole, gathered to rank
+  0's CPU memory one tensor at a time at each save (``EMA.state_dict(whole=True)``: collective), as the first
+  strategy gathers the model itself; on load every rank keeps its part of each whole tensor
+  (:func:`emakit.storage.sharded.localized`), so the state also resumes on another number of ranks.
+- States of whole tensors (DDP, DeepSpeed ZeRO-1/2: every rank's average is the same) are saved as they are.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from emakit.ema import EMA
 from emakit.storage.sharded import is_dtensor
 
 __all__ = ["load_shards", "place_shards"]
@@ -49,42 +52,34 @@ def _holds_dtensors(state: Any) -> bool:
 
 
 def _checkpoint_mode(strategy: pl.strategies.Strategy) -> str:
-    """``"folder"`` (DCP shards), ``"file"`` (full tensors from rank 0) or ``"other"``, as ``strategy`` saves."""
+    """``"folder"`` where ``strategy`` writes a DCP folder (``ModelParallelStrategy`` by default), else ``"file"``
+    (callback states written by rank 0 alone: its full-state variant, DeepSpeed, any other)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if not isinstance(strategy, ModelParallelStrategy):
-        return "other"
-    return "folder" if getattr(strategy, "_save_distributed_checkpoint", True) else "file"
+    folder = isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_save_distributed_checkpoint", True)
+    return "folder" if folder else "file"
 
 
-def place_shards(trainer: pl.Trainer, checkpoint: dict[str, Any], state_key: str) -> None:
-    """Put the sharded tensors of the callback state ``checkpoint["callbacks"][state_key]`` where each rank's shards
-    are saved: into ``checkpoint["state_dict"]`` (DCP, a marker left in the state) when the strategy writes a folder,
-    gathered to full tensors (on rank 0) when it writes one file. Collective when gathering: every rank calls."""
+def place_shards(trainer: pl.Trainer, checkpoint: dict[str, Any], state_key: str, ema: EMA) -> None:
+    """Put the per-rank data of the callback state ``checkpoint["callbacks"][state_key]`` (``{"ema": ...}``, the
+    state of ``ema``) where every rank's is saved: DTensors into ``checkpoint["state_dict"]`` (DCP, a marker left in
+    the state) when the strategy writes a checkpoint folder; otherwise the averages whole, gathered to rank 0 one
+    tensor at a time (``ema.state_dict(whole=True)``: collective, every rank calls). States of whole tensors (DDP,
+    ZeRO-1/2) are left as they are."""
     state = checkpoint.get("callbacks", {}).get(state_key)
-    if not _holds_dtensors(state):
+    if state is None:
         return
-    mode = _checkpoint_mode(trainer.strategy)
-    if mode == "other":
-        raise ValueError(
-            f"the EMA holds sharded (DTensor) averages, but {type(trainer.strategy).__name__} saves callback states "
-            "from rank 0 only: every other rank's shards would be lost. Shard with "
-            "lightning.pytorch.strategies.ModelParallelStrategy (fully_shard in configure_model), whose checkpoints "
-            "the EMA's shards join"
-        )
-    from emakit.trainer.sharded import merge_sharded, split_sharded
+    partitions = state["ema"].get("partitioning") is not None  # DeepSpeed ZeRO-3: this rank's partitions
+    if not partitions and not _holds_dtensors(state):
+        return
+    if partitions or _checkpoint_mode(trainer.strategy) != "folder":
+        state["ema"] = ema.state_dict(whole=True)  # rank 0 writes the checkpoint: it holds the averages whole
+        return
+    from emakit.trainer.sharded import split_sharded
 
     plain, shards = split_sharded(state, key=f"{PREFIX}/{state_key}")
-    if mode == "folder":
-        checkpoint["callbacks"][state_key] = plain
-        checkpoint["state_dict"].update(shards)
-        return
-    kept = {}
-    for key, shard in shards.items():  # one tensor at a time, in one order on every rank; only rank 0 keeps it
-        full = shard.full_tensor()
-        kept[key] = full.cpu() if trainer.is_global_zero else torch.empty(0)
-        del full
-    checkpoint["callbacks"][state_key] = merge_sharded(plain, kept)
+    checkpoint["callbacks"][state_key] = plain
+    checkpoint["state_dict"].update(shards)
 
 
 def load_shards(

@@ -28,6 +28,7 @@ from emakit.storage.sharded import (
     full_shape,
     is_sharded,
     local,
+    localized,
     partitioning,
     source,
     state_shape,
@@ -185,8 +186,11 @@ class ShadowLayout:
                 f"{type(model).__name__} has no floating-point parameters or buffers to average"
                 + ("" if self.selection == EVERYTHING else f" among those selected ({self.selection})")
             )
-        if carried is not None:
-            carried = self._carry(match_wrapped_names(carried, named), named, strict)
+        if carried is not None:  # whole averages of sharded tensors: this rank's part of each
+            carried = {
+                n: localized(named[n], v) if n in named else v for n, v in match_wrapped_names(carried, named).items()
+            }
+            carried = self._carry(carried, named, strict)
         bind = self.flatten_model and _bound.get(model, self) is self
         if self.flatten_model and not bind:
             raise ValueError(

@@ -87,13 +87,15 @@ class ShadowState:
         self._snapshot = None
         current = dict(self._current())
         state = match_wrapped_names(state, current)
+        tensors = {name: t for group in self._groups for name, t in zip(group.names, group.tensors)}
+        state = {name: localized(tensors[name], v) if name in tensors else v for name, v in state.items()}  # whole
         mismatch = describe_mismatch(current, state, "the loaded EMA state") or describe_mismatch(
             state, current, "the model"
         )
         if mismatch is not None:
             raise ValueError(f"EMA state does not match the model: {mismatch}")
         for name, tensor in current.items():
-            tensor.copy_(localized(tensor, state[name]))  # a whole tensor for a shard: this rank's part
+            tensor.copy_(state[name])
 
     def full_averages(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
         """``(name, full average)`` one tensor at a time, in the model's ``state_dict`` order (the same on every
@@ -130,13 +132,12 @@ class ShadowState:
             return {}
         return {key: received[name] for key, name in self.state_dict_keys.items()}
 
-    def main_state_dict(self) -> dict[str, torch.Tensor]:
-        """The average keyed like the model's ``state_dict``, as CPU copies on rank 0 (the process that writes files)
-        and an empty dict on the other ranks: what an export writes.
+    def whole_state_dict(self) -> dict[str, torch.Tensor]:
+        """:meth:`state_dict` with whole tensors, as CPU copies on rank 0 and an empty dict on the other ranks: a
+        state for a checkpoint that rank 0 writes alone, which loads on any number of ranks (each keeps its part).
 
         Sharded averages are gathered one tensor at a time (collective: every rank calls) and each gathered tensor
-        is dropped at once where it is not kept, so no rank holds more than one gathered tensor at a time beside
-        rank 0's copies.
+        is dropped at once where it is not kept: no rank holds more than one gathered tensor beside rank 0's copies.
         """
         main = is_main()
         copies: dict[str, torch.Tensor] = {}
@@ -144,7 +145,13 @@ class ShadowState:
             if main:
                 assert value is not None  # rank 0 receives every tensor (full_averages)
                 copies[name] = value.detach().to("cpu", copy=True)
-        return {key: copies[name] for key, name in self.state_dict_keys.items()} if main else {}
+        return copies
+
+    def main_state_dict(self) -> dict[str, torch.Tensor]:
+        """The average keyed like the model's ``state_dict``, as CPU copies on rank 0 (the process that writes files)
+        and an empty dict on the other ranks: what an export writes (gathered as :meth:`whole_state_dict`)."""
+        copies = self.whole_state_dict()
+        return {key: copies[name] for key, name in self.state_dict_keys.items()} if copies else {}
 
     # ------------------------------------------------------------- ema_model
     def module(self, model: nn.Module) -> nn.Module:

@@ -30,15 +30,7 @@ from collections.abc import Iterator
 import torch
 
 from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
-from emakit.storage.sharded import (
-    after_write,
-    has_master_apart,
-    is_sharded,
-    local,
-    localized,
-    source,
-    write_masters,
-)
+from emakit.storage.sharded import after_write, has_master_apart, is_sharded, local, source, write_masters
 from emakit.storage.write_check import WriteCheck
 
 __all__ = ["Group"]
@@ -85,8 +77,7 @@ class Group:
         self.ema_flat = torch.zeros(total, dtype=ema_dtype, device=ema_device, pin_memory=self.pinned)
         self.averages = [own_storage(v) for v in self.views.views(self.ema_flat, self.offsets)]
         torch._foreach_copy_(
-            self.averages,
-            [local(localized(t, start[n])) for n, t in named] if start is not None else self.sources,
+            self.averages, [local(start[n]) for n in self.names] if start is not None else self.sources
         )
         numels = [d.numel() for d in data]
         self.chunks = chunk_ranges(self.offsets, numels, chunk_limit(total, self.ema_flat.element_size()))

@@ -53,9 +53,9 @@ __all__ = [
     "is_dtensor",
     "is_sharded",
     "local",
-    "localized",
     "local_data_ptr",
     "local_numel",
+    "localized",
     "partitioning",
     "present",
     "source",
@@ -139,22 +139,25 @@ def _dtensor_like(tensor: DTensor, value: torch.Tensor) -> DTensor:
 
 def localized(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (an average of ``tensor``, from a state or an earlier layout) as this process holds it for
-    ``tensor``: a whole tensor meeting a DTensor becomes a DTensor with ``tensor``'s mesh and placements, each rank
-    keeping its own part (no communication: every rank has the whole ``value``); anything else is ``value``.
+    ``tensor``, where ``value`` is whole and ``tensor`` sharded: for a DTensor, a DTensor with its mesh and placements
+    (each rank keeping its own part); for a ZeRO-3 parameter, this rank's partition of it (:func:`present`). No
+    communication: every rank has the whole ``value``. Anything else is ``value`` itself.
 
-    So an average of the unsharded model (one loaded from a full checkpoint, or laid out before ``fully_shard``)
-    carries on, shard by shard, once the model is sharded.
+    So an average of the unsharded model (from a state of whole tensors: a full checkpoint, an export, a run on
+    other ranks; or laid out before ``fully_shard``) carries on, shard by shard, once the model is sharded.
 
     Example::
 
         >>> localized(torch.ones(3), torch.zeros(3))   # plain tensors: the value itself
         tensor([0., 0., 0.])
     """
-    if not is_dtensor(tensor) or is_dtensor(value) or value.shape != tensor.shape:
-        return value
-    from torch.distributed.tensor import distribute_tensor
+    if is_dtensor(tensor) and not is_dtensor(value) and value.shape == tensor.shape:
+        from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(value.detach(), tensor.device_mesh, tensor.placements, src_data_rank=None)
+        return distribute_tensor(value.detach(), tensor.device_mesh, tensor.placements, src_data_rank=None)
+    if zero.is_zero3(tensor) and value.shape == tensor.ds_shape and value.shape != state_shape(tensor):
+        return zero.part_of_whole(tensor, value)
+    return value
 
 
 def gathered(tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> torch.Tensor | None:
@@ -201,13 +204,14 @@ def partitioning(tensors: Iterable[torch.Tensor]) -> dict | None:
 
 
 def check_partitioning(saved: dict | None, here: dict | None) -> None:
-    """Refuse a state holding other ranks' partitions (another world size, another rank) or none where these are.
+    """Refuse a state holding other ranks' partitions (another world size, another rank), or partitions where this
+    model has whole tensors. A state of whole tensors loads anywhere: each rank keeps its part (:func:`localized`).
 
     Example::
 
         >>> check_partitioning(None, None)   # whole tensors on both sides: fine
     """
-    if saved == here:
+    if saved == here or saved is None:
         return
 
     def described(layout: dict | None, whose: str) -> str:
@@ -218,6 +222,6 @@ def check_partitioning(saved: dict | None, here: dict | None) -> None:
     raise ValueError(
         f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: a ZeRO-3 average "
         "resumes on the same world size, each rank loading the state it saved (its own partitions). To move an "
-        "average to another world size, export it (ema.save_ema_weights(path) on every rank of the old run) and "
-        "load that file into a plain model"
+        "average to another world size, save it whole (ema.state_dict(whole=True) on every rank: rank 0 gets it) "
+        "and load that into the new run's EMA, or export it (ema.save_ema_weights(path))"
     )
