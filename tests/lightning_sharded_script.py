@@ -190,6 +190,7 @@ def case_folder(out: Path, rank: int) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
     recorder, ema, module = StepRecorder(), EMACallback(smoothing=SMOOTHING), ShardedModule()
+    ema.ema.remember_structure(module)  # before fully_shard: for ema.ema_model
     calls = count_collectives_in_updates(ema)
     saver = pl.callbacks.ModelCheckpoint(dirpath=out / "whole", every_n_epochs=1, save_top_k=-1)
     trainer = run(out / "whole", [recorder, ema, saver], module)
@@ -233,11 +234,9 @@ def case_folder(out: Path, rank: int) -> None:
         plain.load_state_dict(load_file(path))  # strict: every key of the plain module
         assert_close(full_weights(plain), expected, "exported average")
         assert_equal({k: v.double() for k, v in plain.state_dict().items()}, average, "exported vs gathered")
-    try:
-        ema.ema_model  # noqa: B018
-        raise AssertionError("ema_model of a sharded module without its structure was not refused")
-    except ValueError as error:
-        assert "remember_structure" in str(error), error
+    averaged = ema.ema_model.state_dict()  # a plain module of the whole average (gathered: collective)
+    assert not any(hasattr(v, "full_tensor") for v in averaged.values())
+    assert_equal({k: v.double() for k, v in averaged.items()}, average, "ema_model")
 
     # the checkpoint folder: rank 0's meta.pt holds markers, DCP holds every rank's shards
     folder = out / "whole" / "epoch=0-step=4.ckpt"
@@ -282,6 +281,11 @@ def case_file(out: Path, rank: int) -> None:
         return callback, module
 
     whole, whole_module = fit(out / "whole")
+    try:  # no structure remembered before sharding (the module had no network before configure_model)
+        whole.ema_model  # noqa: B018
+        raise AssertionError("ema_model of a sharded module without its structure was not refused")
+    except ValueError as error:
+        assert "remember_structure" in str(error), error
     first = out / "whole" / "epoch=0-step=4.ckpt"
     assert first.is_file(), sorted((out / "whole").iterdir())
     saved = torch.load(first, weights_only=False)["callbacks"][whole.state_key]["ema"]["weights"]

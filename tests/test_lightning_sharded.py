@@ -47,11 +47,12 @@ def test_model_parallel_one_file_checkpoint_and_an_average_carried_over_from_ddp
 
 
 def test_the_model_parallel_example_resumes_and_exports_what_validation_saw(tmp_path):
-    """Two epochs, then resumed from ``last.ckpt`` to three: the resumed run continues the count of updates (one
-    per optimizer step: 512 samples, batch 32, 2 ranks: 8 per epoch), and in each run validation with the average
-    swapped in measures the same loss as the plain module holding the exported file."""
+    """One epoch, then resumed from ``last.ckpt`` to two: the resumed run continues the count of updates (one per
+    optimizer step: 512 samples, batch 32, 2 ranks: 8 per epoch), and in each run validation with the average
+    swapped in measures the same loss as the plain module holding the exported file. (Resuming bit for bit is
+    checked by the tests above.)"""
     losses = []
-    for epochs, resume in ((2, []), (3, ["--resume"])):
+    for epochs, resume in ((1, []), (2, ["--resume"])):
         result = torchrun(EXAMPLE, "--epochs", str(epochs), *resume, "--out", str(tmp_path), timeout=200)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
         swapped = re.search(r"step (\d+): validation with the EMA swapped in: loss ([\d.]+)", result.stdout)

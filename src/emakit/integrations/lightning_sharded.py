@@ -28,13 +28,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import torch
 
 from emakit.ema import EMA
 from emakit.storage.sharded import is_dtensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["load_shards", "place_shards"]
 
@@ -113,6 +116,6 @@ def load_shards(
         )
     import torch.distributed.checkpoint as dcp
 
-    shards = {key: torch.empty_like(here[key]) for key in wanted}
+    shards = {key: cast("DTensor", torch.empty_like(here[key])) for key in wanted}  # DTensors like this run's
     dcp.load({"state_dict": shards}, checkpoint_id=str(path))
     checkpoint["callbacks"][state_key] = merge_sharded(state, shards)
