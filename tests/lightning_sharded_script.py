@@ -10,7 +10,8 @@ the plain module. Prints ``CASE rank R: ok`` once every check of the case passed
   mode, with a positive control); each rank holds half of the unsharded average's bytes; validation sees the
   average; training is bit for bit as without the callback; resuming from the epoch-0 folder ends bit for bit as
   the uninterrupted run (every rank's shards); ``save_ema_weights`` writes on rank 0 a file that loads into the
-  plain module and equals the closed form.
+  plain module and equals the closed form; ``validate(ckpt_path=folder)`` with a fresh callback validates the
+  saved average.
 - ``file`` (the model built in ``configure_model``; ``save_distributed_checkpoint=False``: one file of full tensors
   from rank 0): resuming from it ends bit for bit as the uninterrupted run; and a callback whose average started
   in a DDP fit (whole tensors) carries on, shard by shard, in a ModelParallelStrategy fit of the same module: the
@@ -244,6 +245,12 @@ def case_folder(out: Path, rank: int) -> None:
     meta = torch.load(folder / "meta.pt", weights_only=False)
     weights = meta["callbacks"][ema.state_key]["ema"]["weights"]
     assert all(isinstance(v, dict) and set(v) == {"__dcp_key__"} for v in weights.values()), weights
+
+    # a fresh callback validating from the folder: its average is rank by rank the one saved at step 4
+    checker, fresh = EMACallback(smoothing=SMOOTHING), ShardedModule()
+    validator = make_trainer(out / "validate", [checker], enable_checkpointing=False)
+    validator.validate(fresh, loader(2, 16), ckpt_path=folder)
+    assert_close(fresh.seen[4], closed_form(recorder.steps[:4]), "validated from the folder of epoch 0")
 
     # training without the callback: the same weights, bit for bit
     baseline = ShardedModule()

@@ -88,7 +88,7 @@ class ShadowState:
         current = dict(self._current())
         state = match_wrapped_names(state, current)
         tensors = {name: t for group in self._groups for name, t in zip(group.names, group.tensors)}
-        state = {name: localized(tensors[name], v) if name in tensors else v for name, v in state.items()}  # whole
+        state = {name: localized(tensors[name], v) if name in tensors else v for name, v in state.items()}  # parts
         mismatch = describe_mismatch(current, state, "the loaded EMA state") or describe_mismatch(
             state, current, "the model"
         )

@@ -140,7 +140,7 @@ def _dtensor_like(tensor: DTensor, value: torch.Tensor) -> DTensor:
 def localized(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (an average of ``tensor``, from a state or an earlier layout) as this process holds it for
     ``tensor``, where ``value`` is whole and ``tensor`` sharded: for a DTensor, a DTensor with its mesh and placements
-    (each rank keeping its own part); for a ZeRO-3 parameter, this rank's partition of it (:func:`present`). No
+    (each rank keeping its own part); for a ZeRO-3 parameter, this rank's partition of it, as a state holds it. No
     communication: every rank has the whole ``value``. Anything else is ``value`` itself.
 
     So an average of the unsharded model (from a state of whole tensors: a full checkpoint, an export, a run on
