@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -46,23 +47,41 @@ def test_model_parallel_one_file_checkpoint_and_an_average_carried_over_from_ddp
     run_script(tmp_path, "file")
 
 
-def test_the_model_parallel_example_resumes_and_exports_what_validation_saw(tmp_path):
-    """One epoch, then resumed from ``last.ckpt`` to two: the resumed run continues the count of updates (one per
-    optimizer step: 512 samples, batch 32, 2 ranks: 8 per epoch), and in each run validation with the average
-    swapped in measures the same loss as the plain module holding the exported file. (Resuming bit for bit is
-    checked by the tests above.)"""
-    losses = []
-    for epochs, resume in ((1, []), (2, ["--resume"])):
-        result = torchrun(EXAMPLE, "--epochs", str(epochs), *resume, "--out", str(tmp_path), timeout=200)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-        swapped = re.search(r"step (\d+): validation with the EMA swapped in: loss ([\d.]+)", result.stdout)
-        plain = re.search(r"plain module with the exported EMA weights: loss ([\d.]+)", result.stdout)
-        updates = re.search(r"\((\d+) updates\)", result.stdout)
-        assert swapped and plain and updates, result.stdout[-3000:]
-        assert int(swapped.group(1)) == int(updates.group(1)) == 8 * epochs
-        assert abs(float(swapped.group(2)) - float(plain.group(1))) <= 2e-6, result.stdout[-3000:]
-        losses.append(float(plain.group(1)))
-    assert losses[0] != losses[1]  # the resumed run trained on
+def run_example(out: Path, *args: str) -> tuple[int, float, float, int]:
+    """Run the example; returns (optimizer steps, validation loss with the EMA swapped in, the plain module's loss
+    with the exported file, EMA updates)."""
+    result = torchrun(EXAMPLE, *args, "--out", str(out), timeout=200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    swapped = re.search(r"step (\d+): validation with the EMA swapped in: loss ([\d.]+)", result.stdout)
+    plain = re.search(r"plain module with the exported EMA weights: loss ([\d.]+)", result.stdout)
+    updates = re.search(r"\((\d+) updates\)", result.stdout)
+    assert swapped and plain and updates, result.stdout[-3000:]
+    return int(swapped.group(1)), float(swapped.group(2)), float(plain.group(1)), int(updates.group(1))
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory) -> tuple[Path, tuple[int, float, float, int]]:
+    """The example for one epoch (512 samples, batch 32, 2 ranks: 8 optimizer steps)."""
+    out = tmp_path_factory.mktemp("example")
+    return out, run_example(out, "--epochs", "1")
+
+
+def test_the_model_parallel_example_exports_what_validation_saw(example_run):
+    """Validation with the average swapped in measures the loss the plain module holding the exported file does."""
+    _, (steps, swapped, plain, updates) = example_run
+    assert steps == updates == 8  # one update per optimizer step
+    assert abs(swapped - plain) <= 2e-6, (swapped, plain)
+
+
+def test_the_model_parallel_example_resumes_from_its_last_checkpoint(example_run, tmp_path):
+    """Resumed from ``last.ckpt`` to two epochs, the run continues the count of updates and trains on. (Resuming
+    bit for bit is checked by the tests above.)"""
+    first, (_, _, before, _) = example_run
+    shutil.copytree(first, tmp_path / "run")
+    steps, swapped, plain, updates = run_example(tmp_path / "run", "--epochs", "2", "--resume")
+    assert steps == updates == 16
+    assert abs(swapped - plain) <= 2e-6, (swapped, plain)
+    assert plain != before
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
