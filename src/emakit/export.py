@@ -137,12 +137,12 @@ def _sharded_states(path: Path) -> list[dict[str, Any]]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from emakit.trainer.checkpoint import load_checkpoint
-    from emakit.trainer.sharded import PLAIN_FILE, marked_keys, merge_sharded
+    from emakit.trainer.sharded import PLAIN_FILE, marker_keys, merge_sharded
 
     plain = load_checkpoint(path / PLAIN_FILE)
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     states = ema_states_in_checkpoint(plain)
-    marked = marked_keys(states)
+    marked = marker_keys(states)
     tensors = {}
     for key in marked:
         spec = metadata[key]

@@ -82,8 +82,10 @@ class EMAExports:
         """Write average ``index``'s weights to ``path`` as safetensors, keyed like the model's ``state_dict``.
 
         The file loads into a plain model: ``model.load_state_dict(safetensors.torch.load_file(path))``.
+        Sharded averages (FSDP2 shards, ZeRO-3 partitions) are gathered one tensor at a time to rank 0, which
+        writes: call it on every rank.
         """
-        self._average(index)
+        shadow = self._average(index)
         if not self.started:
             raise ValueError("the EMA has not started: there are no EMA weights to save")
-        return save_state_dict(self.ema_state_dict(index), path)
+        return save_state_dict(shadow.main_state_dict(), path)

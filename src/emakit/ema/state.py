@@ -4,7 +4,8 @@ A state holds the averages, their counters and clock, and the rates they were ma
 other rates (half-lives or smoothings, update interval, warmup) is refused by name, since resuming it would
 silently continue another average (``strict=False`` continues with a warning). Under DeepSpeed ZeRO-3 it holds
 this rank's partitions and says whose (``partitioning``): it resumes on the same rank of the same world size
-only; another rank's or world size's is refused, naming both.
+only; another rank's or world size's is refused, naming both. A state of whole tensors (``state_dict(whole=True)``,
+or one saved unsharded) loads anywhere: each rank keeps its part.
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ class EMAState:
     labels: property
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, whole: bool = False) -> dict[str, Any]:
+        """What a checkpoint holds to resume this EMA exactly: the averages, their counters and clock, the rates.
+
+        By default each rank's state holds its own data of the averages (FSDP2 shards as DTensors, ZeRO-3
+        partitions): save it per rank, or through ``torch.distributed.checkpoint``. ``whole=True`` gathers sharded
+        averages to rank 0, one tensor at a time (collective: every rank calls), for a checkpoint that rank 0 writes
+        alone: rank 0's state then holds whole tensors (the other ranks' hold none) and loads on every rank, each
+        keeping its own part.
+        """
+        weights = [shadow.whole_state_dict() if whole else shadow.state_dict() for shadow in self.shadows]
         return {
             "version": _STATE_VERSION,
             "smoothing": self.smoothing,
@@ -56,10 +66,10 @@ class EMAState:
             "schedule_at": None
             if self.last_scheduled is None
             else [self.last_scheduled[0], list(self.last_scheduled[1])],
-            "weights": self.shadow.state_dict(),  # the first average
-            "more_weights": [shadow.state_dict() for shadow in self.shadows[1:]],  # the others, in order
+            "weights": weights[0],  # the first average
+            "more_weights": weights[1:],  # the others, in order
             "state_dict_keys": dict(self.shadow.state_dict_keys),
-            "partitioning": self.shadow.partitioning(),  # ZeRO-3: whose partitions ("weights" holds this rank's)
+            "partitioning": None if whole else self.shadow.partitioning(),  # ZeRO-3: whose partitions it holds
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:

@@ -43,6 +43,7 @@ from torch import nn
 from emakit.deprecated import RenamedKeyword
 from emakit.ema import EMA
 from emakit.eval_weights import check_eval_weights
+from emakit.integrations.lightning_sharded import load_shards, place_shards
 from emakit.time import TimeUnit
 
 __all__ = ["EMACallback"]
@@ -178,13 +179,28 @@ class EMACallback(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """A checkpoint written while the average is swapped in (from inside evaluation) gets the training weights."""
+        """A checkpoint written while the average is swapped in (from inside evaluation) gets the training weights;
+        sharded averages (FSDP2 under ``ModelParallelStrategy``, ZeRO-3 under ``DeepSpeedStrategy``) are saved so that
+        every rank's part resumes (:mod:`emakit.integrations.lightning_sharded`)."""
         if self.ema.swapped:
             self.ema.get_training_model(pl_module)
             try:
-                checkpoint["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+                weights = trainer.strategy.lightning_module_state_dict()  # as the strategy saves them (collective)
+                checkpoint["state_dict"] = {k: v.detach().clone() for k, v in weights.items()}
             finally:
                 self.ema.get_ema_model(pl_module)
+        place_shards(trainer, checkpoint, self.state_key, self.ema)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Read the average's shards saved beside the model's in a checkpoint folder, before the state is loaded."""
+
+        def laid_out_state() -> dict[str, Any]:
+            self.ema.attach(pl_module)  # the sharded module (a validate or test run has not attached it yet)
+            return self.state_dict()
+
+        load_shards(trainer, checkpoint, self.state_key, laid_out_state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict(), "last_step": self._last_step}

@@ -28,6 +28,7 @@ from emakit.storage.sharded import (
     full_shape,
     is_sharded,
     local,
+    localized,
     partitioning,
     source,
     state_dict_keys,
@@ -85,10 +86,16 @@ def _kind(tensor: torch.Tensor, selection: Selection) -> str:
 
 
 def _layout_key(named: dict[str, torch.Tensor], selection: Selection) -> dict[str, tuple]:
-    """Per name, what a tensor must keep for its average to carry on in place: kind, shape, and the dtype and device
-    of this process's data and of what its average follows (ZeRO-3's fp32 master appears at deepspeed.initialize)."""
+    """Per name, what a tensor must keep for its average to carry on in place: kind, shape, the shape of this
+    process's data (``fully_shard`` keeps a parameter's shape and shards its data), and the dtype and device of this
+    process's data and of what its average follows (ZeRO-3's fp32 master appears at deepspeed.initialize)."""
     return {
-        name: (_kind(t, selection), full_shape(t), *((d.dtype, d.device) for d in (local(t), source(t))))
+        name: (
+            _kind(t, selection),
+            full_shape(t),
+            local(t).shape,
+            *((d.dtype, d.device) for d in (local(t), source(t))),
+        )
         for name, t in named.items()
     }
 
@@ -180,8 +187,11 @@ class ShadowLayout:
                 f"{type(model).__name__} has no floating-point parameters or buffers to average"
                 + ("" if self.selection == EVERYTHING else f" among those selected ({self.selection})")
             )
-        if carried is not None:
-            carried = self._carry(match_wrapped_names(carried, named), named, strict)
+        if carried is not None:  # whole averages of sharded tensors: this rank's part of each
+            carried = {
+                n: localized(named[n], v) if n in named else v for n, v in match_wrapped_names(carried, named).items()
+            }
+            carried = self._carry(carried, named, strict)
         bind = self.flatten_model and _bound.get(model, self) is self
         if self.flatten_model and not bind:
             raise ValueError(

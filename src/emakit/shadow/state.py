@@ -15,9 +15,18 @@ import torch
 from torch import nn
 
 from emakit.average_module import average_module, gathered_module
+from emakit.distributed.environment import is_main
 from emakit.shadow.layout import UNKNOWN, Unknown
 from emakit.storage import Group
-from emakit.storage.sharded import check_partitioning, export_names, exported, is_dtensor, partitioning, present
+from emakit.storage.sharded import (
+    check_partitioning,
+    export_names,
+    exported,
+    is_dtensor,
+    localized,
+    partitioning,
+    present,
+)  # fmt: skip
 from emakit.tracked import describe_mismatch, match_wrapped_names, unwrap
 
 __all__ = ["ShadowState"]
@@ -86,6 +95,8 @@ class ShadowState:
         self._snapshot = None
         current = dict(self._current())
         state = match_wrapped_names(state, current)
+        tensors = {name: t for group in self._groups for name, t in zip(group.names, group.tensors)}
+        state = {name: localized(tensors[name], v) if name in tensors else v for name, v in state.items()}  # parts
         mismatch = describe_mismatch(current, state, "the loaded EMA state") or describe_mismatch(
             state, current, "the model"
         )
@@ -131,6 +142,27 @@ class ShadowState:
         if len(received) < len(copies):
             return {}
         return {key: received[name] for key, name in self.state_dict_keys.items()}
+
+    def whole_state_dict(self) -> dict[str, torch.Tensor]:
+        """:meth:`state_dict` with whole tensors, as CPU copies on rank 0 and an empty dict on the other ranks: a
+        state for a checkpoint that rank 0 writes alone, which loads on any number of ranks (each keeps its part).
+
+        Sharded averages are gathered one tensor at a time (collective: every rank calls) and each gathered tensor
+        is dropped at once where it is not kept: no rank holds more than one gathered tensor beside rank 0's copies.
+        """
+        main = is_main()
+        copies: dict[str, torch.Tensor] = {}
+        for name, value in self.full_averages(copy=False):
+            if main:
+                assert value is not None  # rank 0 receives every tensor (full_averages)
+                copies[name] = value.detach().to("cpu", copy=True)
+        return copies
+
+    def main_state_dict(self) -> dict[str, torch.Tensor]:
+        """The average keyed like the model's ``state_dict``, as CPU copies on rank 0 (the process that writes files)
+        and an empty dict on the other ranks: what an export writes (gathered as :meth:`whole_state_dict`)."""
+        copies = self.whole_state_dict()
+        return {key: copies[name] for key, name in self.state_dict_keys.items()} if copies else {}
 
     # ------------------------------------------------------------- ema_model
     def module(self, model: nn.Module) -> nn.Module:

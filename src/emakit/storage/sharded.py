@@ -66,6 +66,7 @@ __all__ = [
     "local_data_ptr",
     "local_numel",
     "local_readers",
+    "localized",
     "partitioning",
     "present",
     "source",
@@ -182,6 +183,29 @@ def _dtensor_like(tensor: DTensor, value: torch.Tensor) -> DTensor:
     )
 
 
+def localized(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (an average of ``tensor``, from a state or an earlier layout) as this process holds it for
+    ``tensor``, where ``value`` is whole and ``tensor`` sharded: for a DTensor, a DTensor with its mesh and placements
+    (each rank keeping its own part); for a ZeRO-3 parameter, this rank's partition of it, as a state holds it. No
+    communication: every rank has the whole ``value``. Anything else is ``value`` itself.
+
+    So an average of the unsharded model (from a state of whole tensors: a full checkpoint, an export, a run on
+    other ranks; or laid out before ``fully_shard``) carries on, shard by shard, once the model is sharded.
+
+    Example::
+
+        >>> localized(torch.ones(3), torch.zeros(3))   # plain tensors: the value itself
+        tensor([0., 0., 0.])
+    """
+    if is_dtensor(tensor) and not is_dtensor(value) and value.shape == tensor.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.detach(), tensor.device_mesh, tensor.placements, src_data_rank=None)
+    if zero.is_zero3(tensor) and value.shape == tensor.ds_shape and value.shape != state_shape(tensor):
+        return zero.part_of_whole(tensor, value)
+    return value
+
+
 def gathered(tensor: torch.Tensor, value: torch.Tensor, copy: bool = True) -> torch.Tensor | None:
     """The full average of ``tensor`` whose local data is ``value``, where this rank receives it: every rank for a
     DTensor (``full_tensor()``), rank 0 for ZeRO-3 and an FSDP1 original parameter (None elsewhere), ``value`` for a
@@ -279,13 +303,14 @@ def partitioning(tensors: Iterable[torch.Tensor]) -> dict | None:
 
 
 def check_partitioning(saved: dict | None, here: dict | None) -> None:
-    """Refuse a state holding other ranks' partitions (another world size, another rank) or none where these are.
+    """Refuse a state holding other ranks' partitions (another world size, another rank), or partitions where this
+    model has whole tensors. A state of whole tensors loads anywhere: each rank keeps its part (:func:`localized`).
 
     Example::
 
         >>> check_partitioning(None, None)   # whole tensors on both sides: fine
     """
-    if saved == here:
+    if saved == here or saved is None:
         return
 
     def described(layout: dict | None, whose: str) -> str:
@@ -299,7 +324,8 @@ def check_partitioning(saved: dict | None, here: dict | None) -> None:
         f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: an average of ZeRO-3 "
         "partitions or FSDP1 flat shards resumes on the same world size, each rank loading the state it saved (its "
         "own shards). To move an average to another world size, export it (ema.save_ema_weights(path) on every rank "
-        "of the old run) and load that file into a plain model"
+        "of the old run) and load that file into a plain model; a ZeRO-3 average can also be saved whole "
+        "(ema.state_dict(whole=True) on every rank: rank 0 gets it) and loaded into the new run's EMA"
     )
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "is_zero3",
     "layout",
     "master",
+    "part_of_whole",
     "partition",
     "real_numel",
     "refusal",
@@ -116,6 +117,14 @@ def real_numel(p: Zero3Parameter) -> int:
 def partition(p: Zero3Parameter) -> torch.Tensor:
     """This rank's elements of ``p`` in ``p.ds_tensor`` (a view, padding left out): what the forward pass gathers."""
     return p.ds_tensor.narrow(0, 0, real_numel(p))
+
+
+def part_of_whole(p: Zero3Parameter, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's ``k_r`` elements of ``whole`` (a tensor of ``p``'s full shape, e.g. its average loaded from a
+    state of whole tensors): the elements :func:`partition` holds of ``p``. No communication."""
+    size = p.ds_tensor.numel()
+    rank, _ = layout(p)
+    return whole.reshape(-1).narrow(0, rank * size, real_numel(p))
 
 
 def master(p: Zero3Parameter) -> torch.Tensor:

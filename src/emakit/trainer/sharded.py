@@ -26,8 +26,13 @@ from emakit.atomic import replace_folder
 from emakit.trainer.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
-    "PLAIN_FILE", "load_sharded_checkpoint", "marked_keys", "merge_sharded", "save_sharded_checkpoint", "split_sharded",
-]  # fmt: skip
+    "PLAIN_FILE",
+    "load_sharded_checkpoint",
+    "marker_keys",
+    "merge_sharded",
+    "save_sharded_checkpoint",
+    "split_sharded",
+]
 
 PLAIN_FILE = "trainer.pt"
 _MARKER = "__dcp_key__"
@@ -104,7 +109,7 @@ def load_sharded_checkpoint(path: str | Path, template: dict[str, Any]) -> dict[
         raise ValueError(f"sharded checkpoint {str(path)!r} is incomplete: it has no {PLAIN_FILE}")
     plain = load_checkpoint(path / PLAIN_FILE)
     _, tensors = split_sharded(template)
-    saved = set(marked_keys(plain))
+    saved = set(marker_keys(plain))
     if saved != set(tensors):
         missing, extra = sorted(set(tensors) - saved), sorted(saved - set(tensors))
         first = (
@@ -120,12 +125,12 @@ def load_sharded_checkpoint(path: str | Path, template: dict[str, Any]) -> dict[
     return merge_sharded(plain, tensors)
 
 
-def marked_keys(plain: Any) -> list[str]:
-    """The DCP keys named by the markers in ``plain`` (as :func:`split_sharded` left them)."""
+def marker_keys(plain: Any) -> list[str]:
+    """The DCP keys named by the markers in ``plain`` (a state as :func:`split_sharded` leaves it)."""
     if isinstance(plain, dict):
         if set(plain) == {_MARKER}:
             return [plain[_MARKER]]
-        return [key for value in plain.values() for key in marked_keys(value)]
+        return [key for value in plain.values() for key in marker_keys(value)]
     if isinstance(plain, (list, tuple)):
-        return [key for value in plain for key in marked_keys(value)]
+        return [key for value in plain for key in marker_keys(value)]
     return []
