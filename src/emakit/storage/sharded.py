@@ -180,7 +180,8 @@ def partitioning(tensors: Iterable[torch.Tensor]) -> dict | None:
 
 
 def check_partitioning(saved: dict | None, here: dict | None) -> None:
-    """Refuse a state holding other ranks' partitions (another world size, another rank) or none where these are.
+    """Refuse a state holding other ranks' data (ZeRO-3 partitions, ``shard_over_ranks`` slices of another world size
+    or rank) or none where this rank's are expected, naming both.
 
     Example::
 
@@ -191,12 +192,15 @@ def check_partitioning(saved: dict | None, here: dict | None) -> None:
 
     def described(layout: dict | None, whose: str) -> str:
         if not layout:
-            return f"{whose} whole tensors (no ZeRO-3 partitions)"
-        return f"{whose} the DeepSpeed ZeRO-3 partitions of rank {layout.get('rank')} of {layout.get('world_size')}"
+            return f"{whose} whole tensors (no ZeRO-3 partitions, no shard_over_ranks slices)"
+        where = f"rank {layout.get('rank')} of {layout.get('world_size')}"
+        if layout.get("engine") == "shard_over_ranks":
+            return f"{whose} the shard_over_ranks slices of {where} ({layout.get('total')} elements split)"
+        return f"{whose} the DeepSpeed ZeRO-3 partitions of {where}"
 
     raise ValueError(
-        f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: a ZeRO-3 average "
-        "resumes on the same world size, each rank loading the state it saved (its own partitions). To move an "
-        "average to another world size, export it (ema.save_ema_weights(path) on every rank of the old run) and "
-        "load that file into a plain model"
+        f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: a ZeRO-3 or "
+        "shard_over_ranks average resumes on the same world size, each rank loading the state it saved (its own "
+        "partitions or slice). To move an average to another world size, export it (ema.save_ema_weights(path) on "
+        "every rank of the old run) and load that file into a plain model"
     )
