@@ -41,6 +41,11 @@ def save_ema_state(state: dict[str, Any], path: str | Path) -> Path:
     weights, keys = state.get("weights") or {}, state.get("state_dict_keys") or {}
     if not state.get("started") or not weights:
         raise ValueError("the EMA has not started: there are no EMA weights to save")
+    if state.get("partitioning"):
+        raise ValueError(
+            f"the EMA state holds one rank's data ({state['partitioning']}), not the whole average: call "
+            "ema.save_ema_weights(path) on every rank of the run, which gathers it"
+        )
     full = {name: t.full_tensor() if is_dtensor(t) else t for name, t in weights.items()}
     return save_state_dict({key: full[name] for key, name in keys.items()}, path)
 
@@ -66,7 +71,14 @@ def run(args: argparse.Namespace) -> int:
             f"emakit export: {str(args.checkpoint)!r} is a sharded (FSDP) checkpoint folder: call "
             "ema.save_ema_weights(path) on every rank of the run, which gathers the shards"
         )
-    states = ema_states_in_checkpoint(load_checkpoint(args.checkpoint))
+    checkpoint = load_checkpoint(args.checkpoint)
+    if any(isinstance(a, dict) and set(a) == {"per_rank_states"} for a in checkpoint.get("algorithms", [])):
+        raise SystemExit(
+            f"emakit export: checkpoint {str(args.checkpoint)!r} holds an EMA split over ranks "
+            "(shard_over_ranks=True): "
+            "resume the run on as many ranks and call ema.save_ema_weights(path) on every rank, which gathers it"
+        )
+    states = ema_states_in_checkpoint(checkpoint)
     if not states:
         raise SystemExit(f"emakit export: checkpoint {str(args.checkpoint)!r} holds no EMA state")
     if not 0 <= args.index < len(states):

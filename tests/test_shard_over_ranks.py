@@ -1,0 +1,110 @@
+"""``EMA(shard_over_ranks=True)``: each rank of data parallelism keeps and updates 1/N of the average.
+
+Two processes (gloo) run ``shard_over_ranks_script.py`` (by hand, DDP, fp32 and bf16: see its docstring for what
+each run checks) and ``examples/shard_over_ranks.py`` (emakit's ``Trainer(parallelism="ddp")``: checkpoints hold
+every rank's slice and resume bit for bit). One process: without a process group, or on one rank, the average is
+whole; what cannot go together is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrun import torchrun
+
+from emakit import EMA, distributed
+from emakit.cli import main as cli_main
+
+SCRIPT = Path(__file__).with_name("shard_over_ranks_script.py")
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shard_over_ranks.py"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_each_rank_keeps_half_of_the_average_and_the_whole_follows_the_closed_form(tmp_path, dtype):
+    result = torchrun(SCRIPT, dtype, str(tmp_path), timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
+    ratios = [float(r) for r in re.findall(r"the average holds ([0-9.]+) of the unsharded bytes", result.stdout)]
+    assert len(ratios) == 2 and all(r <= 0.51 for r in ratios), ratios
+
+
+def test_the_documented_example_resumes_every_ranks_slice_bit_for_bit(tmp_path):
+    """``examples/shard_over_ranks.py``: 24 steps at once, and 12 then resumed from the checkpoint to 24, end with the
+    same slice on every rank and the same exported file, bit for bit; the evaluation with the average swapped in
+    equals a plain model holding the exported file; ``emakit export`` refuses the split checkpoint, saying why."""
+    runs = {"whole": ["--steps", "24"], "first": ["--steps", "12"], "resumed": ["--steps", "24"]}
+    outputs = {}
+    for run, args in runs.items():
+        out = tmp_path / ("whole" if run == "whole" else "split")
+        result = torchrun(EXAMPLE, *args, "--out", str(out), timeout=110)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        outputs[run] = result.stdout
+    swapped = re.search(r"step 24: eval loss with the EMA swapped in ([0-9.]+)", outputs["whole"])
+    plain = re.search(r"plain model with the exported EMA weights: eval loss ([0-9.]+)", outputs["whole"])
+    assert swapped and plain, outputs["whole"]
+    assert abs(float(swapped[1]) - float(plain[1])) < 1e-5, (swapped[1], plain[1])
+    assert outputs["whole"].count("(split over ranks: True)") == 2, outputs["whole"]
+    checkpoints = [
+        torch.load(tmp_path / run / "checkpoints" / "ep1-ba24.pt", weights_only=True) for run in ("whole", "split")
+    ]
+    states = [c["algorithms"][0]["per_rank_states"] for c in checkpoints]
+    assert len(states[0]) == len(states[1]) == 2
+    for rank in (0, 1):
+        whole, split = states[0][rank], states[1][rank]
+        assert whole["partitioning"]["rank"] == rank and whole["partitioning"]["world_size"] == 2
+        assert whole["num_updates"] == split["num_updates"] == 24
+        for name, value in whole["weights"].items():
+            assert torch.equal(split["weights"][name], value), (rank, name)
+    exported = [safetensors.torch.load_file(tmp_path / run / "ema.safetensors") for run in ("whole", "split")]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][name], exported[1][name]) for name in exported[0])
+    with pytest.raises(SystemExit, match=r"split over ranks.*save_ema_weights"):
+        cli_main(["export", str(tmp_path / "whole" / "checkpoints" / "ep1-ba24.pt"), str(tmp_path / "out.st")])
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def test_without_a_process_group_the_average_is_whole():
+    model = _model()
+    ema = EMA(smoothing=0.5, shard_over_ranks=True)
+    ema.update(model)
+    assert not ema.state_is_per_rank
+    assert ema.state_dict()["partitioning"] is None
+    assert ema.shadow.nbytes >= sum(p.nbytes for p in model.parameters())
+
+
+def test_on_one_rank_the_average_is_whole():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = _model()
+        ema = EMA(smoothing=0.5, shard_over_ranks=True)
+        ema.update(model)
+        assert not ema.state_is_per_rank and ema.state_dict()["partitioning"] is None
+        assert set(ema.ema_state_dict()) == set(model.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flatten_model_with_shard_over_ranks_is_refused():
+    with pytest.raises(ValueError, match="flatten_model=True and shard_over_ranks=True do not go together"):
+        EMA(flatten_model=True, shard_over_ranks=True)
+    with pytest.raises(ValueError, match="shard_over_ranks='yes' must be True or False"):
+        EMA(shard_over_ranks="yes")
+
+
+def test_a_per_rank_state_resumes_on_as_many_ranks_only():
+    saved = distributed.gather_states({"weights": {}})
+    assert distributed.own_state(saved) == {"weights": {}}  # one process: its own entry
+    two = {"per_rank_states": [{"a": 0}, {"a": 1}]}
+    with pytest.raises(ValueError, match=r"per-rank states of 2 rank\(s\), but this run has 1"):
+        distributed.own_state(two)
+    assert distributed.own_state({"weights": {}}) == {"weights": {}}  # not per rank: as it is
