@@ -8,6 +8,7 @@ whole; what cannot go together is refused.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from emakit.cli import main as cli_main
 
 SCRIPT = Path(__file__).with_name("shard_over_ranks_script.py")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shard_over_ranks.py"
+LIGHTNING_SCRIPT = Path(__file__).with_name("shard_over_ranks_lightning_script.py")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -108,3 +110,13 @@ def test_a_per_rank_state_resumes_on_as_many_ranks_only():
     with pytest.raises(ValueError, match=r"per-rank states of 2 rank\(s\), but this run has 1"):
         distributed.own_state(two)
     assert distributed.own_state({"weights": {}}) == {"weights": {}}  # not per rank: as it is
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning is not installed")
+def test_lightning_ddp_averages_its_slice_and_resumes_it_bit_for_bit(tmp_path):
+    """``EMACallback(ema=EMA(shard_over_ranks=True))`` under Lightning's ``strategy="ddp"``: closed form, evaluation
+    with the average, and a checkpoint (written by rank 0 with every rank's slice) resumed bit for bit on every rank:
+    see ``shard_over_ranks_lightning_script.py``."""
+    result = torchrun(LIGHTNING_SCRIPT, str(tmp_path), timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count(": ok") == 2, result.stdout[-3000:] + result.stderr[-3000:]

@@ -10,8 +10,9 @@ only; another rank's or world size's is refused, naming both.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from emakit.distributed.per_rank import gather_states, own_state
 from emakit.shadow import ShadowWeights
 from emakit.time import Time
 
@@ -36,6 +37,10 @@ class EMAState:
     batches_seen: int
     num_skipped: int
     last_smoothing: float | None
+    if TYPE_CHECKING:
+
+        @property
+        def state_is_per_rank(self) -> bool: ...  # EMA
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -54,13 +59,30 @@ class EMAState:
             "partitioning": self.shadow.partitioning(),  # ZeRO-3: whose partitions ("weights" holds this rank's)
         }
 
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """:meth:`state_dict` for a checkpoint that one rank writes for all (DDP, Lightning's DDP strategies): where
+        the state is this rank's only (:attr:`~emakit.EMA.state_is_per_rank`: ``shard_over_ranks``), every rank's
+        gathered to rank 0 as ``{"per_rank_states": [rank 0's, ...]}`` (collective: call it on every rank; None on
+        the others); else :meth:`state_dict`. :meth:`load_state_dict` takes either and picks this rank's.
+
+        Example (a callback's state, saved by rank 0)::
+
+            >>> state = {"ema": ema.checkpoint_state()}
+            >>> ema.load_state_dict(state["ema"])        # on every rank, resuming on as many ranks
+        """
+        if not self.state_is_per_rank:
+            return self.state_dict()
+        return gather_states(self.state_dict())
+
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue from ``state`` (as :meth:`state_dict` gave it): the averages, their counters and clock.
 
         The state must come from an EMA with the same rates (half-lives or smoothings, update interval,
         warmup): resuming with other ones would silently continue another average. ``strict=False``
-        continues with this EMA's rates instead, with a warning.
+        continues with this EMA's rates instead, with a warning. Every rank's states (:meth:`checkpoint_state`):
+        this rank's is loaded, on as many ranks as saved them (else refused, naming both).
         """
+        state = own_state(state)
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"EMA state has version {found!r}; this emakit reads version {_STATE_VERSION}")

@@ -187,7 +187,7 @@ class EMACallback(pl.Callback):
                 self.ema.get_ema_model(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "last_step": self._last_step}
+        return {"ema": self.ema.checkpoint_state(), "last_step": self._last_step}  # shard_over_ranks: every rank's
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"ema", "last_step"} - set(state_dict)
