@@ -9,6 +9,7 @@ whole; what cannot go together is refused.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from emakit.cli import main as cli_main
 SCRIPT = Path(__file__).with_name("shard_over_ranks_script.py")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shard_over_ranks.py"
 LIGHTNING_SCRIPT = Path(__file__).with_name("shard_over_ranks_lightning_script.py")
+HF_SCRIPT = Path(__file__).with_name("shard_over_ranks_hf_script.py")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -118,5 +120,15 @@ def test_lightning_ddp_averages_its_slice_and_resumes_it_bit_for_bit(tmp_path):
     with the average, and a checkpoint (written by rank 0 with every rank's slice) resumed bit for bit on every rank:
     see ``shard_over_ranks_lightning_script.py``."""
     result = torchrun(LIGHTNING_SCRIPT, str(tmp_path), timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count(": ok") == 2, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_hugging_face_ddp_averages_its_slice_evaluates_and_saves_the_whole(tmp_path):
+    """``EMATrainer(ema=EMA(shard_over_ranks=True))`` under DDP on the CPU: see ``shard_over_ranks_hf_script.py``."""
+    tests = str(Path(__file__).parent)
+    path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))  # the emakit under test
+    result = torchrun(HF_SCRIPT, str(tmp_path), timeout=170, PYTHONPATH=path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:] + result.stderr[-3000:]
