@@ -17,9 +17,11 @@ half of the average each: one smoothing, and one of two smoothings (several aver
 - an EMA resumed from a state saved mid-run (``torch.save`` / ``torch.load(weights_only=True)``), loaded before and
   after it sees the model, ends bit for bit as the uninterrupted one; another rank's state, another world size's,
   and a whole (unsplit) state are refused naming both;
-- a write inside the swap (on every rank, or on one rank into the other's slice... of its own) raises on every rank,
-  naming the parameter; the training weights come back bit for bit and the average is unchanged;
+- a write inside the swap (on every rank, or on one rank only, into its own slice) raises on every rank, naming the
+  parameter; the training weights come back bit for bit and the average is unchanged;
 - ``train_with_ema_weights=True`` puts the whole average into the model on every rank; ``update_bn`` works;
+  warmup and ``skip_nonfinite`` follow the unsplit schedule; a reshaped parameter restarts its average while the
+  others' are carried into the new split;
 - weights FSDP2 shards already are refused, naming it.
 
 Every rank prints ``rank R: ok`` at the end.
@@ -32,6 +34,7 @@ import functools
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -153,6 +156,8 @@ def main(dtype_name: str, out: Path) -> None:
     optimizer, optimizer_twin = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, twin))
     ema = EMA(smoothing=SMOOTHING, shard_over_ranks=True)
     several = EMA(smoothing=[SMOOTHING, SECOND], shard_over_ranks=True)
+    warm = EMA(smoothing=SMOOTHING, warmup="tf", skip_nonfinite=True, shard_over_ranks=True)
+    warm_whole = EMA(smoothing=SMOOTHING, warmup="tf", skip_nonfinite=True)  # the schedule, unsplit
     probe = torch.randn(5, 32, generator=torch.Generator().manual_seed(7)).to(dtype)
     history, evaluations, resumed, late = [], [], None, None
     for step in range(1, STEPS + 1):
@@ -161,10 +166,12 @@ def main(dtype_name: str, out: Path) -> None:
         with counting_collectives() as calls:
             ema.update(ddp)  # the DDP wrapper or the module: the same model
             several.update(model)
+            warm.update(model)
             if resumed is not None:
                 resumed.update(model)
                 late.update(model)
         assert calls == [], f"ema.update communicated: {calls}"
+        warm_whole.update(model)
         history.append(weights(model))
         model.eval()
         with torch.no_grad(), counting_collectives() as calls, ema.ema_weights(model):
@@ -191,6 +198,10 @@ def main(dtype_name: str, out: Path) -> None:
     assert_matches(assembled(several.state_dict(), model), expected, "several averages: the first")
     second = assembled({**several.state_dict(), "weights": several.state_dict()["more_weights"][0]}, model)
     assert_matches(second, closed_form(history, SECOND), "several averages: the second")
+
+    warmed, unsplit = assembled(warm.state_dict(), model), warm_whole.state_dict()["weights"]
+    for name, value in unsplit.items():
+        torch.testing.assert_close(warmed[name], value, atol=1e-6, rtol=1e-6, msg=f"warmup: {name}")
 
     # bytes: about 1/2 of the unsharded average on each rank
     whole = EMA(smoothing=SMOOTHING)
@@ -237,6 +248,7 @@ def main(dtype_name: str, out: Path) -> None:
     check_train_with_ema_weights(model, dtype)
     check_update_bn(ema, model, dtype)
     check_fsdp2_refused(rank)
+    check_a_changed_model_is_laid_out_again(dtype)
     print(f"rank {rank}: ok", flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -318,6 +330,30 @@ def check_update_bn(ema: EMA, model: nn.Module, dtype: torch.dtype) -> None:
         for x in loader:
             measured(x)
     torch.testing.assert_close(reference[1].running_mean, measured[1].running_mean, msg="update_bn: running_mean")
+
+
+def check_a_changed_model_is_laid_out_again(dtype: torch.dtype) -> None:
+    """A reshaped parameter restarts its average (with a warning); the others' averages are carried into the new
+    split (gathered to every rank: the slices move)."""
+    model = make_model(dtype)
+    ema = EMA(smoothing=SMOOTHING, shard_over_ranks=True)
+    ema.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    ema.update(model)
+    before = assembled(ema.state_dict(), model)
+    model[0] = nn.Linear(32, 128).to(dtype)  # reshaped: the flat layout, and every rank's slice, shift
+    model[1] = nn.BatchNorm1d(128).to(dtype)
+    model[3] = nn.Linear(128, 256).to(dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ema.attach(model)
+    assert any("new or reshaped" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    after = assembled(ema.state_dict(), model)
+    for name in ("5.weight", "5.bias", "3.bias"):
+        assert torch.equal(after[name], before[name]), f"carried average differs: {name}"
+    torch.testing.assert_close(after["0.weight"], model[0].weight.detach().float(), msg="restarted average")
 
 
 def check_fsdp2_refused(rank: int) -> None:
