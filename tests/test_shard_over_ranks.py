@@ -132,3 +132,18 @@ def test_hugging_face_ddp_averages_its_slice_evaluates_and_saves_the_whole(tmp_p
     result = torchrun(HF_SCRIPT, str(tmp_path), timeout=170, PYTHONPATH=path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_the_bench_has_a_2_rank_row_of_update_time_and_bytes_against_the_whole_ema():
+    """``emakit bench``'s 2-rank row (quick): both EMAs timed in the same run; each rank's split average holds about
+    half the whole one's bytes. Speed itself is not asserted (the machine is shared)."""
+    import argparse
+
+    from emakit.bench.ranks import bench_ranks
+    from emakit.bench.report import summary_tables
+
+    row = bench_ranks(argparse.Namespace(layouts=["convnet"], repeats=3, warmup=1, threads=1, quick=True))
+    assert row["ranks"] == 2 and len(row["per_rank"]) == 2
+    assert row["bytes_ratio"] <= 0.51, row
+    assert row["split_update_s"] > 0 and row["whole_update_s"] > 0 and row["update_ratio"] > 0
+    assert "EMA(shard_over_ranks=True) vs the whole EMA" in summary_tables({"layouts": {}, "ranks": row})

@@ -10,8 +10,9 @@ roofline is a flat ``ema.lerp_(param, w)`` over as many elements, timed in the s
 a device-to-device copy moving as many bytes. Then per layout, for both modes of ``EMA``: the time of
 an ``ema_weights`` swap in and out against one copy of the weights and against torch_ema's
 ``average_parameters()``, and the extra bytes a Trainer evaluation holds with the EMA; the peak
-memory of attaching an EMA to a 200M-parameter model (a fresh process per mode); and the wall time
-of a short Trainer run with an EMA every batch against one without.
+memory of attaching an EMA to a 200M-parameter model (a fresh process per mode); on 2 CPU processes, the
+update and swap time and the bytes per rank of ``EMA(shard_over_ranks=True)`` against the whole EMA; and the wall
+time of a short Trainer run with an EMA every batch against one without.
 
 Every implementation is checked against the closed form of one step before it is timed. Ratios are
 measured in one run; absolute times depend on the machine (``--json`` records it). Each ratio the
@@ -35,6 +36,7 @@ import torch
 from emakit.bench.layouts import LAYOUTS
 from emakit.bench.memory import bench_attach_memory, bench_eval_memory
 from emakit.bench.peers import IMPLEMENTATIONS, import_error
+from emakit.bench.ranks import bench_ranks
 from emakit.bench.report import layout_table, machine, summary_tables
 from emakit.bench.swap import bench_swap
 from emakit.bench.training import bench_trainer
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every number to PATH")
     parser.add_argument("--quick", action="store_true", help="tiny layouts and few repeats, for tests")
     parser.add_argument("--no-trainer", dest="trainer", action="store_false", help="skip the trainer-overhead runs")
+    parser.add_argument(
+        "--no-ranks", dest="ranks", action="store_false", help="skip the 2-rank row (shard_over_ranks vs whole)"
+    )
     parser.add_argument(
         "--no-attach", dest="attach", action="store_false", help="skip the memory of attaching an EMA to a 200M model"
     )
@@ -91,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     first = args.layouts[0]
     results["several"] = bench_several(first, LAYOUTS[first](args.quick).to(args.device), args)
     results["posthoc"] = bench_posthoc(first, LAYOUTS[first](args.quick).to(args.device), args)
+    if args.ranks:
+        results["ranks"] = bench_ranks(args)
     if args.attach:
         results["attach_memory"] = bench_attach_memory(args)
     if args.trainer:

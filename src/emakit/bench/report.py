@@ -197,6 +197,25 @@ def summary_tables(results: dict[str, Any]) -> str:
             "(peak - memory before the model) / the model's bytes; build ratio: the same after building (1.0)\n"
             f"{table}"
         )
+    ranks = results.get("ranks")
+    if ranks:
+        table = format_table(
+            ["layout", "EMA", "update ms", "swap ms", "MB per rank"],
+            [
+                [ranks["layout"], kind, _ms(ranks[f"{key}_update_s"]), _ms(ranks[f"{key}_swap_s"]), f"{size:.2f}"]
+                for kind, key, size in (
+                    ("whole", "whole", ranks["whole_bytes"] / 1e6),
+                    ("shard_over_ranks", "split", ranks["split_bytes"] / 1e6),
+                )
+            ]
+            + [[ranks["layout"], "split / whole", f"{ranks['update_ratio']:.3f}", "", f"{ranks['bytes_ratio']:.4f}"]],
+        )
+        parts.append(
+            f"== {ranks['ranks']} ranks (CPU processes, gloo, the threads shared): EMA(shard_over_ranks=True) vs the "
+            "whole EMA on every rank, timed round-robin in the same run; the slowest rank's medians. An update "
+            "reads 1/N of the weights with no communication; a swap all-gathers the average\n"
+            f"{table}"
+        )
     trainer = results.get("trainer")
     if trainer:
         table = format_table(
