@@ -1,9 +1,10 @@
 """``EMA(shard_over_ranks=True)``: each rank of data parallelism keeps and updates 1/N of the average.
 
 Two processes (gloo) run ``shard_over_ranks_script.py`` (by hand, DDP, fp32 and bf16: see its docstring for what
-each run checks) and ``examples/shard_over_ranks.py`` (emakit's ``Trainer(parallelism="ddp")``: checkpoints hold
-every rank's slice and resume bit for bit). One process: without a process group, or on one rank, the average is
-whole; what cannot go together is refused.
+each run checks), ``examples/shard_over_ranks.py`` (emakit's ``Trainer(parallelism="ddp")``: checkpoints hold
+every rank's slice and resume bit for bit), Lightning's DDP strategy, the Hugging Face Trainer under DDP, a DeepSpeed
+ZeRO-2 engine, and ``emakit bench``'s 2-rank row. One process: without a process group, or on one rank, the average
+is whole; what cannot go together is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SCRIPT = Path(__file__).with_name("shard_over_ranks_script.py")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shard_over_ranks.py"
 LIGHTNING_SCRIPT = Path(__file__).with_name("shard_over_ranks_lightning_script.py")
 HF_SCRIPT = Path(__file__).with_name("shard_over_ranks_hf_script.py")
+ZERO_SCRIPT = Path(__file__).with_name("shard_over_ranks_zero_script.py")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -147,3 +149,15 @@ def test_the_bench_has_a_2_rank_row_of_update_time_and_bytes_against_the_whole_e
     assert row["bytes_ratio"] <= 0.51, row
     assert row["split_update_s"] > 0 and row["whole_update_s"] > 0 and row["update_ratio"] > 0
     assert "EMA(shard_over_ranks=True) vs the whole EMA" in summary_tables({"layouts": {}, "ranks": row})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_a_deepspeed_zero2_engine_averages_its_slice_and_zero3_is_refused(tmp_path):
+    """ZeRO-2 (bf16, whole parameters) split over the ranks: see ``shard_over_ranks_zero_script.py``. The first
+    DeepSpeed run compiles its CPU communication op (~30 s), cached in ``TORCH_EXTENSIONS_DIR``."""
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
+    result = torchrun(
+        ZERO_SCRIPT, "2", "bf16", timeout=170, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count(": ok") == 2, result.stdout[-3000:]

@@ -153,14 +153,18 @@ class ShadowLayout:
         elif self.swapped:
             raise RuntimeError("the EMA weights are swapped into another model; swap them out first")
         pending, saved = self._pending, self._pending_partitioning
-        self._pending, self._pending_partitioning = None, UNKNOWN
         if self._groups:
             self._layout(model, self._carried(), strict=self._model is not model)
         elif isinstance(saved, dict) and saved.get("engine") == ENGINE and pending is not None:
             self._layout(model, None, strict=True)  # a state of slices: laid out, then each rank loads its own
-            self._load_into_groups(pending, saved)
+            try:
+                self._load_into_groups(pending, saved)
+            except BaseException:
+                self._groups, self._model, self._tracked = [], None, None  # refused: nothing laid out, still pending
+                raise
         else:
             self._layout(model, pending, strict=True, saved_partitioning=saved)
+        self._pending, self._pending_partitioning = None, UNKNOWN
         return model
 
     def _follow(self, tracked: TrackedTensors) -> None:
