@@ -10,10 +10,11 @@ only; another rank's or world size's is refused, naming both.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from emakit.distributed.per_rank import gather_states, own_state
 from emakit.shadow import ShadowWeights
+from emakit.storage.ranks import ranks
 from emakit.time import Time
 
 __all__ = ["EMAState"]
@@ -37,10 +38,7 @@ class EMAState:
     batches_seen: int
     num_skipped: int
     last_smoothing: float | None
-    if TYPE_CHECKING:
-
-        @property
-        def state_is_per_rank(self) -> bool: ...  # EMA
+    shard_over_ranks: bool
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -60,19 +58,20 @@ class EMAState:
         }
 
     def checkpoint_state(self) -> dict[str, Any] | None:
-        """:meth:`state_dict` for a checkpoint that one rank writes for all (DDP, Lightning's DDP strategies): where
-        the state is this rank's only (:attr:`~emakit.EMA.state_is_per_rank`: ``shard_over_ranks``), every rank's
-        gathered to rank 0 as ``{"per_rank_states": [rank 0's, ...]}`` (collective: call it on every rank; None on
-        the others); else :meth:`state_dict`. :meth:`load_state_dict` takes either and picks this rank's.
+        """:meth:`state_dict` for a checkpoint that one rank writes for all (DDP, Lightning's DDP strategies): with
+        ``shard_over_ranks`` on several ranks, every rank's slice gathered to rank 0 as ``{"per_rank_states":
+        [rank 0's, ...]}`` (collective: call it on every rank; None on the others); else :meth:`state_dict` (ZeRO-3
+        partitions too: DeepSpeed writes a checkpoint on every rank, each holding its own). :meth:`load_state_dict`
+        takes either and picks this rank's.
 
         Example (a callback's state, saved by rank 0)::
 
             >>> state = {"ema": ema.checkpoint_state()}
             >>> ema.load_state_dict(state["ema"])        # on every rank, resuming on as many ranks
         """
-        if not self.state_is_per_rank:
-            return self.state_dict()
-        return gather_states(self.state_dict())
+        if getattr(self, "shard_over_ranks", False) and ranks() is not None:
+            return gather_states(self.state_dict())
+        return self.state_dict()
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue from ``state`` (as :meth:`state_dict` gave it): the averages, their counters and clock.
