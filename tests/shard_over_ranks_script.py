@@ -21,7 +21,8 @@ half of the average each: one smoothing, and one of two smoothings (several aver
   parameter; the training weights come back bit for bit and the average is unchanged;
 - ``train_with_ema_weights=True`` puts the whole average into the model on every rank; ``update_bn`` works;
   warmup and ``skip_nonfinite`` follow the unsplit schedule; a reshaped parameter restarts its average while the
-  others' are carried into the new split;
+  others' are carried into the new split; channels-last tensors (split in memory order) export, swap and make
+  ``ema_model`` in their own layout;
 - weights FSDP2 shards already are refused, naming it.
 
 Every rank prints ``rank R: ok`` at the end.
@@ -249,6 +250,7 @@ def main(dtype_name: str, out: Path) -> None:
     check_update_bn(ema, model, dtype)
     check_fsdp2_refused(rank)
     check_a_changed_model_is_laid_out_again(dtype)
+    check_channels_last(rank)
     print(f"rank {rank}: ok", flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -354,6 +356,30 @@ def check_a_changed_model_is_laid_out_again(dtype: torch.dtype) -> None:
     for name in ("5.weight", "5.bias", "3.bias"):
         assert torch.equal(after[name], before[name]), f"carried average differs: {name}"
     torch.testing.assert_close(after["0.weight"], model[0].weight.detach().float(), msg="restarted average")
+
+
+def check_channels_last(rank: int) -> None:
+    """Tensors whose memory order is not their logical order (channels-last convolutions) are split in memory order:
+    the exports, the swap and ema_model hold the closed form in the model's own layout."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 5, 3)).to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    ema = EMA(smoothing=SECOND, shard_over_ranks=True)
+    history = []
+    for scale in (1.0, -0.5, 2.0):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale).add_(0.25)
+        ema.update(model)
+        history.append(weights(model))
+    expected = closed_form(history, SECOND)
+    exported = ema.ema_state_dict()
+    if rank == 0:
+        assert_matches(exported, expected, "channels-last export")
+    assert_matches(weights(ema.ema_model), expected, "channels-last ema_model")
+    with torch.no_grad(), ema.ema_weights(model):
+        assert_matches(weights(model), expected, "channels-last swap")
+        assert not model[0].weight.is_contiguous()  # the model keeps its layout
 
 
 def check_fsdp2_refused(rank: int) -> None:

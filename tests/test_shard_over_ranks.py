@@ -161,3 +161,35 @@ def test_a_deepspeed_zero2_engine_averages_its_slice_and_zero3_is_refused(tmp_pa
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_the_ranks_slices_cover_the_flat_layout_once_in_memory_order(world):
+    """Every element of every tensor is in exactly one rank's pieces, in memory order (channels-last too), and every
+    rank's slice is at most ceil(total / world) elements."""
+    from emakit.storage.ranks import RankSlices, flat
+
+    torch.manual_seed(0)
+    tensors = [
+        torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        torch.randn(7),
+        torch.randn(0),
+        torch.randn(3, 11),
+    ]
+    names = [f"t{i}" for i in range(len(tensors))]
+    memory_order = torch.cat([tensors[0].permute(0, 2, 3, 1).reshape(-1), *(t.reshape(-1) for t in tensors[1:])])
+    slices = [RankSlices(names, tensors, rank, world) for rank in range(world)]
+    pieces = [flat(tensors[k])[a:b] for s in slices for k, a, b in s.pieces]
+    assert torch.equal(torch.cat(pieces), memory_order)
+    size = -(-memory_order.numel() // world)
+    assert all(s.size == size and sum(b - a for _, a, b in s.pieces) <= size for s in slices)
+    for k in range(len(tensors)):  # who holds what of each tensor, as every rank computes it
+        held = [(r, a, b) for r, s in enumerate(slices) for kk, a, b in s.pieces if kk == k]
+        assert slices[0].owners(k) == held, (k, held)
+
+
+def test_a_strided_view_with_gaps_is_refused_naming_it():
+    from emakit.storage.ranks import RankSlices
+
+    with pytest.raises(ValueError, match="'w' is not dense"):
+        RankSlices(["w"], [torch.randn(4, 6)[:, ::2]], rank=0, world=2)
