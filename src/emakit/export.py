@@ -91,7 +91,13 @@ def ema_states_at(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(checkpoint, dict) and "format_version" in checkpoint:
             from emakit.trainer.checkpoint import load_checkpoint  # CRC-checked
 
-            states = ema_states_in_checkpoint(load_checkpoint(path))
+            checkpoint = load_checkpoint(path)
+            if any(isinstance(a, dict) and set(a) == {"per_rank_states"} for a in checkpoint.get("algorithms", [])):
+                raise ValueError(
+                    f"checkpoint {str(path)!r} holds an EMA split over ranks (shard_over_ranks=True): resume the run "
+                    "on as many ranks and call ema.save_ema_weights(path) on every rank, which gathers it"
+                )
+            states = ema_states_in_checkpoint(checkpoint)
         else:
             states = [checkpoint] if _is_ema_state(checkpoint) else []
     for state in states:

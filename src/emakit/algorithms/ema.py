@@ -99,6 +99,11 @@ class EMAAlgorithm(Algorithm):
             )
         ema.set_run_length(end, start, state.in_batches(ema.update_interval))
 
+    @property
+    def state_is_per_rank(self) -> bool:
+        """The EMA's :attr:`~emakit.EMA.state_is_per_rank` (``shard_over_ranks`` on several ranks)."""
+        return self.ema.state_is_per_rank
+
     def training_weights(self, state: State) -> contextlib.AbstractContextManager:
         """Inside, ``state.model`` holds its training weights, even during an evaluation."""
         return self.ema.training_weights(state.model)

@@ -10,9 +10,10 @@ roofline is a flat ``ema.lerp_(param, w)`` over as many elements, timed in the s
 a device-to-device copy moving as many bytes. Then per layout, for both modes of ``EMA``: the time of
 an ``ema_weights`` swap in and out against one copy of the weights and against torch_ema's
 ``average_parameters()``, and the extra bytes a Trainer evaluation holds with the EMA; the peak
-memory of attaching an EMA to a 200M-parameter model (a fresh process per mode); the per-rank update time
-and bytes of an average of FSDP2 shards against the whole average, on 2 processes (:mod:`emakit.bench.ranks`);
-and the wall time of a short Trainer run with an EMA every batch against one without.
+memory of attaching an EMA to a 200M-parameter model (a fresh process per mode); on 2 CPU processes, the
+update and swap time and the bytes per rank of ``EMA(shard_over_ranks=True)`` and of an EMA of FSDP2 shards against
+the whole EMA (:mod:`emakit.bench.ranks`); and the wall time of a short Trainer run with an EMA every batch against
+one without.
 
 Every implementation is checked against the closed form of one step before it is timed. Ratios are
 measured in one run; absolute times depend on the machine (``--json`` records it). Each ratio the
@@ -63,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-attach", dest="attach", action="store_false", help="skip the memory of attaching an EMA to a 200M model"
     )
     parser.add_argument(
-        "--no-ranks", dest="ranks", action="store_false", help="skip the 2-process run of a sharded average (CPU)"
+        "--no-ranks",
+        dest="ranks",
+        action="store_false",
+        help="skip the 2-process run (shard_over_ranks, FSDP2 vs whole)",
     )
 
 

@@ -199,25 +199,27 @@ def summary_tables(results: dict[str, Any]) -> str:
         )
     ranks = results.get("ranks")
     if ranks and "skipped" not in ranks:
-        table = format_table(
-            ["layout", "ranks", "whole ms", "shards ms", "time ratio", "whole MB", "shards MB", "bytes ratio"],
+        rows = [
             [
-                [
-                    ranks["layout"],
-                    ranks["ranks"],
-                    _ms(ranks["whole_s"]),
-                    _ms(ranks["sharded_s"]),
-                    f"{ranks['time_ratio']:.3f}",
-                    f"{ranks['whole_bytes'] / 1e6:.2f}",
-                    f"{ranks['sharded_bytes'] / 1e6:.2f}",
-                    verdict(ranks["bytes_ratio"], targets.RANK_BYTES),
-                ]
-            ],
+                ranks["layout"],
+                kind,
+                _ms(ranks[f"{kind}_update_s"]),
+                "" if kind == "whole" else f"{ranks[f'{kind}_update_ratio']:.3f}",
+                _ms(ranks[f"{kind}_swap_s"]),
+                f"{ranks[f'{kind}_bytes'] / 1e6:.2f}",
+                "" if kind == "whole" else verdict(ranks[f"{kind}_bytes_ratio"], targets.RANK_BYTES, ".4f"),
+            ]
+            for kind in ranks["kinds"]
+        ]
+        limit = f"target {targets.RANK_BYTES.op} {targets.RANK_BYTES.limit:g}"
+        table = format_table(
+            ["layout", "EMA", "update ms", "/ whole", "swap ms", "MB per rank", f"bytes / whole ({limit})"], rows
         )
         parts.append(
-            f"== ranks: per rank of {ranks['ranks']} processes (gloo), an EMA of the FSDP2-sharded model (each rank "
-            "averages its shards, no communication) against an EMA of the whole model (what each DDP rank keeps); "
-            f"round-robin medians, the slowest rank's time and the largest rank's bytes\n{table}"
+            f"== ranks: {ranks['ranks']} CPU processes (gloo, the threads shared), per rank: "
+            "EMA(shard_over_ranks=True) and an EMA of FSDP2 shards against the whole EMA every DDP rank keeps, timed "
+            "round-robin in the same run; the slowest rank's medians and the largest rank's bytes. No update "
+            f"communicates; a shard_over_ranks swap all-gathers the average\n{table}"
         )
     elif ranks:
         parts.append(f"== ranks: skipped ({ranks['skipped']})")

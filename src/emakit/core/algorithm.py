@@ -43,6 +43,12 @@ class Algorithm:
         """Run the algorithm at ``event``."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply(event, state, logger)")
 
+    @property
+    def state_is_per_rank(self) -> bool:
+        """Whether :meth:`state_dict` differs per rank (each rank keeps a slice of something): a checkpoint written
+        by one rank then holds every rank's (:func:`emakit.distributed.gather_states`). False by default."""
+        return False
+
     def training_weights(self, state: State) -> contextlib.AbstractContextManager:
         """A context inside which ``state.model`` holds its training weights.
 

@@ -36,6 +36,7 @@ from emakit.distributed.environment import (
     world_size,
 )
 from emakit.distributed.errors import CollectiveError, explain_failures
+from emakit.distributed.per_rank import PER_RANK, gather_states, is_per_rank, own_state
 from emakit.distributed.reductions import all_reduce_sums, from_rank0, max_over_ranks, sum_over_ranks
 from emakit.distributed.wrapping import (
     FSDP_ON_CPU_SINCE,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # imported on first use (__getattr__ below); type checkers se
 __all__ = [
     "FSDP_ON_CPU_SINCE",
     "PARALLELISMS",
+    "PER_RANK",
     "TORCH_VERSION",
     "CollectiveError",
     "EvalShardSampler",
@@ -67,10 +69,13 @@ __all__ = [
     "explain_failures",
     "forward_module",
     "from_rank0",
+    "gather_states",
     "initialize",
     "is_main",
+    "is_per_rank",
     "local_rank",
     "max_over_ranks",
+    "own_state",
     "rank",
     "repoint_optimizers",
     "shard_eval_loader",

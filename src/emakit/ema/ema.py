@@ -31,6 +31,7 @@ from emakit.ema.state import EMAState
 from emakit.ema.swaps import EMASwaps
 from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
 from emakit.shadow import ShadowWeights
+from emakit.storage.ranks import ranks
 from emakit.time import Time, TimeUnit, as_time
 from emakit.tracked import Selection
 
@@ -86,6 +87,12 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         flatten_model: re-point the model's tensors into one flat buffer per (device, dtype), so an
             update is one kernel and a swap moves no data. Off by default: the model's tensors then
             stay where they are, which every other library relies on. See the README for the contract.
+        shard_over_ranks: under data parallelism (DDP, ZeRO-1/2: every rank holds the whole weights), each rank
+            keeps and updates 1/N of each average (a contiguous slice of the parameters laid end to end), with no
+            communication per update; swaps all-gather the average into the model, exports gather it to rank 0,
+            a state holds this rank's slice (it resumes on the same world size). Without a process group, or on
+            one rank, the average is whole. Buffers stay whole. Not with ``flatten_model``; refused for weights
+            an engine shards already (FSDP2, ZeRO-3). See ``docs/integrations/shard_over_ranks.md``.
 
     In a :class:`~emakit.Trainer`, pass it in ``algorithms=[ema]`` (the trainer runs :meth:`as_algorithm`):
     it updates at batch (or epoch) ends and evaluation uses the average. By hand, in any loop::
@@ -120,6 +127,7 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         trainable_only: bool = False,
         buffers: str = "average",
         flatten_model: bool = False,
+        shard_over_ranks: bool = False,
         *,
         decay: float | Sequence[float] | None = None,
         schedule: Callable[[int], float] | Sequence[Callable[[int], float]] | None = None,
@@ -155,9 +163,17 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         self.num_skipped = 0  # update events skipped because the weights held NaN or Inf
         selection = Selection.of(include, exclude, trainable_only, buffers)
         self.shadows = [  # one per average; only the first may bind the model (flatten_model)
-            ShadowWeights(ema_dtype, ema_device, async_update, flatten_model and index == 0, selection)
+            ShadowWeights(
+                ema_dtype,
+                ema_device,
+                async_update,
+                flatten_model and index == 0,
+                selection,
+                shard_over_ranks=shard_over_ranks,
+            )
             for index in range(self._rates.count)
         ]
+        self.shard_over_ranks = shard_over_ranks
         self.shadow = self.shadows[0]
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
@@ -299,6 +315,20 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         writing the weights any other way right after an update (a weight clamp, ``load_state_dict``)."""
         for shadow in self.shadows:
             shadow.wait()
+
+    @property
+    def state_is_per_rank(self) -> bool:
+        """Whether :meth:`state_dict` holds this rank's data only (``shard_over_ranks`` slices on several ranks,
+        DeepSpeed ZeRO-3 partitions): every rank must then save its own state and load it back on the same rank of
+        the same world size, where a whole average is saved by one rank and loaded by all.
+
+        Example (an integration's checkpoint hook)::
+
+            >>> name = f"ema-rank{rank}.pt" if ema.state_is_per_rank else "ema.pt"
+        """
+        if self.shard_over_ranks and ranks() is not None:
+            return True
+        return self.shadow.partitioning() is not None
 
     def attach(self, model: nn.Module) -> None:
         """Lay every average out for ``model`` now (allocating it) rather than at the first update."""

@@ -14,7 +14,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from emakit.distributed.per_rank import gather_states, own_state
 from emakit.shadow import ShadowWeights
+from emakit.storage.ranks import ranks
 from emakit.time import Time
 
 __all__ = ["EMAState"]
@@ -41,6 +43,7 @@ class EMAState:
     schedules: tuple[Callable[[int], float], ...] | None
     last_scheduled: tuple[int, tuple[float, ...]] | None
     labels: property
+    shard_over_ranks: bool
 
     # ------------------------------------------------------------------ state
     def state_dict(self, whole: bool = False) -> dict[str, Any]:
@@ -72,13 +75,31 @@ class EMAState:
             "partitioning": None if whole else self.shadow.partitioning(),  # ZeRO-3: whose partitions it holds
         }
 
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """:meth:`state_dict` for a checkpoint that one rank writes for all (DDP, Lightning's DDP strategies): with
+        ``shard_over_ranks`` on several ranks, every rank's slice gathered to rank 0 as ``{"per_rank_states":
+        [rank 0's, ...]}`` (collective: call it on every rank; None on the others); else :meth:`state_dict` (ZeRO-3
+        partitions too: DeepSpeed writes a checkpoint on every rank, each holding its own). :meth:`load_state_dict`
+        takes either and picks this rank's.
+
+        Example (a callback's state, saved by rank 0)::
+
+            >>> state = {"ema": ema.checkpoint_state()}
+            >>> ema.load_state_dict(state["ema"])        # on every rank, resuming on as many ranks
+        """
+        if getattr(self, "shard_over_ranks", False) and ranks() is not None:
+            return gather_states(self.state_dict())
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue from ``state`` (as :meth:`state_dict` gave it): the averages, their counters and clock.
 
         The state must come from an EMA with the same rates (half-lives or smoothings, update interval,
         warmup): resuming with other ones would silently continue another average. ``strict=False``
-        continues with this EMA's rates instead, with a warning.
+        continues with this EMA's rates instead, with a warning. Every rank's states (:meth:`checkpoint_state`):
+        this rank's is loaded, on as many ranks as saved them (else refused, naming both).
         """
+        state = own_state(state)
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"EMA state has version {found!r}; this emakit reads version {_STATE_VERSION}")

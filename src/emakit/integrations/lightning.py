@@ -203,7 +203,7 @@ class EMACallback(pl.Callback):
         load_shards(trainer, checkpoint, self.state_key, laid_out_state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "last_step": self._last_step}
+        return {"ema": self.ema.checkpoint_state(), "last_step": self._last_step}  # shard_over_ranks: every rank's
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"ema", "last_step"} - set(state_dict)

@@ -23,6 +23,7 @@ from torch import nn
 
 from emakit.storage import BoundGroup, CastGroup, Group, InPlaceGroup
 from emakit.storage.layout import is_dense, normalize_device
+from emakit.storage.ranks import ENGINE, record, split_over_ranks
 from emakit.storage.sharded import (
     check_partitioning,
     full_shape,
@@ -34,6 +35,7 @@ from emakit.storage.sharded import (
     state_dict_keys,
     state_shape,
 )
+from emakit.storage.sliced import SLICED
 from emakit.storage.unsupported import refuse_unsupported
 from emakit.tracked import (
     EVERYTHING,
@@ -117,8 +119,11 @@ class ShadowLayout:
     ema_dtype: str | torch.dtype
     ema_device: torch.device | None
     flatten_model: bool
+    shard_over_ranks: bool
 
     _current: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # ShadowState
+    _carried: Callable[[], dict[str, torch.Tensor]]  # ShadowState
+    _load_into_groups: Callable[[dict[str, torch.Tensor], dict | Unknown | None], None]  # ShadowState
     if TYPE_CHECKING:
 
         @property
@@ -155,10 +160,18 @@ class ShadowLayout:
                 return model
         elif self.swapped:
             raise RuntimeError("the EMA weights are swapped into another model; swap them out first")
+        pending, saved = self._pending, self._pending_partitioning
         if self._groups:
-            self._layout(model, dict(self._current()), strict=self._model is not model)
+            self._layout(model, self._carried(), strict=self._model is not model)
+        elif isinstance(saved, dict) and saved.get("engine") == ENGINE and pending is not None:
+            self._layout(model, None, strict=True)  # a state of slices: laid out, then each rank loads its own
+            try:
+                self._load_into_groups(pending, saved)
+            except BaseException:
+                self._groups, self._model, self._tracked = [], None, None  # refused: nothing laid out, still pending
+                raise
         else:
-            self._layout(model, self._pending, strict=True, saved_partitioning=self._pending_partitioning)
+            self._layout(model, pending, strict=True, saved_partitioning=saved)
         self._pending, self._pending_partitioning = None, UNKNOWN
         return model
 
@@ -180,8 +193,13 @@ class ShadowLayout:
         tracked = TrackedTensors(model, self.selection)
         named = tracked.named
         refuse_unsupported(model, named)  # placeholders of engines emakit does not understand: never averaged
+        place = split_over_ranks(named, self.shard_over_ranks)  # (rank, world): parameters split 1/N, or None
+        here = partitioning(named.values())
+        if place is not None:
+            split = sum(t.numel() for t in named.values() if _kind(t, self.selection) == "parameters")
+            here = record(*place, split)
         if carried is not None and saved_partitioning is not UNKNOWN:  # a loaded state: this rank's partitions?
-            check_partitioning(saved_partitioning, partitioning(named.values()))
+            check_partitioning(saved_partitioning, here)
         if not any(_kind(t, self.selection) != "copied" for t in named.values()):
             raise ValueError(
                 f"{type(model).__name__} has no floating-point parameters or buffers to average"
@@ -218,7 +236,9 @@ class ShadowLayout:
             ema_dtype = dtype if kind == "copied" else resolve_ema_dtype(self.ema_dtype, dtype)
             ema_device = normalize_device(self.ema_device or device)
             in_place = (ema_dtype, ema_device) == (source_dtype, source_device)  # an update reads the sources as is
-            mode = BoundGroup if bound else InPlaceGroup if in_place else CastGroup
+            mode: type[Group] = BoundGroup if bound else InPlaceGroup if in_place else CastGroup
+            if place is not None and kind == "parameters":  # each rank keeps its slice (buffers stay whole)
+                mode = SLICED[mode]
             self._groups.append(mode(kind, entries, ema_dtype, ema_device, start=carried))
         tracked.accept_moves()  # binding moved the bound tensors
         self._model, self._tracked, self._key = model, tracked, _layout_key(named, self.selection)

@@ -18,15 +18,16 @@ from emakit.average_module import average_module, gathered_module
 from emakit.distributed.environment import is_main
 from emakit.shadow.layout import UNKNOWN, Unknown
 from emakit.storage import Group
+from emakit.storage.ranks import ENGINE
 from emakit.storage.sharded import (
     check_partitioning,
     export_names,
     exported,
     is_dtensor,
     localized,
-    partitioning,
     present,
 )  # fmt: skip
+from emakit.storage.sliced import RankSliced
 from emakit.tracked import describe_mismatch, match_wrapped_names, unwrap
 
 __all__ = ["ShadowState"]
@@ -65,11 +66,24 @@ class ShadowState:
         return {name: t.detach() for name, t in self._current()}
 
     def partitioning(self) -> dict | None:
-        """Whose partitions this average holds (:func:`emakit.storage.sharded.partitioning`): ZeRO-3's rank and
-        world size, else None. A state saved here loads only where it is the same."""
+        """Whose data this average holds: ZeRO-3's partitions (:func:`emakit.storage.sharded.partitioning`: rank and
+        world size), ``shard_over_ranks``' slices (:func:`emakit.storage.ranks.record`: rank, world size and the
+        elements split), else None. A state saved here loads only where it is the same."""
         if not self._groups:
             return None if self._pending_partitioning is UNKNOWN else self._pending_partitioning
-        return partitioning(t for group in self._groups for t in group.tensors)
+        records = [r for r in (group.partitioning() for group in self._groups) if r is not None]
+        if not records:
+            return None
+        if records[0].get("engine") == ENGINE:  # one record for the groups split over ranks: their elements in all
+            return {**records[0], "total": sum(r["total"] for r in records if r.get("engine") == ENGINE)}
+        return records[0]
+
+    def _carried(self) -> dict[str, torch.Tensor]:
+        """The average by name, to carry into a new layout: whole tensors, gathered to every rank where this rank
+        holds slices only (collective then: every rank lays out again, as data parallelism changes models alike)."""
+        if any(isinstance(group, RankSliced) for group in self._groups):
+            return {name: value for name, value in self.full_averages(everywhere=True) if value is not None}
+        return dict(self._current())
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], partitioning: dict | Unknown | None = UNKNOWN) -> None:
@@ -90,6 +104,10 @@ class ShadowState:
             return
         if self.swapped:
             raise RuntimeError("cannot load EMA state while the EMA weights are swapped in")
+        self._load_into_groups(state, partitioning)
+
+    def _load_into_groups(self, state: dict[str, torch.Tensor], partitioning: dict | Unknown | None) -> None:
+        """Copy ``state`` (this process's data of each average, as :meth:`state_dict` gives it) into the groups."""
         if partitioning is not UNKNOWN:
             check_partitioning(partitioning, self.partitioning())
         self._snapshot = None
@@ -105,28 +123,43 @@ class ShadowState:
         for name, tensor in current.items():
             tensor.copy_(state[name])
 
-    def full_averages(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def full_averages(self, copy: bool = True, everywhere: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
         """``(name, full average)`` one tensor at a time, in the model's ``state_dict`` order (the same on every
-        rank): a tensor where this rank receives it, None where it does not (ZeRO-3, FSDP1: ranks other than 0).
-        Names are export names (:attr:`state_dict_keys`' values): an FSDP1 FlatParameter's average stands for several.
+        rank): a tensor where this rank receives it, None where it does not (ZeRO-3, FSDP1 and ``shard_over_ranks``:
+        ranks other than 0, unless ``everywhere`` for ``shard_over_ranks``). Names are export names
+        (:attr:`state_dict_keys`' values): an FSDP1 FlatParameter's average stands for several.
 
-        Sharded averages are gathered (:func:`emakit.storage.sharded.exported`; collective: every rank iterates
-        to the end); others are copies, or with ``copy=False`` the average's own memory (read it, never write
-        it). A loaded average not laid out for a model yet gathers DTensors; ZeRO-3 partitions need their model.
+        Sharded averages are gathered (each group's :meth:`~emakit.storage.Group.gathered`, or
+        :func:`emakit.storage.sharded.exported` for a FlatParameter; collective: every rank iterates to the end);
+        others are copies, or with ``copy=False`` the average's own memory (read it, never write it). A loaded
+        average not laid out for a model yet gathers DTensors; partitions, flat shards and slices need their model.
         """
         self._settle()
         names = dict.fromkeys(self.state_dict_keys.values())
         if self._groups:
-            held = {name: (t, holder) for group in self._groups for name, t, holder in group.current_averages()}
-            owner = {export: name for name, (t, _) in held.items() for export in export_names(name, t)}
+            held = {
+                name: (group, index, holder)
+                for group in self._groups
+                for index, (name, _, holder) in enumerate(group.current_averages())
+            }
+            owner = {
+                export: name
+                for name, (group, index, _) in held.items()
+                for export in export_names(name, group.tensors[index])
+            }
             for name in dict.fromkeys(owner[export] for export in names):
-                yield from exported(name, *held[name], copy=copy or self.swapped)
+                group, index, holder = held[name]
+                tensor = group.tensors[index]
+                if export_names(name, tensor) != [name]:  # an FSDP1 FlatParameter: its original parameters, each
+                    yield from exported(name, tensor, holder, copy=copy or self.swapped)
+                else:
+                    yield name, group.gathered(index, holder, copy=copy or self.swapped, everywhere=everywhere)
             return
         if self.partitioning() is not None:
             raise RuntimeError(
-                "the EMA holds ZeRO-3 partitions or FSDP1 flat shards loaded from a state and has not seen its model "
-                "since: "
-                "update it or swap it into the model (ema.ema_weights(model)) before exporting"
+                "the EMA holds partitions (ZeRO-3), flat shards (FSDP1) or slices (shard_over_ranks) loaded from a "
+                "state and has not seen its model since: update it or swap it into the model (ema.ema_weights(model)) "
+                "before exporting"
             )
         pending = self._pending or {}
         for name in names:
@@ -176,7 +209,7 @@ class ShadowState:
         model = self.attach(model) if not self.swapped else unwrap(model)
         if self._snapshot is None:
             whose = self.partitioning()
-            if whose is not None:
+            if whose is not None and whose.get("engine") != ENGINE:  # shard_over_ranks: gathered to every rank below
                 raise ValueError(
                     f"ema_model of a model sharded by {whose['engine']} is not made (its structure "
                     "cannot be copied, and the average is gathered to rank 0 only): evaluate with "
@@ -185,6 +218,11 @@ class ShadowState:
                 )
             if any(group.sharded for group in self._groups):
                 self._snapshot = gathered_module(self._skeleton, dict(self._current()))
+            elif any(isinstance(group, RankSliced) for group in self._groups):  # slices: gathered to every rank
+                gathered = self.full_averages(copy=False, everywhere=True)
+                whole = {name: value for name, value in gathered if value is not None}
+                named = [(name, t, whole[name]) for group in self._groups for name, t, _ in group.current_averages()]
+                self._snapshot = average_module(model, named)
             else:
                 averages = [entry for group in self._groups for entry in group.current_averages()]
                 self._snapshot = average_module(model, averages)

@@ -43,11 +43,22 @@ class ShadowWeights(ShadowLayout, AsynchronousUpdates, Swaps, ShadowState):
         flatten_model: bool = False,
         selection: Selection = EVERYTHING,
         stream_ops: StreamOps = CUDA,
+        shard_over_ranks: bool = False,
     ) -> None:
         resolve_ema_dtype(ema_dtype, torch.float32)  # validates
-        for name, flag in (("async_update", async_update), ("flatten_model", flatten_model)):
+        for name, flag in (
+            ("async_update", async_update),
+            ("flatten_model", flatten_model),
+            ("shard_over_ranks", shard_over_ranks),
+        ):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name}={flag!r} must be True or False")
+        if flatten_model and shard_over_ranks:
+            raise ValueError(
+                "flatten_model=True and shard_over_ranks=True do not go together: flatten_model's swaps exchange the "
+                "model's memory with a whole average, which no rank holds under shard_over_ranks; choose one"
+            )
+        self.shard_over_ranks = shard_over_ranks
         self.ema_dtype = ema_dtype
         try:
             self.ema_device = None if ema_device is None else torch.device(ema_device)

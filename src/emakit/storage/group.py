@@ -30,13 +30,15 @@ from collections.abc import Iterator
 
 import torch
 
-from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage
+from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage, park
 from emakit.storage.sharded import (
     after_write,
     before_write,
+    gathered,
     has_master_apart,
     is_sharded,
     local,
+    partitioning,
     source,
     write_masters,
 )
@@ -79,20 +81,26 @@ class Group:
         self.source_dtype, self.source_device = self.sources[0].dtype, self.sources[0].device
         widest = max(torch.empty((), dtype=d).element_size() for d in (self.dtype, ema_dtype))
         self.row = max(1, ALIGN_BYTES // widest)  # every slice starts on a multiple of this many elements
-        self.offsets, total = aligned_offsets(data, self.row)
+        self.offsets, total = self._offsets(data)
         self.views = Views(data)  # how each tensor lies in a flat buffer of this layout
         self.pinned = ema_device.type == "cpu" and self.device.type == "cuda"  # offloaded: in pinned host memory
         self._prepare(total)
         self.ema_flat = torch.zeros(total, dtype=ema_dtype, device=ema_device, pin_memory=self.pinned)
         self.averages = [own_storage(v) for v in self.views.views(self.ema_flat, self.offsets)]
-        torch._foreach_copy_(
-            self.averages, [local(start[n]) for n in self.names] if start is not None else self.sources
-        )
+        torch._foreach_copy_(self.averages, self._starting_values(start))
         numels = [d.numel() for d in data]
         self.chunks = chunk_ranges(self.offsets, numels, chunk_limit(total, self.ema_flat.element_size()))
         self.parked: list[list[torch.Tensor]] | None = None  # the model's own values while swapped in
         self.swapped = False
         self._write_check: WriteCheck | None = None
+
+    def _offsets(self, data: list[torch.Tensor]) -> tuple[list[int], int]:
+        """Where each of ``data``'s averages starts in ``ema_flat``, and its length: 64-byte aligned slices."""
+        return aligned_offsets(data, self.row)
+
+    def _starting_values(self, start: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+        """What the averages start from: ``start``'s data (a carried or loaded average), else what they follow."""
+        return [local(start[n]) for n in self.names] if start is not None else self.sources
 
     def _prepare(self, total: int) -> None:
         """Work a mode does before the average is allocated (binding the model keeps the peak low)."""
@@ -205,17 +213,8 @@ class Group:
         return written
 
     def _park(self) -> list[list[torch.Tensor]]:
-        """A copy of the model's values, per chunk in a buffer of its own: pieces of at most 16 MiB come back from
-        the allocator's free lists swap after swap, where one buffer of the model's size is fresh memory each time
-        (on the CPU its first touch costs more than the copy)."""
-        data, parked = self.targets, []
-        for i, j in self.chunks:
-            start = self.offsets[i]
-            piece = torch.empty(self._span_end(j) - start, dtype=self.dtype, device=self.device)
-            views = self.views.views(piece, [o - start for o in self.offsets[i:j]], i)
-            torch._foreach_copy_(views, data[i:j])
-            parked.append(views)
-        return parked
+        """A copy of the model's values (:func:`~emakit.storage.layout.park`)."""
+        return park(self.targets, self.views, self.offsets, self.chunks, self.ema_flat.numel())
 
     def _unpark(self, parked: list[list[torch.Tensor]]) -> None:
         for (i, j), views in zip(self.chunks, parked):
@@ -236,3 +235,13 @@ class Group:
     def current_averages(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(name, model tensor, tensor holding the average now)``."""
         yield from zip(self.names, self.tensors, self.averages)
+
+    def gathered(self, index: int, holder: torch.Tensor, copy: bool, everywhere: bool) -> torch.Tensor | None:
+        """The full average of tensor ``index`` whose data here is ``holder`` (from :meth:`current_averages`), where
+        this rank receives it (:func:`~emakit.storage.sharded.gathered`; ``everywhere``: a mode that can send it
+        to every rank does). Collective for sharded tensors: every rank calls, in one order."""
+        return gathered(self.tensors[index], holder, copy=copy)
+
+    def partitioning(self) -> dict | None:
+        """Whose data a state of this group holds (:func:`~emakit.storage.sharded.partitioning`), or None."""
+        return partitioning(self.tensors)

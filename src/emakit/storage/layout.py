@@ -22,6 +22,7 @@ __all__ = [
     "is_dense",
     "normalize_device",
     "own_storage",
+    "park",
     "storages",
     "versions",
 ]
@@ -130,3 +131,20 @@ _version = operator.attrgetter("_version")
 def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
     """Autograd's version counters of ``tensors``: every in-place change through them (or their views) bumps one."""
     return list(map(_version, tensors))
+
+
+def park(
+    data: Sequence[torch.Tensor], views: Views, offsets: Sequence[int], chunks: Sequence[tuple[int, int]], end: int
+) -> list[list[torch.Tensor]]:
+    """A copy of ``data`` (laid out at ``offsets`` of a flat layout ``end`` elements long), per chunk in a buffer of its
+    own: pieces of at most 16 MiB come back from the allocator's free lists swap after swap, where one buffer of the
+    model's size is fresh memory each time (on the CPU its first touch costs more than the copy). Returns the copies,
+    shaped like ``data``, chunk by chunk."""
+    parked = []
+    for i, j in chunks:
+        start, stop = offsets[i], offsets[j] if j < len(offsets) else end
+        piece = torch.empty(stop - start, dtype=data[i].dtype, device=data[i].device)
+        copies = views.views(piece, [o - start for o in offsets[i:j]], i)
+        torch._foreach_copy_(copies, list(data[i:j]))
+        parked.append(copies)
+    return parked

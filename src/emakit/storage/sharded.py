@@ -303,30 +303,39 @@ def partitioning(tensors: Iterable[torch.Tensor]) -> dict | None:
 
 
 def check_partitioning(saved: dict | None, here: dict | None) -> None:
-    """Refuse a state holding other ranks' partitions (another world size, another rank), or partitions where this
-    model has whole tensors. A state of whole tensors loads anywhere: each rank keeps its part (:func:`localized`).
+    """Refuse a state holding other ranks' data (ZeRO-3 partitions, FSDP1 flat shards, ``shard_over_ranks`` slices of
+    another world size or rank), naming both. A state of whole tensors loads into ZeRO-3 partitions (each rank keeps
+    its part: :func:`localized`), not into FSDP1 flat shards or ``shard_over_ranks`` slices.
 
     Example::
 
         >>> check_partitioning(None, None)   # whole tensors on both sides: fine
     """
-    if saved == here or saved is None:
+    if saved == here or (saved is None and (here or {}).get("engine") == "deepspeed-zero3"):
         return
 
     def described(layout: dict | None, whose: str) -> str:
         if not layout:
-            return f"{whose} whole tensors (no ZeRO-3 partitions or FSDP1 flat shards)"
+            return f"{whose} whole tensors (no ZeRO-3 partitions, FSDP1 flat shards or shard_over_ranks slices)"
         engine = str(layout.get("engine"))
         what = _PIECES.get(engine, f"the {engine} shards")
-        return f"{whose} {what} of rank {layout.get('rank')} of {layout.get('world_size')}"
+        where = f"rank {layout.get('rank')} of {layout.get('world_size')}"
+        if engine == "shard_over_ranks":
+            return f"{whose} {what} of {where} ({layout.get('total')} elements split)"
+        return f"{whose} {what} of {where}"
 
     raise ValueError(
         f"{described(saved, 'the EMA state holds')}, but {described(here, 'this model has')}: an average of ZeRO-3 "
-        "partitions or FSDP1 flat shards resumes on the same world size, each rank loading the state it saved (its "
-        "own shards). To move an average to another world size, export it (ema.save_ema_weights(path) on every rank "
-        "of the old run) and load that file into a plain model; a ZeRO-3 average can also be saved whole "
-        "(ema.state_dict(whole=True) on every rank: rank 0 gets it) and loaded into the new run's EMA"
+        "partitions, FSDP1 flat shards or shard_over_ranks slices resumes on the same world size, each rank loading "
+        "the state it saved (its own part). To move an average to another world size, export it "
+        "(ema.save_ema_weights(path) on every rank of the old run) and load that file into a plain model; a ZeRO-3 "
+        "average can also be saved whole (ema.state_dict(whole=True) on every rank: rank 0 gets it) and loaded into "
+        "the new run's EMA"
     )
 
 
-_PIECES = {"deepspeed-zero3": "the DeepSpeed ZeRO-3 partitions", "fsdp1": "the FSDP1 flat shards"}
+_PIECES = {
+    "deepspeed-zero3": "the DeepSpeed ZeRO-3 partitions",
+    "fsdp1": "the FSDP1 flat shards",
+    "shard_over_ranks": "the shard_over_ranks slices",
+}

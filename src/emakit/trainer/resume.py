@@ -108,6 +108,7 @@ class TrainerResume:
         missing = {"model", "optimizers", "schedulers", "algorithms", "callbacks", "timestamp", "rng"} - set(checkpoint)
         if missing:
             raise ValueError(f"the checkpoint lacks {sorted(missing)}")
+        checkpoint = {**checkpoint, "algorithms": [distributed.own_state(a) for a in checkpoint["algorithms"]]}
         stateful = {
             "optimizers": state.optimizers,
             "schedulers": state.schedulers,
@@ -157,7 +158,9 @@ class TrainerResume:
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint to ``save_folder`` (none without one); returns its path.
 
-        With DDP rank 0 writes it and every rank waits until it is written (every rank holds the same state).
+        With DDP rank 0 writes it and every rank waits until it is written (every rank holds the same state); an
+        algorithm whose state differs per rank (``EMA(shard_over_ranks=True)``) has every rank's gathered into it
+        (:func:`emakit.distributed.gather_states`), and each rank loads its own.
         With FSDP it is a folder (:mod:`emakit.trainer.sharded`): every rank writes its shards through
         ``torch.distributed.checkpoint``. Every rank reads it on resume: a folder all of them can read.
         """
@@ -167,8 +170,15 @@ class TrainerResume:
         path = self.save_folder / checkpoint_name(timestamp.epoch, timestamp.batch, sharded=self._fsdp)
         if self._fsdp:
             save_sharded_checkpoint(path, self.state_dict())
-        elif distributed.is_main():
-            save_checkpoint(path, self.state_dict())
+        else:
+            algorithms = self.engine.algorithms
+            per_rank = {
+                i: distributed.gather_states(a.state_dict()) for i, a in enumerate(algorithms) if a.state_is_per_rank
+            }
+            if distributed.is_main():
+                state = self.state_dict()
+                state["algorithms"] = [per_rank.get(i, saved) for i, saved in enumerate(state["algorithms"])]
+                save_checkpoint(path, state)
         if distributed.is_main() and self.save_num_checkpoints_to_keep > 0:
             for old in list_checkpoints(self.save_folder)[: -self.save_num_checkpoints_to_keep]:
                 remove_checkpoint(old)
