@@ -26,7 +26,8 @@ from torch import nn
 from emakit.deprecated import DeprecatedAlgorithmMethods
 from emakit.ema.exports import EMAExports
 from emakit.ema.on_step import EMAOnStep
-from emakit.ema.rates import parse_rates, run_length_warning, smoothings_for_run
+from emakit.ema.rates import parse_rates
+from emakit.ema.run_length import EMARunLength
 from emakit.ema.state import EMAState
 from emakit.ema.swaps import EMASwaps
 from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
@@ -48,7 +49,7 @@ class _DefaultHalfLife(str):
 _DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
 
 
-class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods):
+class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlgorithmMethods):
     """An exponential moving average of a model's weights, for evaluation with smoother metrics.
 
     Args:
@@ -284,31 +285,6 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
         self.batches_seen = count  # counted only once the update event went through
         return updated
 
-    def _start_reached(self, batch: int, epoch: int | None) -> bool:
-        """Whether ``ema_start`` is reached at optimizer step ``batch`` (counted from 1) of epoch ``epoch``."""
-        start = self.ema_start
-        if start.value == 0:
-            return True
-        if start.unit is TimeUnit.BATCH:
-            return batch >= start.value
-        if start.unit is TimeUnit.EPOCH:
-            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-                raise ValueError(
-                    f"ema_start='{start}' counts epochs: pass the current epoch (from 0), "
-                    f"ema.update(model, epoch=epoch); got epoch={epoch!r}"
-                )
-            return epoch >= start.value
-        if start.unit is TimeUnit.DURATION:
-            if self._run_batches is None:
-                raise RuntimeError(
-                    f"ema_start='{start}' is a fraction of the run, whose length the EMA does not know: "
-                    "call ema.set_run_length(total_optimizer_steps) before the first update"
-                )
-            return batch >= start.value * self._run_batches
-        raise ValueError(
-            f"ema_start='{start}' needs a Trainer's clock (samples or tokens); by hand use 'ba', 'ep' or 'dur'"
-        )
-
     def wait(self) -> None:
         """With ``async_update=True``: make the device's current stream wait for a pending update (the host does
         not block). ``optimizer.step()`` and every operation of the EMA wait by themselves; call this before
@@ -368,44 +344,3 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, DeprecatedAlgorithmMethods)
 
             algorithm = self._algorithm = EMAAlgorithm(self)
         return algorithm
-
-    def set_run_length(self, batches: float, start: float | None = None, interval: float | None = None) -> None:
-        """Tell the EMA its run has ``batches`` optimizer steps: half-lives in ``dur`` get their smoothing, and
-        a half-life too long for the run is warned about.
-
-        ``half_life="0.02dur"`` in a 5000-step run is 100 batches: ``smoothing = 2 ** (-1 / 100)``.
-        Without warmup, after ``u`` updates the weights the average started from still hold
-        ``smoothing ** u`` of it; above 1% the average lags the training weights (``docs/evidence.md``:
-        half-lives of 1-5% of the run did best), and the warning names each such average and its share.
-        ``start`` is the batch where the average starts (default: ``ema_start`` when in batches, else 0),
-        ``interval`` the batches between updates (default: ``update_interval`` when in batches).
-        emakit's Trainer, the Lightning callback and the Hugging Face callback call this when training
-        starts; by hand, call it before the first update.
-
-        Example::
-
-            >>> ema = EMA(half_life="0.02dur")
-            >>> ema.set_run_length(5000)
-            >>> round(ema.smoothing, 6)
-            0.993092
-            >>> EMA(half_life="1000ba").set_run_length(2000)  # warns: the first weights keep 25%
-        """
-        if self._rates.of_run:
-            self._set_smoothings(smoothings_for_run(self._rates, batches))
-        self._run_batches = batches
-        if self.schedules is not None:  # a schedule spanning the run learns its length; no half-life to warn about
-            for schedule in self.schedules:
-                if callable(getattr(schedule, "set_run_length", None)):
-                    schedule.set_run_length(batches)  # type: ignore[attr-defined]
-            return
-        if start is None:
-            start = {TimeUnit.BATCH: self.ema_start.value, TimeUnit.DURATION: self.ema_start.value * batches}.get(
-                self.ema_start.unit, 0
-            )
-        if interval is None and self.update_interval.unit is TimeUnit.BATCH:
-            interval = self.update_interval.value
-        if interval is not None and batches > start and self.warmup is None:
-            assert self.smoothings is not None  # set above for half-lives in 'dur', at __init__ for others
-            message = run_length_warning(self.labels, self.smoothings, batches - start, interval)
-            if message:
-                warnings.warn(message, stacklevel=2)

@@ -70,8 +70,8 @@ def place_shards(trainer: pl.Trainer, checkpoint: dict[str, Any], state_key: str
     tensor at a time (``ema.state_dict(whole=True)``: collective, every rank calls). States of whole tensors (DDP,
     ZeRO-1/2) are left as they are."""
     state = checkpoint.get("callbacks", {}).get(state_key)
-    if state is None:
-        return
+    if state is None or not isinstance(state.get("ema"), dict) or "per_rank_states" in state["ema"]:
+        return  # shard_over_ranks: every rank's slice is gathered into rank 0's state already (None elsewhere)
     partitions = state["ema"].get("partitioning") is not None  # DeepSpeed ZeRO-3: this rank's partitions
     if not partitions and not _holds_dtensors(state):
         return
