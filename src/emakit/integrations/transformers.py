@@ -48,6 +48,7 @@ ignore_keys, metric_key_prefix)`` (no legacy ``prediction_loop`` any more); ``on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -169,6 +170,18 @@ class EMATrainerCallback(TrainerCallback):
         self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
+def _random_state_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """Restore torch's random state on leaving (the CPU's, and ``device``'s when it is an accelerator).
+
+    Every pass over a ``DataLoader`` draws its base seed from torch's global generator: the second loop of
+    ``eval_weights="both"`` would shift every later random number (dropout masks, shuffles), and training would
+    no longer follow a plain ``Trainer``'s bit for bit.
+    """
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
 if TYPE_CHECKING:  # a mixin of Trainer subclasses: type checkers see the Trainer it is mixed into
     _MixedIntoTrainer = Trainer
 else:
@@ -280,14 +293,15 @@ class EMATrainerMixin(_MixedIntoTrainer):
         training_prefix = f"{metric_key_prefix}_{TRAINING}"
         self.ema.get_training_model(self._trained_model())  # out of the average for this loop only
         try:
-            training = super().evaluation_loop(
-                dataloader,
-                description=description,
-                prediction_loss_only=prediction_loss_only,
-                ignore_keys=ignore_keys,
-                metric_key_prefix=training_prefix,
-                **kwargs,
-            )
+            with _random_state_kept(self.args.device):  # a plain Trainer's evaluation has no second loop
+                training = super().evaluation_loop(
+                    dataloader,
+                    description=description,
+                    prediction_loss_only=prediction_loss_only,
+                    ignore_keys=ignore_keys,
+                    metric_key_prefix=training_prefix,
+                    **kwargs,
+                )
         finally:
             self.ema.get_ema_model(self._trained_model())  # evaluate's ema_weights block swaps it out again on its exit
         preparation = f"{training_prefix}_model_preparation_time"  # the same number as the first loop's
