@@ -1,0 +1,116 @@
+"""``EMATrainer`` with the Hugging Face Trainer's ``deepspeed=`` (ZeRO-2, ZeRO-3) on 2 CPU processes, and where each
+rank's EMA state goes in a checkpoint folder (:mod:`emakit.integrations.state_files`).
+
+``hf_deepspeed_script.py`` trains, checks and resumes under torchrun (see its docstring); this file then loads the
+exported folder with ``from_pretrained`` in a process without DeepSpeed and compares it and the evaluation metrics
+with plain models. Skipped where DeepSpeed or transformers is not installed. The first run compiles DeepSpeed's CPU
+communication op (~30 s), cached in ``TORCH_EXTENSIONS_DIR`` (default here: ``/tmp/emakit-torch-extensions``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torchrun import torchrun
+
+pytest.importorskip("transformers")
+from test_integration_transformers import make_args, make_data, make_model
+from transformers import GPT2LMHeadModel, Trainer
+
+from emakit import EMA
+from emakit.integrations import state_files
+from emakit.integrations.transformers import EMA_STATE_NAME, EMATrainerCallback
+
+SCRIPT = Path(__file__).with_name("hf_deepspeed_script.py")
+deepspeed_installed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
+)
+
+
+def plain_loss(state: dict[str, torch.Tensor], tmp_path: Path) -> float:
+    """The eval loss a plain ``Trainer`` (one process, no DeepSpeed) measures on a GPT-2 holding ``state``."""
+    model = make_model()
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)  # lm_head.weight: tied to wte
+    args = make_args(tmp_path / "plain-eval", per_device_eval_batch_size=8)  # the script's 2 ranks: a batch each
+    return Trainer(model=model, args=args).evaluate(make_data(16, seed=2))["eval_loss"]
+
+
+@deepspeed_installed
+@pytest.mark.parametrize("stage", [3, 2], ids=["zero3", "zero2"])
+def test_ema_trainer_under_deepspeed_averages_evaluates_resumes_and_exports(tmp_path, stage):
+    path = os.pathsep.join(filter(None, [str(SCRIPT.parent), os.environ.get("PYTHONPATH")]))  # the emakit under test
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
+    result = torchrun(
+        SCRIPT, str(stage), str(tmp_path),
+        timeout=240, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions, PYTHONPATH=path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
+    if stage == 3:
+        assert result.stdout.count("ZeRO-3 average holds 0.5") == 2, result.stdout[-3000:]
+    reference = torch.load(tmp_path / "result.pt", weights_only=True)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "ema").state_dict()
+    assert loaded.keys() == reference["expected"].keys()
+    for name, value in reference["expected"].items():
+        torch.testing.assert_close(loaded[name].double(), value, rtol=1e-5, atol=2e-6, msg=name)
+    metrics = reference["metrics"]
+    assert metrics["eval_loss"] == pytest.approx(plain_loss(loaded, tmp_path), rel=1e-5)
+    assert metrics["eval_training_loss"] == pytest.approx(plain_loss(reference["final"], tmp_path), rel=1e-5)
+    assert abs(metrics["eval_loss"] - metrics["eval_training_loss"]) > 1e-4  # the two are told apart
+
+
+def started_ema() -> EMA:
+    ema = EMA(smoothing=0.5)
+    ema.update(make_model())
+    return ema
+
+
+def test_a_whole_average_is_written_once_by_the_main_process(tmp_path):
+    ema = started_ema()
+    assert not state_files.per_rank(ema)
+    assert state_files.save_state(ema, tmp_path, rank=1, main=False) is None
+    assert state_files.save_state(ema, tmp_path, rank=0, main=True) == tmp_path / EMA_STATE_NAME
+    assert sorted(os.listdir(tmp_path)) == [EMA_STATE_NAME]
+
+
+def test_checkpoints_of_whole_averages_still_resume_on_every_rank(tmp_path):
+    """A checkpoint written before per-rank files (one ``emakit_ema.pt``) loads on every rank, bit for bit."""
+    ema = started_ema()
+    torch.save(ema.state_dict(), tmp_path / EMA_STATE_NAME)  # the format EMATrainerCallback always wrote
+    for rank in (0, 1):
+        callback = EMATrainerCallback(EMA(smoothing=0.5))
+        callback.load_state(tmp_path, rank=rank)
+        for name, value in ema.state_dict()["weights"].items():
+            assert torch.equal(callback.ema.state_dict()["weights"][name], value), name
+
+
+def test_a_ranks_own_file_is_read_before_the_whole_one(tmp_path):
+    first, second = started_ema(), started_ema()
+    second.update(make_model())  # another num_updates
+    torch.save(first.state_dict(), tmp_path / EMA_STATE_NAME)
+    torch.save(second.state_dict(), tmp_path / state_files.rank_state_name(1))
+    for rank, expected in ((0, first), (1, second)):
+        ema = EMA(smoothing=0.5)
+        assert state_files.load_state(ema, tmp_path, rank).name == (
+            EMA_STATE_NAME if rank == 0 else "emakit_ema-rank1.pt"
+        )
+        assert ema.num_updates == expected.num_updates
+
+
+def test_per_rank_states_of_a_smaller_world_are_refused_naming_the_ranks(tmp_path):
+    for rank in (0, 1):
+        torch.save(started_ema().state_dict(), tmp_path / state_files.rank_state_name(rank))
+    with pytest.raises(FileNotFoundError, match=r"ranks \[0, 1\] .* none for rank 2: resume on the world size"):
+        state_files.load_state(EMA(smoothing=0.5), tmp_path, rank=2)
+    assert state_files.has_state(tmp_path, 1) and not state_files.has_state(tmp_path, 2)
+
+
+def test_a_folder_without_an_ema_state_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"holds no emakit_ema\.pt"):
+        state_files.load_state(EMA(), tmp_path, rank=0)
+    with pytest.raises(ValueError, match="rank=-1 must be an int >= 0"):
+        state_files.rank_state_name(-1)
