@@ -78,7 +78,7 @@ from emakit.integrations.state_files import EMA_STATE_NAME
 from emakit.integrations.transformers_callback import EMATrainerCallback, check_ema
 from emakit.storage import sharded
 
-__all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin"]
+__all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin", "gathered_average"]
 
 EMA_EVAL = RenamedKeyword(
     "EMATrainer", "ema_eval", "eval_weights", {value: value for value in EVAL_WEIGHTS}, default="ema"
@@ -271,7 +271,13 @@ def gathered_average(ema: EMA, model: nn.Module) -> dict[str, Any]:
     """The average of a sharded ``model`` as a whole ``state_dict`` in the model's dtypes, on the processes that
     receive it (rank 0 for ZeRO-3, every rank for FSDP2; an empty dict elsewhere): each tensor gathered through
     :func:`emakit.storage.sharded.gathered`, one at a time, tensors the EMA does not track taken from the model.
-    Collective: every process calls."""
+    Collective: every process calls.
+
+    Example (every process of a ZeRO-3 run; ``model`` is ``trainer.model``)::
+
+        >>> state = gathered_average(ema, model)  # doctest: +SKIP
+        >>> plain.load_state_dict(state) if dist.get_rank() == 0 else None  # doctest: +SKIP
+    """
     own = model.state_dict(keep_vars=True)  # ZeRO-3 placeholders, DTensors: nothing is gathered here
     average = ema.ema_state_dict()  # tracked tensors, keyed like own
     tracked = ema.shadow.state_dict_keys  # the same keys on every process (average is empty off rank 0 under ZeRO-3)
