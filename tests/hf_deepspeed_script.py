@@ -1,13 +1,15 @@
 """Run under torchrun with 2 processes (gloo, ``DS_ACCELERATOR=cpu``): ``EMATrainer`` with ``deepspeed=``, the real
 Hugging Face Trainer driving a real DeepSpeed engine on CPU.
 
-Usage: hf_deepspeed_script.py STAGE OUT_DIR
+Usage: hf_deepspeed_script.py STAGE PERSISTENCE OUT_DIR
 
 A tiny GPT-2 trains for 6 optimizer steps (each rank on its own half of the data, checkpoints and evaluations at
 steps 3 and 6) three times in the same processes: ``EMATrainer(ema=EMA(half_life="4ba"))``, a plain ``Trainer``
-(no EMA), and an ``EMATrainer`` resumed from the first run's ``checkpoint-3``. ZeRO-3 partitions every parameter
-(``stage3_param_persistence_threshold: 0``). It checks, against the weights DeepSpeed's optimizer steps (the fp32
-masters, gathered with ``deepspeed.utils.safe_get_full_fp32_param`` for the check only):
+(no EMA), and an ``EMATrainer`` resumed from the first run's ``checkpoint-3``. ``PERSISTENCE`` is ZeRO-3's
+``stage3_param_persistence_threshold``: 0 partitions every parameter; 100 keeps the biases and LayerNorm weights whole
+(DeepSpeed's persistent parameters, as small ones are by default: gathered anew after each swap). It checks, against
+the weights DeepSpeed's optimizer steps (the fp32 masters, gathered with ``safe_get_full_fp32_param`` for the check
+only):
 
 - no ``torch.distributed`` or ``deepspeed.comm`` collective runs inside the callback's update (counted, with a
   positive control);
@@ -48,12 +50,13 @@ from emakit.integrations.transformers import EMATrainer, gathered_average
 STEPS, SAVE_AT = 6, 3
 SMOOTHING = 2 ** (-1 / 4)  # half_life="4ba": one update per optimizer step
 EVAL_DATA = make_data(16, seed=2)
+PERSISTENCE = int(sys.argv[2]) if __name__ == "__main__" else 0  # ZeRO-3's stage3_param_persistence_threshold
 
 
 def config(stage: int) -> dict:
     zero: dict = {"stage": stage}
     if stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0  # partition every parameter of the tiny model
+        zero["stage3_param_persistence_threshold"] = PERSISTENCE
     auto = "auto"  # filled in by the Trainer from its arguments
     return {
         "train_micro_batch_size_per_gpu": auto,
@@ -130,6 +133,9 @@ def main(stage: int, out: Path) -> None:
     assert whole.deepspeed.zero_optimization_stage() == stage
     parameter = whole.model.transformer.wte.weight
     assert (parameter.numel() == 0) == (stage == 3), parameter.shape  # ZeRO-3: an empty placeholder between steps
+    if stage == 3:
+        persistent = sorted(name for name, p in whole.model.named_parameters() if p.ds_persist)
+        assert len(persistent) == (10 if PERSISTENCE else 0), persistent  # 4 biases, 3 LayerNorms' weights and biases
     ema = whole.ema
 
     # no collective inside an update; the counter sees one where there is one
@@ -212,6 +218,6 @@ def main(stage: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]))
+    main(int(sys.argv[1]), Path(sys.argv[3]))
     sys.stdout.flush()
     os._exit(0)  # everything is written: skip interpreter teardown, where a gloo thread can crash a 2-process run

@@ -40,12 +40,14 @@ def plain_loss(state: dict[str, torch.Tensor], tmp_path: Path) -> float:
 
 
 @deepspeed_installed
-@pytest.mark.parametrize("stage", [3, 2], ids=["zero3", "zero2"])
-def test_ema_trainer_under_deepspeed_averages_evaluates_resumes_and_exports(tmp_path, stage):
+@pytest.mark.parametrize(
+    ("stage", "persistence"), [(3, 0), (3, 100), (2, 0)], ids=["zero3", "zero3-persistent-small-tensors", "zero2"]
+)
+def test_ema_trainer_under_deepspeed_averages_evaluates_resumes_and_exports(tmp_path, stage, persistence):
     path = os.pathsep.join(filter(None, [str(SCRIPT.parent), os.environ.get("PYTHONPATH")]))  # the emakit under test
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
     result = torchrun(
-        SCRIPT, str(stage), str(tmp_path),
+        SCRIPT, str(stage), str(persistence), str(tmp_path),
         timeout=240, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions, PYTHONPATH=path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
