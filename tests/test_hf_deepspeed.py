@@ -137,3 +137,29 @@ def test_the_documented_example_exports_what_it_evaluated(tmp_path):
     args = make_args(tmp_path / "plain-eval", per_device_eval_batch_size=8)
     data = make_data(16, seed=2)  # the example's eval data
     assert Trainer(model=model, args=args).evaluate(data)["eval_loss"] == pytest.approx(measured, abs=1e-6)
+
+
+def test_fsdp2_shards_are_saved_by_every_rank_and_resume(tmp_path):
+    """An FSDP2 average (DTensor local shards, here on a 1-process gloo group) is a per-rank state: rank 0's file,
+    loaded back bit for bit. (Saved once by the main process, every rank would load rank 0's shards.)"""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torchrun import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        fully_shard(model)
+        ema = EMA(smoothing=0.5)
+        ema.update(model)
+        assert type(next(model.parameters())).__name__ == "DTensor" and state_files.per_rank(ema)
+        assert state_files.save_state(ema, tmp_path, rank=0, main=True) == tmp_path / "emakit_ema-rank0.pt"
+        resumed = EMA(smoothing=0.5)
+        state_files.load_state(resumed, tmp_path, rank=0)
+        resumed.update(model)
+        ema.update(model)
+        for name, value in ema.ema_state_dict().items():
+            assert torch.equal(resumed.ema_state_dict()[name], value), name
+    finally:
+        dist.destroy_process_group()

@@ -2,11 +2,11 @@
 
 An average every rank holds whole (one process, DDP, DeepSpeed ZeRO-1/2) is the same on every rank: the main
 process writes it once, ``emakit_ema.pt``. An average whose ranks hold different data (DeepSpeed ZeRO-3: each
-rank its own partitions, which its state names in ``partitioning``) is written by every rank, each its own
-data, ``emakit_ema-rank{r}.pt``; it resumes on the same rank of the same world size (``EMA.load_state_dict``
-refuses another's). Loading reads this rank's file where there is one, else the single file, so checkpoints
-written before per-rank files existed still resume. Every file is written through :func:`emakit.atomic.atomic_write`:
-whole or not at all.
+rank its own partitions, which its state names in ``partitioning``; FSDP2: each rank's local shards, as DTensors) is
+written by every rank, each its own data, ``emakit_ema-rank{r}.pt``; it resumes on the same rank of the same world
+size (``EMA.load_state_dict`` refuses another rank's ZeRO-3 partitions). Loading reads this rank's file where there
+is one, else the single file, so checkpoints written before per-rank files existed still resume. Every file is
+written through :func:`emakit.atomic.atomic_write`: whole or not at all.
 
 Example (on every rank, after the trainer wrote ``checkpoint-100/``)::
 
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from emakit.atomic import atomic_write
 from emakit.ema import EMA
+from emakit.storage import sharded
 
 __all__ = ["EMA_STATE_NAME", "current_rank", "has_state", "load_state", "per_rank", "rank_state_name", "save_state"]
 
@@ -43,8 +44,12 @@ def rank_state_name(rank: int) -> str:
 
 
 def per_rank(ema: EMA) -> bool:
-    """Whether each rank's state of ``ema`` holds its own data (ZeRO-3 partitions), so every rank must save its own."""
-    return ema.shadow.partitioning() is not None
+    """Whether each rank's state of ``ema`` holds its own data (ZeRO-3 partitions, FSDP2 local shards), so every rank
+    must save its own."""
+    if ema.shadow.partitioning() is not None:
+        return True
+    model = ema.shadow.attached_model()
+    return model is not None and any(sharded.is_dtensor(t) for t in model.parameters())
 
 
 def current_rank() -> int:
