@@ -9,9 +9,9 @@ whole parameters) and the EMA is the DDP one, every rank holding the same whole 
 (``sync_module_states=True``, transformers' default) building the Trainer raises. Both are asserted as they are.
 
 On CUDA (nccl; ``tests/gpu/test_hf_fsdp2.py``) ``fsdp_version=2`` really shards: the parameters are DTensors, the
-EMA averages each rank's shards; the average after 4 steps equals the float64 closed form of the full weights
-(gathered for the check only), evaluation sees the average, and ``save_ema_model`` gathers it into a folder the test
-loads with ``from_pretrained``. Every rank prints ``rank R: ok``.
+EMA averages each rank's shards and each rank writes its own state into ``checkpoint-4/``; the average after 4 steps
+equals the float64 closed form of the full weights (gathered for the check only), evaluation sees the average, and
+``save_ema_model`` gathers it into a folder the test loads with ``from_pretrained``. Every rank prints ``rank R: ok``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Recorder(TrainerCallback):
 def main(version: int, out: Path) -> None:
     cuda = torch.cuda.is_available()
     args = make_args(
-        out, max_steps=STEPS, fsdp="full_shard", fsdp_config={"fsdp_version": version},
+        out, max_steps=STEPS, fsdp="full_shard", fsdp_config={"fsdp_version": version}, save_strategy="steps",
+        save_steps=STEPS,
         ddp_backend="nccl" if cuda else "gloo", use_cpu=not cuda,
     )  # fmt: skip
     rank = dist.get_rank()
@@ -74,11 +75,14 @@ def main(version: int, out: Path) -> None:
     if cuda:  # real FSDP2: DTensor shards, averaged where they live
         assert trainer.is_fsdp_enabled, "FSDP was expected on CUDA"
         assert type(parameter).__name__ == "DTensor", type(parameter)
+        names = sorted(f.name for f in (out / f"checkpoint-{STEPS}").glob("emakit_ema*"))
+        assert names == ["emakit_ema-rank0.pt", "emakit_ema-rank1.pt"], names  # each rank's own shards
     else:  # what really ran: DDP, whole parameters, every rank the same whole average
         assert not trainer.is_fsdp_enabled
         assert trainer.accelerator.distributed_type == DistributedType.MULTI_CPU, trainer.accelerator.distributed_type
         assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel", type(trainer.model_wrapped)
         assert type(parameter) is torch.nn.Parameter and trainer.args.world_size == 2
+        assert sorted(f.name for f in (out / f"checkpoint-{STEPS}").glob("emakit_ema*")) == ["emakit_ema.pt"]
     reference = ClosedForm(SMOOTHING)
     for weights in recorder.steps:
         reference.update(weights)

@@ -65,8 +65,8 @@ class EMATrainerCallback(TrainerCallback):
     first optimizer step of the second epoch; ``ema_start`` in ``dur`` is a fraction of ``max_steps``.
     ``on_save`` writes ``ema.state_dict()`` into the checkpoint folder: ``emakit_ema.pt`` from the main process
     when every process holds the same average (one process, DDP, DeepSpeed ZeRO-1/2), ``emakit_ema-rank{r}.pt``
-    from every process when each holds its own partitions (DeepSpeed ZeRO-3). With a plain ``Trainer`` restore it
-    on resume yourself, before ``train``::
+    from every process when each holds its own partitions (DeepSpeed ZeRO-3) or shards (FSDP2). With a plain
+    ``Trainer`` restore it on resume yourself, before ``train``::
 
         callback = EMATrainerCallback(EMA(half_life="100ba"))
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
