@@ -496,3 +496,21 @@ def test_ddp_two_processes_hold_the_same_average(tmp_path):
     assert ranks[0]["metrics"]["eval_loss"] != ranks[0]["metrics"]["eval_training_loss"]
     saved = torch.load(tmp_path / "checkpoint-6" / EMA_STATE_NAME, weights_only=True)
     assert_equal(saved["weights"], ranks[0]["ema"]["weights"])
+
+
+@pytest.mark.parametrize("eval_weights", ["ema", "both"])
+def test_training_with_evaluations_follows_a_plain_trainer_bit_for_bit(tmp_path, eval_weights):
+    """GPT-2's dropout draws from torch's generator, as does every pass over a DataLoader: the second evaluation
+    loop of eval_weights="both" must not shift the random numbers of the steps after it."""
+
+    def run(cls, **kwargs):
+        args = make_args(tmp_path / cls.__name__, max_steps=6, eval_strategy="steps", eval_steps=3)
+        trainer = cls(
+            model=make_model(), args=args, train_dataset=make_data(48, seed=1), eval_dataset=make_data(16, seed=2),
+            **kwargs,
+        )  # fmt: skip
+        trainer.train()
+        return trainer.model.state_dict()
+
+    plain = run(Trainer)
+    assert_equal(run(EMATrainer, ema=EMA(half_life="4ba"), eval_weights=eval_weights), plain)

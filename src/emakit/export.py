@@ -129,6 +129,10 @@ def _states_in_folder(path: Path) -> list[dict[str, Any]]:
     if (path / HF_EMA_STATE_NAME).is_file():  # the Hugging Face callback
         state = _load(path / HF_EMA_STATE_NAME)
         return [state] if _is_ema_state(state) else []
+    per_rank = sorted(path.glob("emakit_ema-rank*.pt"))  # the Hugging Face callback, one rank's data each
+    if per_rank:
+        state = _load(per_rank[0])
+        return [state] if _is_ema_state(state) else []  # refused below, naming whose data it holds
     found = []  # accelerate's save_state: one custom_checkpoint_N.pkl per object registered for checkpointing
     for file in sorted(path.glob("custom_checkpoint_*.pkl"), key=lambda f: int(f.stem.rsplit("_", 1)[1])):
         state = _load(file)

@@ -10,9 +10,10 @@ second epoch) or a fraction of ``max_steps`` (``"0.3dur"``).
 
 Two pieces:
 
-- :class:`EMATrainerCallback` updates the average in ``on_step_end`` and writes its state
-  (``emakit_ema.pt``) into every checkpoint folder in ``on_save``. Alone, with a plain ``Trainer``,
-  it keeps the average and checkpoints it; evaluation still sees the training weights.
+- :class:`EMATrainerCallback` (:mod:`~emakit.integrations.transformers_callback`) updates the average in
+  ``on_step_end`` and writes its state into every checkpoint folder in ``on_save`` (``emakit_ema.pt``, or under
+  DeepSpeed ZeRO-3 one ``emakit_ema-rank{r}.pt`` per process: :mod:`~emakit.integrations.state_files`). Alone,
+  with a plain ``Trainer``, it keeps the average and checkpoints it; evaluation still sees the training weights.
 - :class:`EMATrainerMixin` / :class:`EMATrainer` add what no callback can do, because the
   ``Trainer`` has no event before an evaluation nor on resume: every ``evaluate()`` (each dataset
   of a dict, ``eval_on_start``, the training loop's evaluations, your own calls) runs with the
@@ -20,6 +21,11 @@ Two pieces:
   one log entry and one ``on_evaluate``, holding ``eval_loss`` and ``eval_training_loss``), checkpoints
   keep the training weights, ``train(resume_from_checkpoint=...)`` restores the average exactly, and
   :meth:`EMATrainerMixin.save_ema_model` writes a ``from_pretrained`` folder of the averaged weights.
+
+With ``TrainingArguments(deepspeed=config)`` the average lives where DeepSpeed keeps the weights: whole on every
+process under ZeRO-1/2, each process's partitions (of the fp32 masters) under ZeRO-3, updated with no
+communication; evaluations swap each process's partitions in (ZeRO-3's forward gathers them) and
+``save_ema_model`` gathers the average to the main process (``docs/integrations/transformers.md``).
 
 Example (runs on a CPU in seconds)::
 
@@ -43,131 +49,40 @@ through the public ``evaluate()`` (``Trainer._evaluate`` calls it), which calls 
 dataset of a dict and measures through ``evaluation_loop(dataloader, description, prediction_loss_only,
 ignore_keys, metric_key_prefix)`` (no legacy ``prediction_loop`` any more); ``on_step_end`` comes with
 ``state.epoch = epoch + (step + 1) / steps_in_epoch``; ``Trainer._load_best_model`` loads
-``load_best_model_at_end``'s checkpoint.
+``load_best_model_at_end``'s checkpoint; ``Trainer._save(output_dir, state_dict=...)`` writes a given state from
+the main process (what ``save_model`` calls with ZeRO-3's gathered weights).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
-import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 try:
-    from transformers import Trainer, TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, get_last_checkpoint
+    from transformers import Trainer
+    from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
 except ImportError as error:  # pragma: no cover - only without the extra
     raise ImportError(
         "emakit.integrations.transformers needs transformers: pip install 'emakit[transformers]'"
     ) from error
 
-from emakit.atomic import atomic_write
 from emakit.deprecated import RenamedKeyword
 from emakit.ema import EMA
 from emakit.eval_weights import EVAL_WEIGHTS, TRAINING, check_eval_weights
-from emakit.export import HF_EMA_STATE_NAME
-from emakit.tracked import unwrap
+from emakit.integrations import state_files
+from emakit.integrations.state_files import EMA_STATE_NAME
+from emakit.integrations.transformers_callback import EMATrainerCallback, check_ema
+from emakit.storage import sharded
 
-__all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin"]
-
-EMA_STATE_NAME = HF_EMA_STATE_NAME  # emakit export reads it there
-"""The file, inside each ``checkpoint-N`` folder, holding ``EMA.state_dict()``."""
+__all__ = ["EMA_STATE_NAME", "EMATrainer", "EMATrainerCallback", "EMATrainerMixin", "gathered_average"]
 
 EMA_EVAL = RenamedKeyword(
     "EMATrainer", "ema_eval", "eval_weights", {value: value for value in EVAL_WEIGHTS}, default="ema"
 )
-
-
-def _step_epoch(epoch: float | None) -> int | None:
-    """The epoch (from 0) of the optimizer step that ``on_step_end`` reports, from ``state.epoch``.
-
-    The ``Trainer`` sets ``state.epoch = epoch + (step + 1) / steps_in_epoch`` before ``on_step_end``: a
-    fraction in ``(epoch, epoch + 1]``, reaching ``epoch + 1`` at the epoch's last step, which still belongs
-    to ``epoch`` (``int(state.epoch)`` would be one too many there).
-    """
-    if epoch is None:
-        return None
-    if epoch < 0 or not math.isfinite(epoch):
-        raise ValueError(f"state.epoch={epoch!r} must be a finite number >= 0")
-    return max(math.ceil(epoch) - 1, 0)
-
-
-def _check_ema(ema: Any) -> EMA:
-    if not isinstance(ema, EMA):
-        raise TypeError(f"ema must be an emakit.EMA, e.g. EMA(half_life='100ba'); got {type(ema).__name__}: {ema!r}")
-    return ema
-
-
-class EMATrainerCallback(TrainerCallback):
-    """Keeps an :class:`~emakit.EMA` of a ``transformers.Trainer``'s model and checkpoints it.
-
-    ``on_step_end`` (once per optimizer step, after gradient accumulation) calls
-    ``ema.update(model, epoch=...)``: ``ema = w`` at the first step, then ``ema = s * ema + (1 - s) * w``.
-    The epoch (from 0) is the one the step belongs to, so ``ema_start="1ep"`` starts the average at the
-    first optimizer step of the second epoch; ``ema_start`` in ``dur`` is a fraction of ``max_steps``.
-    ``on_save`` writes ``ema.state_dict()`` to ``checkpoint-N/emakit_ema.pt`` (main process
-    only). With a plain ``Trainer`` restore it on resume yourself, before ``train``::
-
-        callback = EMATrainerCallback(EMA(half_life="100ba"))
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-        callback.load_state("out/checkpoint-100")         # only when resuming
-        trainer.train(resume_from_checkpoint="out/checkpoint-100")
-        with callback.ema.ema_weights(trainer.model):    # evaluate the average
-            trainer.evaluate()
-
-    :class:`EMATrainer` does all of this (and swaps the average in for every evaluation) itself.
-    """
-
-    def __init__(self, ema: EMA) -> None:
-        self.ema = _check_ema(ema)
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.max_steps > 0:  # optimizer steps of the whole run
-            self.ema.set_run_length(state.max_steps)  # 'dur' half-lives get their smoothing; too long ones, a warning
-
-    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
-        """Update the average with the weights after this optimizer step."""
-        if model is None:
-            raise RuntimeError("EMATrainerCallback.on_step_end got no model: add it to a transformers.Trainer")
-        self.ema.update(unwrap(model), epoch=_step_epoch(state.epoch))
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not args.should_save:  # the main process writes; the average is the same on every process
-            return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not folder.is_dir():  # a hyperparameter search writes into run-*/ folders, not output_dir itself
-            warnings.warn(
-                f"EMATrainerCallback: checkpoint folder {str(folder)!r} does not exist; the EMA state was not saved",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        self.save_state(folder)
-
-    def save_state(self, checkpoint_dir: str | os.PathLike) -> Path:
-        """Write ``ema.state_dict()`` to ``checkpoint_dir/emakit_ema.pt`` and return the path.
-
-        Written through :func:`emakit.atomic.atomic_write`: a crash or an error midway leaves the old file
-        (or none) and no partial one.
-        """
-        path = Path(checkpoint_dir) / EMA_STATE_NAME
-        with atomic_write(path) as file:
-            torch.save(self.ema.state_dict(), file)
-        return path
-
-    def load_state(self, checkpoint_dir: str | os.PathLike) -> None:
-        """Restore the average from ``checkpoint_dir/emakit_ema.pt``, as :meth:`on_save` wrote it."""
-        path = Path(checkpoint_dir) / EMA_STATE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"checkpoint {str(checkpoint_dir)!r} holds no {EMA_STATE_NAME}: it was not written with an "
-                "EMATrainerCallback, so the average cannot be resumed exactly"
-            )
-        self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 if TYPE_CHECKING:  # a mixin of Trainer subclasses: type checkers see the Trainer it is mixed into
@@ -211,7 +126,7 @@ class EMATrainerMixin(_MixedIntoTrainer):
         self, *args: Any, ema: EMA, eval_weights: str = "ema", ema_eval: str | None = None, **kwargs: Any
     ) -> None:
         eval_weights = check_eval_weights(EMA_EVAL.resolve(ema_eval, eval_weights, owner=type(self).__name__))
-        self.ema = _check_ema(ema)
+        self.ema = check_ema(ema)
         self.eval_weights = eval_weights
         self.ema_callback = EMATrainerCallback(ema)
         self._ema_measure_training = False  # set by evaluate with eval_weights="both", taken up by evaluation_loop
@@ -281,14 +196,15 @@ class EMATrainerMixin(_MixedIntoTrainer):
         training_prefix = f"{metric_key_prefix}_{TRAINING}"
         self.ema.get_training_model(self._trained_model())  # out of the average for this loop only
         try:
-            training = super().evaluation_loop(
-                dataloader,
-                description=description,
-                prediction_loss_only=prediction_loss_only,
-                ignore_keys=ignore_keys,
-                metric_key_prefix=training_prefix,
-                **kwargs,
-            )
+            with _random_state_kept(self.args.device):  # a plain Trainer's evaluation has no second loop
+                training = super().evaluation_loop(
+                    dataloader,
+                    description=description,
+                    prediction_loss_only=prediction_loss_only,
+                    ignore_keys=ignore_keys,
+                    metric_key_prefix=training_prefix,
+                    **kwargs,
+                )
         finally:
             self.ema.get_ema_model(self._trained_model())  # evaluate's ema_weights block swaps it out again on its exit
         preparation = f"{training_prefix}_model_preparation_time"  # the same number as the first loop's
@@ -305,27 +221,72 @@ class EMATrainerMixin(_MixedIntoTrainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
             resume_from_checkpoint = last
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):  # not None or False
-            self.ema_callback.load_state(resume_from_checkpoint)
+            self.ema_callback.load_state(resume_from_checkpoint, rank=self.args.process_index)  # every process
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
         best = self.state.best_model_checkpoint
-        if best is not None and (Path(best) / EMA_STATE_NAME).is_file():
-            self.ema_callback.load_state(best)
+        if best is not None and state_files.has_state(best, self.args.process_index):
+            self.ema_callback.load_state(best, rank=self.args.process_index)
 
     def save_ema_model(self, output_dir: str | os.PathLike) -> None:
-        """Write the averaged model to ``output_dir``, loadable with ``from_pretrained``.
+        """Write the averaged model to ``output_dir``, loadable with ``from_pretrained``. Call it on every process.
 
-        The average is swapped in, ``save_model`` (``save_pretrained``, plus the tokenizer or
-        processor) writes it from the main process, and the training weights come back bit for bit.
+        A model whose weights are whole on every process (one process, DDP, DeepSpeed ZeRO-1/2): the average is
+        swapped in, ``save_model`` (``save_pretrained``, plus the tokenizer or processor) writes it from the main
+        process, and the training weights come back bit for bit. A sharded model (DeepSpeed ZeRO-3 partitions,
+        FSDP2 shards): each tensor of the average is gathered to the main process, one at a time, in the model's
+        dtype (tensors the EMA does not track: the training weights, gathered the same way), and written by
+        ``save_pretrained(output_dir, state_dict=...)``, as ``save_model`` writes a ZeRO-3 model's gathered
+        16-bit weights (without needing ``stage3_gather_16bit_weights_on_model_save``).
         """
         if not self.ema.started:
             raise RuntimeError(
                 "the EMA has not started (no optimizer step reached ema_start yet): there is no averaged model to save"
             )
-        with self.ema.ema_weights(self._trained_model()):
-            self.save_model(os.fspath(output_dir), _internal_call=True)
+        model, output_dir = self._trained_model(), os.fspath(output_dir)
+        if not any(sharded.is_sharded(p) for p in model.parameters()):
+            with self.ema.ema_weights(model):
+                self.save_model(output_dir, _internal_call=True)
+            return
+        state = gathered_average(self.ema, model)  # collective: every process, in one order
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state)
+
+
+def _random_state_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """Restore torch's random state on leaving (the CPU's, and ``device``'s when it is an accelerator).
+
+    Every pass over a ``DataLoader`` draws its base seed from torch's global generator: the second loop of
+    ``eval_weights="both"`` would shift every later random number (dropout masks, shuffles), and training would
+    no longer follow a plain ``Trainer``'s bit for bit.
+    """
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+def gathered_average(ema: EMA, model: nn.Module) -> dict[str, Any]:
+    """The average of a sharded ``model`` as a whole ``state_dict`` in the model's dtypes, on the processes that
+    receive it (rank 0 for ZeRO-3, every rank for FSDP2; an empty dict elsewhere): each tensor gathered through
+    :func:`emakit.storage.sharded.gathered`, one at a time, tensors the EMA does not track taken from the model.
+    Collective: every process calls.
+
+    Example (every process of a ZeRO-3 run; ``model`` is ``trainer.model``)::
+
+        >>> state = gathered_average(ema, model)  # doctest: +SKIP
+        >>> plain.load_state_dict(state) if dist.get_rank() == 0 else None  # doctest: +SKIP
+    """
+    own = model.state_dict(keep_vars=True)  # ZeRO-3 placeholders, DTensors: nothing is gathered here
+    average = ema.ema_state_dict()  # tracked tensors, keyed like own
+    tracked = ema.shadow.state_dict_keys  # the same keys on every process (average is empty off rank 0 under ZeRO-3)
+    state: dict[str, Any] = {}
+    for name, tensor in own.items():
+        value = average.get(name) if name in tracked else sharded.gathered(tensor, sharded.local(tensor).detach())
+        if value is not None:
+            state[name] = value.to(tensor.dtype)
+    return state if len(state) == len(own) else {}
 
 
 class EMATrainer(EMATrainerMixin, Trainer):
