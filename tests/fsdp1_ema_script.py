@@ -281,6 +281,7 @@ def check_refusals(ema: EMA, model: FSDP) -> None:
     assert all(torch.equal(training[n], t) for n, t in local_tensors(model).items()), "training weights not back"
     check_refused(lambda: EMA(smoothing=SMOOTHING).update(model.module), "pass the FSDP-wrapped model itself")
     check_refused(lambda: ema.ema_model, "ema_model of a model sharded by fsdp1 is not made")
+    check_refused(lambda: EMA(smoothing=SMOOTHING, shard_over_ranks=True).update(model), "sharded by FSDP1 (a flat")
     with counting_collectives() as calls:  # the refusals left the EMA as it was: it updates on, silently
         ema.update(model)
     assert calls == [], calls

@@ -4,13 +4,15 @@ check only) equals the float64 closed form of the recorded steps; evaluation of 
 on both ranks, the average's differing from the training weights'; ``save_ema_model`` writes a ``from_pretrained``
 folder (rank 0) holding the closed form. Prints ``rank R: ok``.
 
-Checkpoints: ``EMATrainerCallback.on_save`` writes the EMA state from the main process only, which under
-``shard_over_ranks`` holds rank 0's slice; a resume must load each rank's own (``ema.state_is_per_rank`` says so).
+Checkpoints: every rank writes its own slice into ``checkpoint-3/`` (``emakit_ema-rank{r}.pt``: the state is per
+rank, ``ema.state_is_per_rank``), and a run resumed from it ends with every rank's slice bit for bit as the
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ def main() -> None:
     recorder, ema = Recorder(), EMA(half_life="4ba", shard_over_ranks=True)
     trainer = EMATrainer(
         model=make_model(),
-        args=make_args(out, max_steps=6, save_strategy="no", ddp_backend="gloo"),
+        args=make_args(out, max_steps=6, save_strategy="steps", save_steps=3, ddp_backend="gloo"),
         train_dataset=make_data(48, seed=1),
         eval_dataset=make_data(16, seed=2),
         callbacks=[recorder],
@@ -58,6 +60,23 @@ def main() -> None:
         for name, value in loaded.state_dict().items():
             if name in expected:
                 torch.testing.assert_close(value.double(), expected[name], atol=1e-6, rtol=1e-5, msg=f"saved {name}")
+    # each rank's slice in checkpoint-3/, resumed bit for bit
+    assert sorted(p.name for p in Path(out, "checkpoint-3").glob("emakit_ema*")) == [
+        "emakit_ema-rank0.pt",
+        "emakit_ema-rank1.pt",
+    ]
+    resumed = EMA(half_life="4ba", shard_over_ranks=True)
+    again = EMATrainer(
+        model=make_model(),
+        args=make_args(f"{out}/resumed", max_steps=6, save_strategy="no", ddp_backend="gloo"),
+        train_dataset=make_data(48, seed=1),
+        ema=resumed,
+    )
+    again.train(resume_from_checkpoint=f"{out}/checkpoint-3")
+    final = resumed.state_dict()
+    assert final["num_updates"] == state["num_updates"] == 6
+    for name, value in state["weights"].items():
+        assert torch.equal(final["weights"][name], value), f"rank {rank}: resumed slice of {name} differs"
     print(f"rank {rank}: ok", flush=True)
     dist.barrier()
 

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from emakit.storage import zero
+from emakit.storage import fsdp1, zero
 from emakit.storage.layout import CHUNK_BYTES, is_dense
 from emakit.storage.sharded import is_dtensor
 
@@ -61,7 +61,15 @@ def split_over_ranks(named: dict[str, torch.Tensor], wanted: bool) -> tuple[int,
     if not wanted:
         return None
     for name, tensor in named.items():
-        engine = "FSDP2 (a DTensor)" if is_dtensor(tensor) else "DeepSpeed ZeRO-3" if zero.is_zero3(tensor) else None
+        engine = (
+            "FSDP2 (a DTensor)"
+            if is_dtensor(tensor)
+            else "DeepSpeed ZeRO-3"
+            if zero.is_zero3(tensor)
+            else "FSDP1 (a flat shard)"
+            if fsdp1.is_fsdp1(tensor)
+            else None
+        )
         if engine:
             raise ValueError(
                 f"shard_over_ranks=True splits whole (data-parallel) weights over the ranks, but {name!r} is already "
