@@ -139,14 +139,15 @@ def test_the_documented_example_exports_what_it_evaluated(tmp_path):
     assert Trainer(model=model, args=args).evaluate(data)["eval_loss"] == pytest.approx(measured, abs=1e-6)
 
 
-def test_fsdp2_shards_are_saved_by_every_rank_and_resume(tmp_path):
+def test_fsdp2_shards_are_saved_by_every_rank_and_resume(tmp_path, monkeypatch):
     """An FSDP2 average (DTensor local shards, here on a 1-process gloo group) is a per-rank state: rank 0's file,
     loaded back bit for bit. (Saved once by the main process, every rank would load rank 0's shards.)"""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torchrun import free_port
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # this test's only: a later Trainer would think it is distributed
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
