@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -99,7 +100,8 @@ def test_lightning_refuses_deepspeed_on_the_cpu(tmp_path, monkeypatch):
         accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(stage=3), callbacks=[EMACallback(smoothing=0.9)],
         max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
-    with pytest.raises(RuntimeError, match="The DeepSpeed strategy is only supported on CUDA GPUs") as refusal:
+    refused = pytest.raises(RuntimeError, match="The DeepSpeed strategy is only supported on CUDA GPUs")
+    with refused as refusal, mock.patch.dict(os.environ):  # Lightning sets MASTER_ADDR and friends before refusing
         trainer.fit(module)
     raised_in = Path(refusal.traceback[-1].path).as_posix()
     assert raised_in.endswith("lightning/pytorch/strategies/deepspeed.py"), raised_in
