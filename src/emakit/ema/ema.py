@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from emakit.deprecated import DeprecatedAlgorithmMethods
+from emakit.ema.averages import check_windows, parse_averages
 from emakit.ema.exports import EMAExports
+from emakit.ema.names import EMANames
 from emakit.ema.on_step import EMAOnStep
-from emakit.ema.rates import parse_rates
+from emakit.ema.rates import no_rates, parse_rates
 from emakit.ema.run_length import EMARunLength
 from emakit.ema.state import EMAState
 from emakit.ema.swaps import EMASwaps
+from emakit.ema.window import Window
 from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
 from emakit.shadow import ShadowWeights
 from emakit.storage.ranks import ranks
@@ -49,7 +53,7 @@ class _DefaultHalfLife(str):
 _DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
 
 
-class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlgorithmMethods):
+class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, DeprecatedAlgorithmMethods):
     """An exponential moving average of a model's weights, for evaluation with smoother metrics.
 
     Args:
@@ -62,6 +66,14 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlg
         schedule: the smoothing as a function of the optimizer step instead (``schedule(step) -> smoothing``,
             steps counted from 1; a list: one average each), e.g. :func:`emakit.schedules.cosine` (DINO) or
             :func:`emakit.schedules.growing_half_life` (torchtitan). Updates count in ``"ba"``; no ``warmup``.
+        average: the kind of each average, in order: ``"exponential"`` (one per rate of ``half_life``,
+            ``smoothing`` or ``schedule``), ``"uniform"`` (SWA: ``avg = (w_1 + ... + w_n) / n`` over the due
+            updates) or ``"window"`` (one per ``window``); default: the rates' exponential averages, then the
+            windows'. See :mod:`emakit.ema.averages`.
+        window: the length of each windowed average (``"1000ba"``, ``"2ep"``, in ``update_interval``'s unit; a
+            list: one each): the uniform average of the last ``window`` of updates, kept in ``window_blocks``
+            blocks, exact at every ``window / window_blocks`` (:mod:`emakit.ema.window`).
+        window_blocks: how many blocks a window is kept in (memory: ``window_blocks + 1`` averages besides it).
         ema_start: when the average starts (initialised from the weights at the first update
             event at or after it); any unit, ``"0.3dur"`` meaning 30% of ``max_duration``.
         update_interval: how often to update, in ``half_life``'s unit; default ``1`` of it
@@ -132,13 +144,31 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlg
         *,
         decay: float | Sequence[float] | None = None,
         schedule: Callable[[int], float] | Sequence[Callable[[int], float]] | None = None,
+        average: str | Sequence[str] | None = None,
+        window: str | Time | Sequence[str | Time] | None = None,
+        window_blocks: int = 4,
     ) -> None:
         if decay is not None:  # the peers' name of smoothing
             if smoothing is not None:
                 raise ValueError(f"pass one of smoothing={smoothing!r} and decay={decay!r} (the same thing), not both")
             smoothing = decay
         given = half_life is not _DEFAULT_HALF_LIFE
-        self._rates = parse_rates(half_life, smoothing, update_interval, half_life_given=given, schedule=schedule)
+        explicit = schedule is not None or smoothing is not None or (given and half_life is not None)
+        rates = (
+            parse_rates(half_life, smoothing, update_interval, half_life_given=given, schedule=schedule)
+            if explicit
+            else None
+        )
+        self.averages = parse_averages(average, window, window_blocks, rates.count if rates else 0)
+        if rates is None:  # no rate given: the default half-life, unless no exponential average is asked for
+            exponential = "exponential" in self.averages.kinds
+            rates = (
+                parse_rates(half_life, None, update_interval, half_life_given=given)
+                if exponential
+                else no_rates(update_interval, self.averages)
+            )
+        self._rates = rates
+        per_block = check_windows(self.averages, self._rates.update_interval)
         self.schedules = self._rates.schedules
         if self.schedules is not None and (warmup is not None or min_smoothing):
             raise ValueError(
@@ -163,19 +193,24 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlg
         self.skip_nonfinite = skip_nonfinite
         self.num_skipped = 0  # update events skipped because the weights held NaN or Inf
         selection = Selection.of(include, exclude, trainable_only, buffers)
+        make_average = partial(
+            ShadowWeights, ema_dtype, ema_device, async_update, selection=selection, shard_over_ranks=shard_over_ranks
+        )
         self.shadows = [  # one per average; only the first may bind the model (flatten_model)
-            ShadowWeights(
-                ema_dtype,
-                ema_device,
-                async_update,
-                flatten_model and index == 0,
-                selection,
-                shard_over_ranks=shard_over_ranks,
-            )
-            for index in range(self._rates.count)
+            make_average(flatten_model=flatten_model and index == 0) for index in range(len(self.averages.kinds))
         ]
         self.shard_over_ranks = shard_over_ranks
         self.shadow = self.shadows[0]
+        self._windows = {  # the blocks behind each windowed average, by its position
+            index: Window(
+                self.shadows[index],
+                partial(make_average, flatten_model=False),
+                per_block.pop(0),
+                window_blocks,
+            )
+            for index, kind in enumerate(self.averages.kinds)
+            if kind == "window"
+        }
         self.started = False
         self.num_updates = 0  # update events applied, the starting one included
         self.batches_seen = 0  # counted by update(model), in loops without a trainer
@@ -189,18 +224,6 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlg
         if self.min_smoothing > min(smoothings):
             raise ValueError(f"min_smoothing={self.min_smoothing!r} must not exceed the smoothing {min(smoothings)!r}")
         self.smoothings, self.smoothing = smoothings, smoothings[0]
-
-    def __repr__(self) -> str:
-        if self.schedules is not None:
-            rate = f"schedule={self.schedules[0] if len(self.schedules) == 1 else list(self.schedules)!r}"
-        elif self.half_lives is not None:
-            rate = "half_life=" + (
-                f"'{self.half_life}'" if len(self.half_lives) == 1 else str(tuple(map(str, self.half_lives)))
-            )
-        else:
-            assert self.smoothings is not None  # given as smoothings
-            rate = f"smoothing={self.smoothing if len(self.smoothings) == 1 else self.smoothings}"
-        return f"EMA({rate}, update_interval='{self.update_interval}', ema_start='{self.ema_start}')"
 
     # ------------------------------------------------------------ the schedule
     def update_at(self, model: nn.Module, count: int, start_reached: bool) -> bool:
@@ -224,19 +247,27 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlg
                 stacklevel=3,
             )
             return False
-        if self.smoothings is None and self.schedules is None:
+        if self._rates.of_run and self.smoothings is None:
             raise RuntimeError(
                 f"half_life='{self.half_life}' is a fraction of the run, whose length the EMA does not know: "
                 "call ema.set_run_length(total_optimizer_steps) before the first update, or train in a Trainer"
             )
         if self.started:
             used = self._smoothings_at(count)
-            for shadow, smoothing in zip(self.shadows, used):  # each reads the weights: ~1x one average's time
-                shadow.update(model, 1.0 - smoothing)
-            self.last_smoothing = used[0]
+            rates = iter(used)
+            for index, (shadow, kind) in enumerate(zip(self.shadows, self.averages.kinds)):  # each reads the weights
+                if kind == "exponential":
+                    shadow.update(model, 1.0 - next(rates))
+                elif kind == "uniform":  # the mean of the num_updates + 1 updates: avg += (w - avg) / (n + 1)
+                    shadow.update(model, 1.0 / (self.num_updates + 1))
+                else:
+                    self._windows[index].update(model)
+            self.last_smoothing = used[0] if used else None
         else:
             for shadow in self.shadows:
                 shadow.copy_from_model(model)
+            for window in self._windows.values():
+                window.start(model)
             self.started = True
         self.num_updates += 1
         if self.train_with_ema_weights:
@@ -246,10 +277,12 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlg
     def _smoothings_at(self, step: int) -> list[float]:
         """Each average's smoothing for an update at optimizer step ``step``: its schedule's, or its own with warmup."""
         if self.schedules is None:
+            if not self._rates.count:
+                return []
             assert self.smoothings is not None  # checked by update_at
             return [warmup_smoothing(s, self.num_updates, self.warmup, self.min_smoothing) for s in self.smoothings]
         used = []
-        for label, schedule in zip(self.labels, self.schedules):
+        for label, schedule in zip(self.exponential_labels, self.schedules):
             value = schedule(step)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ValueError(f"EMA {label}: the schedule gave smoothing {value!r} at step {step}, not in [0, 1]")
@@ -310,23 +343,6 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, DeprecatedAlg
         """Lay every average out for ``model`` now (allocating it) rather than at the first update."""
         for shadow in self.shadows:
             shadow.attach(model)
-
-    @property
-    def labels(self) -> list[str]:
-        """A short name per average: ``"ema@50ba"``, or ``"ema@0.999"`` when given by its smoothing."""
-        if self.schedules is not None:
-            names = [getattr(f, "label", None) or getattr(f, "__name__", "schedule") for f in self.schedules]
-            unique = len(set(names)) == len(names)
-            return [f"ema@{name}" if unique else f"ema@{name}#{i}" for i, name in enumerate(names)]
-        if self.half_lives is not None:
-            return [f"ema@{h}" for h in self.half_lives]
-        assert self.smoothings is not None  # given as smoothings
-        return [f"ema@{s:g}" for s in self.smoothings]
-
-    @property
-    def label(self) -> str:
-        """The first average's :attr:`labels` entry."""
-        return self.labels[0]
 
     def as_algorithm(self) -> EMAAlgorithm:
         """This EMA as an :class:`~emakit.Algorithm` of emakit's Trainer (:class:`~emakit.algorithms.ema.EMAAlgorithm`).

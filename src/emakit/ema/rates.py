@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from emakit.ema.averages import Averages
 from emakit.functional import check_smoothing, smoothing_from_half_life
 from emakit.time import Time, TimeUnit, as_interval, as_time
 
-__all__ = ["INITIAL_SHARE_WARNING", "Rates", "parse_rates", "run_length_warning", "smoothings_for_run"]
+__all__ = ["INITIAL_SHARE_WARNING", "Rates", "no_rates", "parse_rates", "run_length_warning", "smoothings_for_run"]
 
 INITIAL_SHARE_WARNING = 0.01  # warn when the first weights keep more of the final average than this
 HALF_LIFE_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.DURATION)
@@ -40,8 +41,7 @@ class Rates:
             return len(self.schedules)
         if self.half_lives is not None:
             return len(self.half_lives)
-        assert self.smoothings is not None  # given as smoothings
-        return len(self.smoothings)
+        return len(self.smoothings or ())  # none: an EMA of uniform or windowed averages only
 
     @property
     def of_run(self) -> bool:
@@ -114,6 +114,15 @@ def parse_rates(
     if len(set(keys)) != len(keys):
         raise ValueError(f"{given!r} repeats an average: give each once")
     return rates
+
+
+def no_rates(update_interval: str | Time | None, averages: Averages) -> Rates:
+    """The rates of an EMA without exponential averages (``average="uniform"``, ``window=...``): its update interval
+    only, by default 1 of its windows' unit (``"1ba"`` without windows)."""
+    default = Time(1, averages.windows[0].unit) if averages.windows else "1ba"
+    return Rates(
+        None, None, as_interval(update_interval if update_interval is not None else default, name="update_interval")
+    )
 
 
 def _parse_schedules(

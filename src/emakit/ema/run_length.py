@@ -24,7 +24,7 @@ class EMARunLength:
     warmup: tuple | None
     smoothings: tuple[float, ...] | None
     schedules: tuple[Callable[[int], float], ...] | None
-    labels: property
+    exponential_labels: property
     _rates: Rates
     _run_batches: float | None
     _set_smoothings: Callable[[tuple[float, ...]], None]
@@ -89,8 +89,7 @@ class EMARunLength:
             )
         if interval is None and self.update_interval.unit is TimeUnit.BATCH:
             interval = self.update_interval.value
-        if interval is not None and batches > start and self.warmup is None:
-            assert self.smoothings is not None  # set above for half-lives in 'dur', at __init__ for others
-            message = run_length_warning(self.labels, self.smoothings, batches - start, interval)
+        if interval is not None and batches > start and self.warmup is None and self.smoothings:
+            message = run_length_warning(self.exponential_labels, self.smoothings, batches - start, interval)
             if message:
                 warnings.warn(message, stacklevel=2)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from emakit.distributed.per_rank import gather_states, own_state
+from emakit.ema.averages import Averages
+from emakit.ema.window import Window
 from emakit.shadow import ShadowWeights
 from emakit.storage.ranks import ranks
 from emakit.time import Time
@@ -43,7 +45,10 @@ class EMAState:
     schedules: tuple[Callable[[int], float], ...] | None
     last_scheduled: tuple[int, tuple[float, ...]] | None
     labels: property
+    exponential_labels: property
     shard_over_ranks: bool
+    averages: Averages
+    _windows: dict[int, Window]
 
     # ------------------------------------------------------------------ state
     def state_dict(self, whole: bool = False) -> dict[str, Any]:
@@ -73,6 +78,7 @@ class EMAState:
             "more_weights": weights[1:],  # the others, in order
             "state_dict_keys": dict(self.shadow.state_dict_keys),
             "partitioning": None if whole else self.shadow.partitioning(),  # ZeRO-3: whose partitions it holds
+            "window_states": [window.state_dict(whole) for window in self._windows.values()],  # their blocks
         }
 
     def checkpoint_state(self) -> dict[str, Any] | None:
@@ -123,6 +129,11 @@ class EMAState:
             shadow.load_state_dict(weights, partitioning=state.get("partitioning"))  # other ranks' are refused
             if shadow.attached_model() is None:
                 shadow.state_dict_keys = dict(state.get("state_dict_keys") or {})
+        windows = state.get("window_states", [])
+        if len(windows) != len(self._windows):
+            raise ValueError(f"EMA state holds {len(windows)} windows' blocks; this EMA keeps {len(self._windows)}")
+        for window, blocks in zip(self._windows.values(), windows):
+            window.load_state_dict(blocks, partitioning=state.get("partitioning"))
         self.started = bool(state["started"])
         self.num_updates = int(state["num_updates"])
         self.batches_seen = int(state["batches_seen"])
@@ -153,12 +164,15 @@ class EMAState:
     def state_dict_rates(self) -> dict[str, Any]:
         """The entries of :meth:`state_dict` that say how the average moves."""
         return {
-            "schedules": None if self.schedules is None else list(self.labels),
+            "schedules": None if self.schedules is None else list(self.exponential_labels),
             "half_lives": None if self.half_lives is None else [str(h) for h in self.half_lives],
             "smoothings": None if self.smoothings is None else list(self.smoothings),
             "update_interval": str(self.update_interval),
             "warmup": _warmup_state(self.warmup),
             "min_smoothing": self.min_smoothing,
+            "averages": list(self.averages.kinds),
+            "windows": [str(window) for window in self.averages.windows],
+            "window_blocks": self.averages.window_blocks,
         }
 
 

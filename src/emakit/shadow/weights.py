@@ -117,6 +117,22 @@ class ShadowWeights(ShadowLayout, AsynchronousUpdates, Swaps, ShadowState):
             group.copy_from_model()
 
     @torch.no_grad()
+    def set_to_mean(self, others: list[ShadowWeights], model: nn.Module) -> None:
+        """Set the average to the mean of ``others``' (averages of the same ``model``): ``(a_1 + ... + a_k) / k``,
+        accumulated in float32 at least; copied tensors (integer buffers) take the last one's. A windowed average
+        combines its blocks with it (:mod:`emakit.ema.window`)."""
+        if not others:
+            raise ValueError("set_to_mean needs at least one average")
+        for shadow in (self, *others):
+            shadow._checked(model, "combine averages")
+        layouts = {tuple(tuple(group.names) for group in shadow._groups) for shadow in (self, *others)}
+        if len(layouts) != 1:
+            raise RuntimeError("set_to_mean: the averages are laid out differently; they must follow one model")
+        self._snapshot = None
+        for index, group in enumerate(self._groups):
+            group.set_to_mean([other._groups[index] for other in others])
+
+    @torch.no_grad()
     def copy_to_model(self, model: nn.Module) -> None:
         """Set the model's weights to the average (cast to the model's dtype)."""
         self._checked(model, "copy the EMA into the model")

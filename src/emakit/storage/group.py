@@ -30,7 +30,16 @@ from collections.abc import Iterator
 
 import torch
 
-from emakit.storage.layout import ALIGN_BYTES, Views, aligned_offsets, chunk_limit, chunk_ranges, own_storage, park
+from emakit.storage.layout import (
+    ALIGN_BYTES,
+    CHUNK_BYTES,
+    Views,
+    aligned_offsets,
+    chunk_limit,
+    chunk_ranges,
+    own_storage,
+    park,
+)
 from emakit.storage.sharded import (
     after_write,
     before_write,
@@ -151,6 +160,22 @@ class Group:
     @torch.no_grad()
     def copy_from_model(self) -> None:
         torch._foreach_copy_(self.averages, self.sources)
+
+    @torch.no_grad()
+    def set_to_mean(self, others: list[Group]) -> None:
+        """``average = (a_1 + ... + a_k) / k`` of ``others``' averages (same layout), a chunk at a time in float32 at
+        least; a copied group takes the last one's values."""
+        if self.kind == "copied":
+            self.ema_flat.copy_(others[-1].ema_flat)
+            return
+        wide = torch.promote_types(self.ema_flat.dtype, torch.float32)
+        step = max(1, CHUNK_BYTES // wide.itemsize)
+        for start in range(0, self.ema_flat.numel(), step):
+            chunk = slice(start, start + step)
+            total = others[0].ema_flat[chunk].to(wide, copy=True)
+            for other in others[1:]:
+                total.add_(other.ema_flat[chunk])
+            self.ema_flat[chunk].copy_(total.div_(len(others)))
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
