@@ -162,6 +162,13 @@ def test_quick_bench_times_several_averages_against_one_and_against_separate_ema
     assert several["averages"] == 3
     assert several["several_vs_one"] == several["several_s"] / several["one_s"] > 0
     assert several["separate_vs_one"] == several["separate_s"] / several["one_s"] > 0
+    for kind in ("uniform", "window"):
+        assert several[f"{kind}_vs_one"] == several[f"{kind}_s"] / several["one_s"] > 0
+    assert set(several["targets"]) == {
+        "3 averages / one <= 2.6",
+        "uniform: / one exponential <= 1.1",
+        "window: / one exponential <= 1.1",
+    }
 
 
 def test_the_device_report_measures_update_swap_and_overlap_against_a_copy(tmp_path) -> None:

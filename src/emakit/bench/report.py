@@ -132,20 +132,31 @@ def summary_tables(results: dict[str, Any]) -> str:
     ]
     several = results.get("several")
     if several:
+        kind = f"(target {targets.AVERAGE_KIND.op} {targets.AVERAGE_KIND.limit:g})"
         table = format_table(
-            ["layout", "one EMA ms", f"{several['averages']} averages in one EMA", f"{several['averages']} EMAs"],
+            [
+                "layout",
+                "one EMA ms",
+                f"{several['averages']} averages in one EMA (target {targets.SEVERAL.op} {targets.SEVERAL.limit:g})",
+                f"{several['averages']} EMAs",
+                f"uniform {kind}",
+                f"window {several['window']} {kind}",
+            ],
             [
                 [
                     several["layout"],
                     _ms(several["one_s"]),
-                    f"{_ms(several['several_s'])} ({several['several_vs_one']:.2f}x)",
+                    f"{_ms(several['several_s'])} ({verdict(several['several_vs_one'], targets.SEVERAL, '.2f')})",
                     f"{_ms(several['separate_s'])} ({several['separate_vs_one']:.2f}x)",
+                    f"{_ms(several['uniform_s'])} ({verdict(several['uniform_vs_one'], targets.AVERAGE_KIND, '.2f')})",
+                    f"{_ms(several['window_s'])} ({verdict(several['window_vs_one'], targets.AVERAGE_KIND, '.2f')})",
                 ]
             ],
         )
         parts.append(
-            "== several: EMA(smoothing=(0.99, 0.999, 0.9999)) against one EMA and three EMAs, round-robin medians "
-            f"(each average reads the weights: no single pass for all yet)\n{table}"
+            "== several: EMA(smoothing=(0.99, 0.999, 0.9999)) against one EMA and three EMAs; EMA(average='uniform') "
+            f"and EMA(window='{several['window']}') (blocks completing every 10th update, amortised) against one "
+            f"EMA; round-robin medians (each average reads the weights)\n{table}"
         )
     posthoc = results.get("posthoc")
     if posthoc:

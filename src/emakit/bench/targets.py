@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "ATTACH_MEMORY", "EMA_SHARE", "EVAL_MEMORY", "RANK_BYTES", "SWAP_DEFAULT", "SWAP_FLATTEN", "UPDATE", "Target",
+    "ATTACH_MEMORY", "AVERAGE_KIND", "EMA_SHARE", "EVAL_MEMORY", "RANK_BYTES", "SEVERAL", "SWAP_DEFAULT",
+    "SWAP_FLATTEN", "UPDATE", "Target",
 ]  # fmt: skip
 
 
@@ -49,3 +50,5 @@ EVAL_MEMORY = {
 ATTACH_MEMORY = Target("peak / model bytes", "<=", 2.1)  # both modes
 EMA_SHARE = Target("time in EMA", "<=", 0.03)
 RANK_BYTES = Target("sharded / whole bytes per rank", "<=", 0.51)  # 2 ranks: half, + 1% for shards' padding
+SEVERAL = Target("3 averages / one", "<=", 2.6)  # one EMA keeping three exponential averages, per update
+AVERAGE_KIND = Target("/ one exponential", "<=", 1.1)  # a uniform or windowed average's update

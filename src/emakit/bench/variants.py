@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from emakit import EMA, PostHocEMA
+from emakit.bench import targets
 from emakit.bench.peers import SMOOTHING
 from emakit.bench.timing import model_bytes, time_round_robin
 from emakit.posthoc import snapshots_in, synthesize
@@ -18,23 +19,30 @@ __all__ = ["bench_posthoc", "bench_several"]
 
 SIGMA_RELS = (0.05, 0.10)
 SEVERAL = (0.99, 0.999, 0.9999)
+WINDOW = "40ba"  # 4 blocks of 10 updates: a block completes (and the window is recombined) every 10th update
 
 
 def bench_several(name: str, template: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
-    """``EMA(smoothing=SEVERAL)`` (three averages) against one EMA and against three EMAs, round-robin medians."""
+    """``EMA(smoothing=SEVERAL)`` (three averages) against one EMA and against three EMAs; a uniform and a windowed
+    average against one exponential EMA (the window's block completions included, amortised); round-robin medians."""
     import copy
 
-    models = [copy.deepcopy(template) for _ in range(3)]
+    models = [copy.deepcopy(template) for _ in range(5)]
     one, several, separate = EMA(smoothing=SMOOTHING), EMA(smoothing=SEVERAL), [EMA(smoothing=s) for s in SEVERAL]
+    uniform, window = EMA(average="uniform"), EMA(window=WINDOW)
     one.update(models[0])
     several.update(models[1])
     for ema in separate:
         ema.update(models[2])
+    uniform.update(models[3])
+    window.update(models[4])
     times = time_round_robin(
         {
             "one": lambda: one.update(models[0]),
             "several": lambda: several.update(models[1]),
             "separate": lambda: [ema.update(models[2]) for ema in separate],
+            "uniform": lambda: uniform.update(models[3]),
+            "window": lambda: window.update(models[4]),
         },
         args.repeats,
         args.warmup,
@@ -43,9 +51,20 @@ def bench_several(name: str, template: nn.Module, args: argparse.Namespace) -> d
     return {
         "layout": name,
         "averages": len(SEVERAL),
+        "window": WINDOW,
         **{f"{key}_s": value for key, value in times.items()},
         "several_vs_one": times["several"] / times["one"],
         "separate_vs_one": times["separate"] / times["one"],
+        "uniform_vs_one": times["uniform"] / times["one"],
+        "window_vs_one": times["window"] / times["one"],
+        "targets": {
+            **targets.SEVERAL.judge(times["several"] / times["one"]),
+            **{
+                f"{kind}: {target}": passed
+                for kind in ("uniform", "window")
+                for target, passed in targets.AVERAGE_KIND.judge(times[kind] / times["one"]).items()
+            },
+        },
     }
 
 
