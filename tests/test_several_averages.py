@@ -145,3 +145,52 @@ def test_state_resumes_every_average_exactly():
 def test_bad_sets_of_averages_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EMA(**kwargs)
+
+
+def test_compile_update_moves_every_average_in_one_compiled_pass_equal_to_the_closed_form():
+    from torch._dynamo.utils import counters
+
+    from emakit.storage import fused
+
+    counters.clear()
+    model, plain_model = make_model(), make_model()
+    kinds = ["exponential"] * len(SMOOTHINGS) + ["uniform"]
+    ema = EMA(smoothing=SMOOTHINGS, average=kinds, flatten_model=True, compile_update=True)
+    plain = EMA(smoothing=SMOOTHINGS, average=kinds, flatten_model=True)
+    history = train(model, [ema])
+    train(plain_model, [plain])  # the same run, averaged eagerly
+    assert counters["stats"]["unique_graphs"] == 1  # one kernel (dynamic sizes: every group)
+    for index, smoothing in enumerate(SMOOTHINGS):
+        reference = ClosedForm(smoothing)
+        for weights in history:
+            reference.update(weights)
+        average = ema.ema_state_dict(index)
+        for name, value in reference.ema.items():
+            torch.testing.assert_close(average[name].double(), value, rtol=1e-5, atol=1e-6, msg=f"{index} {name}")
+            torch.testing.assert_close(average[name], plain.ema_state_dict(index)[name], rtol=1e-6, atol=1e-7)
+    uniform = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    for name, value in uniform.items():
+        torch.testing.assert_close(ema.ema_state_dict("uniform")[name].double(), value, rtol=1e-5, atol=1e-6)
+    assert fused._kernels and not fused._failed
+
+
+def test_compile_update_falls_back_with_a_warning_when_torch_compile_fails(monkeypatch):
+    from emakit.storage import fused
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused, "_kernels", {})
+    monkeypatch.setattr(fused, "_failed", [])
+    monkeypatch.setattr(torch, "compile", refuse)
+    model = make_model()
+    ema = EMA(smoothing=SMOOTHINGS, flatten_model=True, compile_update=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed \\(RuntimeError: no compiler here\\)"):
+        history = train(model, [ema])
+    reference = ClosedForm(SMOOTHINGS[1])
+    for weights in history:
+        reference.update(weights)
+    for name, value in reference.ema.items():
+        torch.testing.assert_close(ema.ema_state_dict(1)[name].double(), value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="compile_update=True: True needs flatten_model=True"):
+        EMA(compile_update=True)

@@ -133,12 +133,19 @@ def summary_tables(results: dict[str, Any]) -> str:
     several = results.get("several")
     if several:
         kind = f"(target {targets.AVERAGE_KIND.op} {targets.AVERAGE_KIND.limit:g})"
+        fused = f"(target {targets.SEVERAL.op} {targets.SEVERAL.limit:g})"
+
+        def timed(key: str, target: Target, versus: str = "one") -> str:
+            return f"{_ms(several[f'{key}_s'])} ({verdict(several[f'{key}_vs_{versus}'], target, '.2f')})"
+
         table = format_table(
             [
                 "layout",
                 "one EMA ms",
-                f"{several['averages']} averages in one EMA (target {targets.SEVERAL.op} {targets.SEVERAL.limit:g})",
+                f"{several['averages']} averages in one EMA",
                 f"{several['averages']} EMAs",
+                "flatten_model: one ms",
+                f"{several['averages']} averages, compile_update {fused}",
                 f"uniform {kind}",
                 f"window {several['window']} {kind}",
             ],
@@ -146,17 +153,21 @@ def summary_tables(results: dict[str, Any]) -> str:
                 [
                     several["layout"],
                     _ms(several["one_s"]),
-                    f"{_ms(several['several_s'])} ({verdict(several['several_vs_one'], targets.SEVERAL, '.2f')})",
+                    f"{_ms(several['several_s'])} ({several['several_vs_one']:.2f}x)",
                     f"{_ms(several['separate_s'])} ({several['separate_vs_one']:.2f}x)",
-                    f"{_ms(several['uniform_s'])} ({verdict(several['uniform_vs_one'], targets.AVERAGE_KIND, '.2f')})",
-                    f"{_ms(several['window_s'])} ({verdict(several['window_vs_one'], targets.AVERAGE_KIND, '.2f')})",
+                    _ms(several["flat_one_s"]),
+                    timed("compiled", targets.SEVERAL, versus="flat_one"),
+                    timed("uniform", targets.AVERAGE_KIND),
+                    timed("window", targets.AVERAGE_KIND),
                 ]
             ],
         )
         parts.append(
-            "== several: EMA(smoothing=(0.99, 0.999, 0.9999)) against one EMA and three EMAs; EMA(average='uniform') "
-            f"and EMA(window='{several['window']}') (blocks completing every 10th update, amortised) against one "
-            f"EMA; round-robin medians (each average reads the weights)\n{table}"
+            "== several: EMA(smoothing=(0.99, 0.999, 0.9999)) against one EMA and three EMAs (each average reads the "
+            "weights), and with flatten_model=True, compile_update=True (one compiled kernel reads them once for all) "
+            "against one flatten_model EMA; EMA(average='uniform') and "
+            f"EMA(window='{several['window']}') (blocks completing every 10th update, amortised) against one "
+            f"EMA; round-robin medians\n{table}"
         )
     posthoc = results.get("posthoc")
     if posthoc:

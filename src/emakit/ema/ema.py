@@ -36,6 +36,7 @@ from emakit.ema.swaps import EMASwaps
 from emakit.ema.window import Window
 from emakit.functional import check_smoothing, check_warmup, warmup_smoothing
 from emakit.shadow import ShadowWeights
+from emakit.shadow.together import update_together
 from emakit.storage.ranks import ranks
 from emakit.time import Time, TimeUnit, as_time
 from emakit.tracked import Selection
@@ -74,6 +75,9 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, Dep
             list: one each): the uniform average of the last ``window`` of updates, kept in ``window_blocks``
             blocks, exact at every ``window / window_blocks`` (:mod:`emakit.ema.window`).
         window_blocks: how many blocks a window is kept in (memory: ``window_blocks + 1`` averages besides it).
+        compile_update: with ``flatten_model=True``, update the exponential and uniform averages with one
+            ``torch.compile``'d kernel per group that reads the weights once for all (:mod:`emakit.storage.fused`);
+            the first update compiles it (seconds; a C++ compiler on the CPU).
         ema_start: when the average starts (initialised from the weights at the first update
             event at or after it); any unit, ``"0.3dur"`` meaning 30% of ``max_duration``.
         update_interval: how often to update, in ``half_life``'s unit; default ``1`` of it
@@ -147,6 +151,7 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, Dep
         average: str | Sequence[str] | None = None,
         window: str | Time | Sequence[str | Time] | None = None,
         window_blocks: int = 4,
+        compile_update: bool = False,
     ) -> None:
         if decay is not None:  # the peers' name of smoothing
             if smoothing is not None:
@@ -200,6 +205,12 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, Dep
             make_average(flatten_model=flatten_model and index == 0) for index in range(len(self.averages.kinds))
         ]
         self.shard_over_ranks = shard_over_ranks
+        if not isinstance(compile_update, bool) or (compile_update and not flatten_model):
+            raise ValueError(
+                f"compile_update={compile_update!r}: True needs flatten_model=True (its kernel reads the model's flat "
+                "buffer once for every average), or False"
+            )
+        self.compile_update = compile_update
         self.shadow = self.shadows[0]
         self._windows = {  # the blocks behind each windowed average, by its position
             index: Window(
@@ -255,13 +266,18 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, Dep
         if self.started:
             used = self._smoothings_at(count)
             rates = iter(used)
-            for index, (shadow, kind) in enumerate(zip(self.shadows, self.averages.kinds)):  # each reads the weights
-                if kind == "exponential":
-                    shadow.update(model, 1.0 - next(rates))
-                elif kind == "uniform":  # the mean of the num_updates + 1 updates: avg += (w - avg) / (n + 1)
-                    shadow.update(model, 1.0 / (self.num_updates + 1))
-                else:
+            moved, weights = [], []  # the averages moved towards the weights, and by how much
+            for index, (shadow, kind) in enumerate(zip(self.shadows, self.averages.kinds)):
+                if kind == "window":
                     self._windows[index].update(model)
+                    continue
+                moved.append(shadow)  # the uniform mean of n + 1 updates: avg += (w - avg) / (n + 1)
+                weights.append(1.0 - next(rates) if kind == "exponential" else 1.0 / (self.num_updates + 1))
+            if self.compile_update:
+                update_together(moved, model, weights)  # one pass over the weights for all
+            else:
+                for shadow, weight in zip(moved, weights):  # each reads the weights: ~1x one average's time
+                    shadow.update(model, weight)
             self.last_smoothing = used[0] if used else None
         else:
             for shadow in self.shadows:

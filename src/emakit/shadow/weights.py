@@ -91,11 +91,17 @@ class ShadowWeights(ShadowLayout, AsynchronousUpdates, Swaps, ShadowState):
             )
         self.attach(model)
 
+    def groups_for_update(self, model: nn.Module) -> list[Group]:
+        """The groups an update of ``model`` writes, after the check before each use (for updates made from outside,
+        :func:`emakit.shadow.together.update_together`): the caller updates every one of them."""
+        self._checked(model, "update the EMA")
+        self._snapshot = None
+        return self._groups
+
     @torch.no_grad()
     def update(self, model: nn.Module, weight: float) -> None:
         """``ema = ema + weight * (param - ema)`` for averaged tensors; copy the others."""
-        self._checked(model, "update the EMA")
-        self._snapshot = None
+        self.groups_for_update(model)
         if self.async_update and self._asynchronous_device() is not None:
             self._update_asynchronously(weight)
             return
