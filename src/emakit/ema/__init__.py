@@ -11,6 +11,9 @@ One idea per module:
     ema.py      EMA: its arguments, the update schedule (ema_start, update_interval, warmup), the run's length,
                 as_algorithm (its adapter for emakit's Trainer: :mod:`emakit.algorithms.ema`, imported lazily)
     rates.py    the averages' smoothings from half-lives; whether a run is long enough for them
+    averages.py which averages it keeps, in order: exponential, uniform (SWA), windowed
+    window.py   a windowed average's blocks, combined into the average when one completes
+    names.py    the averages' labels and the EMA's repr
     swaps.py    the average in the model and the training weights back (ema_weights, get_ema_model), update_bn
     exports.py  copies of the average out of the EMA: ema_model, ema_state_dict, save_ema_weights
     state.py    state_dict / load_state_dict, with the check that a state was saved with the same rates
