@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import os
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +52,34 @@ def no_leaked_process_group(request):
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         warnings.warn(f"{request.node.nodeid} left the default process group initialized", RuntimeWarning, stacklevel=1)
+
+
+BUILD_DEEPSPEED_CPU_OP = "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None"
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu() -> dict[str, str]:
+    """The environment of a DeepSpeed run on the CPU (``DS_ACCELERATOR=cpu``, ``TORCH_EXTENSIONS_DIR``), with
+    DeepSpeed's CPU communication op already built there, once, in one process with all the time it needs.
+
+    Every DeepSpeed process loads that op, and the first one compiles it (~30 s, minutes on a loaded machine) under
+    torch's build lock: a file that only its holder removes. A torchrun test killed at its timeout mid-compile left
+    the lock behind, and every later DeepSpeed test waited on it until its own timeout. Here the build runs under a
+    lock the kernel releases when its holder dies, and a build lock older than any build is removed first.
+    """
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions"))
+    environment = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(directory)}
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "emakit-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for left_behind in directory.glob("*/lock"):
+            if time.time() - left_behind.stat().st_mtime > 600:
+                left_behind.unlink()
+        build = subprocess.run(
+            [sys.executable, "-c", BUILD_DEEPSPEED_CPU_OP],
+            env={**os.environ, **environment}, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+    assert build.returncode == 0, f"DeepSpeed's CPU op did not build:\n{build.stdout[-3000:]}{build.stderr[-5000:]}"
+    return environment

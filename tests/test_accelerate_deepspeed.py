@@ -1,7 +1,7 @@
 """``examples/accelerate_deepspeed.py``'s loop: an EMA by hand in Accelerate with a ``DeepSpeedPlugin`` (ZeRO-3) on
 2 CPU processes, the real Accelerate and DeepSpeed (see ``accelerate_deepspeed_script.py`` for what it checks), and
 what ``Accelerator(cpu=True, deepspeed_plugin=...)`` really runs (DDP). Skipped without DeepSpeed or Accelerate.
-The first run compiles DeepSpeed's CPU communication op (~30 s), cached in ``TORCH_EXTENSIONS_DIR``.
+DeepSpeed runs on the CPU in the environment of the ``deepspeed_cpu`` fixture (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_ema_in_an_accelerate_deepspeed_zero3_loop_averages_evaluates_resumes_and_exports(tmp_path):
+def test_ema_in_an_accelerate_deepspeed_zero3_loop_averages_evaluates_resumes_and_exports(tmp_path, deepspeed_cpu):
     path = os.pathsep.join(filter(None, [str(SCRIPT.parent), os.environ.get("PYTHONPATH")]))  # the emakit under test
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
-    result = torchrun(
-        SCRIPT, str(tmp_path), timeout=240, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions, PYTHONPATH=path
-    )
+    result = torchrun(SCRIPT, str(tmp_path), timeout=240, PYTHONPATH=path, **deepspeed_cpu)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:]

@@ -2,14 +2,13 @@
 against the float64 closed form of the weights it follows: see ``deepspeed_ema_script.py`` for what each run checks.
 
 ``examples/deepspeed_zero.py`` (the runnable example of ``docs/integrations/deepspeed.md``) is run and resumed.
-Skipped where DeepSpeed is not installed. The first run compiles DeepSpeed's CPU communication op (~30 s), cached
-in ``TORCH_EXTENSIONS_DIR`` (default here: ``/tmp/emakit-torch-extensions``).
+Skipped where DeepSpeed is not installed; it runs on the CPU in the environment of the ``deepspeed_cpu`` fixture
+(``conftest.py``).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -28,32 +27,26 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, r
     [(1, "fp32", 0), (2, "bf16", 0), (3, "fp32", 0), (3, "bf16", 100)],
     ids=["zero1-fp32", "zero2-bf16", "zero3-fp32", "zero3-bf16-persistent-biases"],
 )
-def test_ema_of_a_deepspeed_engine_follows_the_closed_form_without_communication(tmp_path, stage, dtype, persistence):
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
-    result = torchrun(
-        SCRIPT, str(stage), dtype, str(persistence), str(tmp_path),
-        timeout=150, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions,
-    )  # fmt: skip
+def test_ema_of_a_deepspeed_engine_follows_the_closed_form_without_communication(
+    tmp_path, deepspeed_cpu, stage, dtype, persistence
+):
+    result = torchrun(SCRIPT, str(stage), dtype, str(persistence), str(tmp_path), timeout=150, **deepspeed_cpu)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
     if stage == 3:
         assert result.stdout.count("ZeRO-3 average holds 0.") == 2
 
 
-def test_the_documented_example_resumes_its_ema_bit_for_bit(tmp_path):
+def test_the_documented_example_resumes_its_ema_bit_for_bit(tmp_path, deepspeed_cpu):
     """``examples/deepspeed_zero.py`` (ZeRO-3, 2 micro-batches per optimizer step): 20 steps at once, and 10 then
     resumed from its checkpoint to 20, end with the same EMA partitions on every rank (20 updates: one per optimizer
     step, not per micro-batch) and the same exported file, bit for bit."""
-    environment = {
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions"),
-    }
     runs = {"whole": ["--steps", "20"], "first": ["--steps", "10"], "resumed": ["--steps", "20", "--resume"]}
     runs = {run: ["--accumulate", "2", *args] for run, args in runs.items()}
     outputs = {}
     for run, args in runs.items():
         out = tmp_path / ("whole" if run == "whole" else "split")
-        result = torchrun(EXAMPLE, *args, "--out", str(out), timeout=100, **environment)
+        result = torchrun(EXAMPLE, *args, "--out", str(out), timeout=100, **deepspeed_cpu)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         outputs[run] = result.stdout
     # the swapped-in evaluation and the plain model holding the exported average agree

@@ -3,8 +3,8 @@ rank's EMA state goes in a checkpoint folder (:mod:`emakit.integrations.state_fi
 
 ``hf_deepspeed_script.py`` trains, checks and resumes under torchrun (see its docstring); this file then loads the
 exported folder with ``from_pretrained`` in a process without DeepSpeed and compares it and the evaluation metrics
-with plain models. Skipped where DeepSpeed or transformers is not installed. The first run compiles DeepSpeed's CPU
-communication op (~30 s), cached in ``TORCH_EXTENSIONS_DIR`` (default here: ``/tmp/emakit-torch-extensions``).
+with plain models. Skipped where DeepSpeed or transformers is not installed. DeepSpeed runs on the CPU in the
+environment of the ``deepspeed_cpu`` fixture (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -43,13 +43,12 @@ def plain_loss(state: dict[str, torch.Tensor], tmp_path: Path) -> float:
 @pytest.mark.parametrize(
     ("stage", "persistence"), [(3, 0), (3, 100), (2, 0)], ids=["zero3", "zero3-persistent-small-tensors", "zero2"]
 )
-def test_ema_trainer_under_deepspeed_averages_evaluates_resumes_and_exports(tmp_path, stage, persistence):
+def test_ema_trainer_under_deepspeed_averages_evaluates_resumes_and_exports(
+    tmp_path, deepspeed_cpu, stage, persistence
+):
     path = os.pathsep.join(filter(None, [str(SCRIPT.parent), os.environ.get("PYTHONPATH")]))  # the emakit under test
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
-    result = torchrun(
-        SCRIPT, str(stage), str(persistence), str(tmp_path),
-        timeout=240, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions, PYTHONPATH=path,
-    )  # fmt: skip
+    arguments = [str(stage), str(persistence), str(tmp_path)]
+    result = torchrun(SCRIPT, *arguments, timeout=240, PYTHONPATH=path, **deepspeed_cpu)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
     if stage == 3:
@@ -119,15 +118,12 @@ def test_a_folder_without_an_ema_state_is_refused(tmp_path):
 
 
 @deepspeed_installed
-def test_the_documented_example_exports_what_it_evaluated(tmp_path):
+def test_the_documented_example_exports_what_it_evaluated(tmp_path, deepspeed_cpu):
     """``examples/transformers_deepspeed.py`` (ZeRO-3, 20 steps): each process's state is in ``checkpoint-10/``, and
     the exported folder, loaded with ``from_pretrained`` here (no DeepSpeed), evaluates to the ``eval_loss`` the
     example measured with the average swapped in."""
     example = SCRIPT.parents[1] / "examples" / "transformers_deepspeed.py"
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
-    result = torchrun(
-        example, "--cpu", "--out", str(tmp_path), timeout=180, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
-    )
+    result = torchrun(example, "--cpu", "--out", str(tmp_path), timeout=180, **deepspeed_cpu)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("step 20: eval_loss (EMA) "))
     measured = float(line.split("eval_loss (EMA) ")[1].split(",")[0])

@@ -108,11 +108,8 @@ def test_lightning_refuses_deepspeed_on_the_cpu(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_a_zero3_average_saved_whole_on_rank_0_resumes_every_ranks_partitions(tmp_path):
+def test_a_zero3_average_saved_whole_on_rank_0_resumes_every_ranks_partitions(tmp_path, deepspeed_cpu):
     """What the callback saves in Lightning's DeepSpeed checkpoint (callback states come from rank 0 only)."""
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
-    result = torchrun(
-        WHOLE_STATE_SCRIPT, str(tmp_path), timeout=150, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
-    )
+    result = torchrun(WHOLE_STATE_SCRIPT, str(tmp_path), timeout=150, **deepspeed_cpu)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:]

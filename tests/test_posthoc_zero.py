@@ -8,7 +8,6 @@ The run is ``posthoc_zero_script.py``. Skipped where DeepSpeed is not installed.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,8 @@ SCRIPT = Path(__file__).with_name("posthoc_zero_script.py")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
-def test_zero3_snapshots_hold_the_power_function_ema_of_the_master_weights(tmp_path):
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
-    result = torchrun(SCRIPT, "bf16", str(tmp_path), timeout=180, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions)
+def test_zero3_snapshots_hold_the_power_function_ema_of_the_master_weights(tmp_path, deepspeed_cpu):
+    result = torchrun(SCRIPT, "bf16", str(tmp_path), timeout=180, **deepspeed_cpu)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
     records = torch.load(tmp_path / "records.pt", weights_only=True)

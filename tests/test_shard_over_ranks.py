@@ -154,13 +154,9 @@ def test_the_bench_has_a_2_rank_row_of_update_time_and_bytes_against_the_whole_e
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_a_deepspeed_zero2_engine_averages_its_slice_and_zero3_is_refused(tmp_path):
-    """ZeRO-2 (bf16, whole parameters) split over the ranks: see ``shard_over_ranks_zero_script.py``. The first
-    DeepSpeed run compiles its CPU communication op (~30 s), cached in ``TORCH_EXTENSIONS_DIR``."""
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/emakit-torch-extensions")
-    result = torchrun(
-        ZERO_SCRIPT, "2", "bf16", timeout=170, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
-    )  # fmt: skip
+def test_a_deepspeed_zero2_engine_averages_its_slice_and_zero3_is_refused(deepspeed_cpu):
+    """ZeRO-2 (bf16, whole parameters) split over the ranks: see ``shard_over_ranks_zero_script.py``."""
+    result = torchrun(ZERO_SCRIPT, "2", "bf16", timeout=170, **deepspeed_cpu)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
 
