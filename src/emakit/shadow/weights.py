@@ -129,8 +129,11 @@ class ShadowWeights(ShadowLayout, AsynchronousUpdates, Swaps, ShadowState):
         combines its blocks with it (:mod:`emakit.ema.window`)."""
         if not others:
             raise ValueError("set_to_mean needs at least one average")
-        for shadow in (self, *others):
-            shadow._checked(model, "combine averages")
+        self._checked(model, "combine averages")
+        for other in others:  # laid out as this one for the same model: only their averages are read, no check
+            other._settle()
+            if other.attached_model() is not self.attached_model() or other._key != self._key:
+                other._checked(model, "combine averages")
         layouts = {tuple(tuple(group.names) for group in shadow._groups) for shadow in (self, *others)}
         if len(layouts) != 1:
             raise RuntimeError("set_to_mean: the averages are laid out differently; they must follow one model")
