@@ -310,6 +310,107 @@ def test_ema_eval_is_deprecated_and_means_eval_weights(tmp_path, value):
     assert trainer.eval_weights == "training"
 
 
+class PredictRecorder(TrainerCallback):
+    """The metrics of every on_predict event."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, float]] = []
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        self.events.append(dict(metrics))
+
+
+def plain_predict(state: dict[str, torch.Tensor], dataset, tmp_path):
+    """``predict`` of a plain Trainer on a fresh copy of the model holding ``state``."""
+    copy = make_model()
+    copy.load_state_dict({k: v.float() for k, v in state.items()})
+    return Trainer(model=copy, args=make_args(tmp_path / "plain")).predict(dataset)
+
+
+def assert_same_predictions(actual, expected) -> None:
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("eval_weights", ["ema", "training", "both"])
+def test_predict_follows_eval_weights(tmp_path, eval_weights):
+    dataset, recorder, predicted = make_data(16, seed=2), Recorder(), PredictRecorder()
+    trainer = short_ema_trainer(tmp_path / "out", eval_weights=eval_weights, callbacks=[recorder, predicted])
+    trainer.train()
+    weights = recorder.steps[-1]
+    average = {k: v.clone() for k, v in trainer.ema.ema_model.state_dict().items()}  # the average loaded by hand
+    by_average, by_weights = plain_predict(average, dataset, tmp_path), plain_predict(weights, dataset, tmp_path)
+    assert not torch.allclose(torch.as_tensor(by_average.predictions), torch.as_tensor(by_weights.predictions))
+    assert by_average.metrics["test_loss"] != pytest.approx(by_weights.metrics["test_loss"], rel=1e-3)
+
+    output = trainer.predict(dataset)
+
+    expected = by_weights if eval_weights == "training" else by_average
+    assert_same_predictions(output.predictions, expected.predictions)
+    assert_same_predictions(output.label_ids, by_average.label_ids)
+    assert output.metrics["test_loss"] == pytest.approx(expected.metrics["test_loss"], rel=1e-6)
+    losses = sorted(k for k in output.metrics if k.endswith("_loss"))
+    if eval_weights == "both":  # evaluate's names: the average under test_*, the training weights under test_training_*
+        assert losses == ["test_loss", "test_training_loss"]
+        assert output.metrics["test_training_loss"] == pytest.approx(by_weights.metrics["test_loss"], rel=1e-6)
+        assert {"test_runtime", "test_samples_per_second"} <= output.metrics.keys()
+        assert not [k for k in output.metrics if k.startswith("test_training_") and k != "test_training_loss"]
+    else:
+        assert losses == ["test_loss"]
+    assert predicted.events == [output.metrics]  # one on_predict, holding every metric
+    assert_equal(trainer.model.state_dict(), weights)  # the training weights are back, bit for bit
+    assert not trainer.ema.swapped
+
+
+@pytest.mark.parametrize("eval_weights", ["ema", "both"])
+def test_predict_before_the_average_starts_uses_the_training_weights(tmp_path, eval_weights):
+    dataset, recorder = make_data(16, seed=2), Recorder()
+    trainer = EMATrainer(
+        model=make_model(),
+        args=make_args(tmp_path / "out", max_steps=4),
+        train_dataset=make_data(16, seed=1),
+        callbacks=[recorder],
+        ema=EMA(half_life="4ba", ema_start="1ep"),  # 4 steps an epoch: the run ends before it starts
+        eval_weights=eval_weights,
+    )
+    trainer.train()
+    assert not trainer.ema.started
+    weights = recorder.steps[-1]
+    assert not torch.equal(weights["transformer.wte.weight"], make_model().transformer.wte.weight)  # trained
+    output = trainer.predict(dataset)
+    expected = plain_predict(weights, dataset, tmp_path)
+    assert_same_predictions(output.predictions, expected.predictions)
+    assert output.metrics["test_loss"] == pytest.approx(expected.metrics["test_loss"], rel=1e-6)
+    assert "test_training_loss" not in output.metrics  # as evaluate: the usual names only
+    assert_equal(trainer.model.state_dict(), weights)
+
+
+@pytest.mark.parametrize(("eval_weights", "failing_pass"), [("ema", 1), ("both", 1), ("both", 2)])
+def test_predict_that_raises_leaves_the_training_weights(tmp_path, eval_weights, failing_pass):
+    dataset, recorder, passes = make_data(16, seed=2), Recorder(), itertools.count(1)
+
+    def compute_metrics(prediction):
+        if next(passes) == failing_pass:
+            raise RuntimeError("metric failed")
+        return {}
+
+    trainer = short_ema_trainer(
+        tmp_path / "out", eval_weights=eval_weights, callbacks=[recorder], compute_metrics=compute_metrics
+    )
+    trainer.train()
+    with pytest.raises(RuntimeError, match="metric failed"):
+        trainer.predict(dataset)
+    assert_equal(trainer.model.state_dict(), recorder.steps[-1])
+    assert not trainer.ema.swapped
+    trainer.compute_metrics = None
+    after = trainer.predict(dataset)  # the next call starts afresh
+    by_average = plain_predict(trainer.ema.ema_model.state_dict(), dataset, tmp_path)
+    assert_same_predictions(after.predictions, by_average.predictions)
+    assert ("test_training_loss" in after.metrics) == (eval_weights == "both")
+    assert_equal(trainer.model.state_dict(), recorder.steps[-1])
+
+
 def test_checkpoint_holds_training_weights_when_evaluation_and_saving_coincide(tmp_path):
     recorder, ema = Recorder(), EMA(half_life="4ba")
     trainer = EMATrainer(

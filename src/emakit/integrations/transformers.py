@@ -16,15 +16,15 @@ Two pieces:
   with a plain ``Trainer``, it keeps the average and checkpoints it; evaluation still sees the training weights.
 - :class:`EMATrainerMixin` / :class:`EMATrainer` add what no callback can do, because the
   ``Trainer`` has no event before an evaluation nor on resume: every ``evaluate()`` (each dataset
-  of a dict, ``eval_on_start``, the training loop's evaluations, your own calls) runs with the
-  average swapped in (``eval_weights="both"`` measures the training weights too, in the same evaluation:
+  of a dict, ``eval_on_start``, the training loop's evaluations, your own calls) and every ``predict()`` runs
+  with the average swapped in (``eval_weights="both"`` measures the training weights too, in the same evaluation:
   one log entry and one ``on_evaluate``, holding ``eval_loss`` and ``eval_training_loss``), checkpoints
   keep the training weights, ``train(resume_from_checkpoint=...)`` restores the average exactly, and
   :meth:`EMATrainerMixin.save_ema_model` writes a ``from_pretrained`` folder of the averaged weights.
 
 With ``TrainingArguments(deepspeed=config)`` the average lives where DeepSpeed keeps the weights: whole on every
 process under ZeRO-1/2, each process's partitions (of the fp32 masters) under ZeRO-3, updated with no
-communication; evaluations swap each process's partitions in (ZeRO-3's forward gathers them) and
+communication; evaluations and predictions swap each process's partitions in (ZeRO-3's forward gathers them) and
 ``save_ema_model`` gathers the average to the main process (``docs/integrations/transformers.md``).
 
 Example (runs on a CPU in seconds)::
@@ -46,9 +46,9 @@ Example (runs on a CPU in seconds)::
 Relies on these ``transformers`` internals (checked against 5.24): checkpoints are written to
 ``{output_dir}/checkpoint-{global_step}`` before ``on_save`` fires; the training loop evaluates
 through the public ``evaluate()`` (``Trainer._evaluate`` calls it), which calls itself once per
-dataset of a dict and measures through ``evaluation_loop(dataloader, description, prediction_loss_only,
-ignore_keys, metric_key_prefix)`` (no legacy ``prediction_loop`` any more); ``on_step_end`` comes with
-``state.epoch = epoch + (step + 1) / steps_in_epoch``; ``Trainer._load_best_model`` loads
+dataset of a dict and, like ``predict()``, measures through ``evaluation_loop(dataloader, description,
+prediction_loss_only, ignore_keys, metric_key_prefix)`` (no legacy ``prediction_loop`` any more); ``on_step_end``
+comes with ``state.epoch = epoch + (step + 1) / steps_in_epoch``; ``Trainer._load_best_model`` loads
 ``load_best_model_at_end``'s checkpoint; ``Trainer._save(output_dir, state_dict=...)`` writes a given state from
 the main process (what ``save_model`` calls with ZeRO-3's gathered weights).
 """
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,7 +65,7 @@ from torch import nn
 
 try:
     from transformers import Trainer
-    from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
+    from transformers.trainer_utils import EvalLoopOutput, PredictionOutput, get_last_checkpoint
 except ImportError as error:  # pragma: no cover - only without the extra
     raise ImportError(
         "emakit.integrations.transformers needs transformers: pip install 'emakit[transformers]'"
@@ -106,11 +107,12 @@ class EMATrainerMixin(_MixedIntoTrainer):
       so ``metric_for_best_model``, ``EarlyStoppingCallback`` and the loggers see every metric at once
       (``eval_runtime`` and the throughputs cover both passes). ``ema_eval``, its old name, is deprecated.
 
-    The average is swapped in only inside ``evaluate``; checkpoints' model weights are always the
-    training weights. ``train(resume_from_checkpoint=...)`` restores the average from the
-    checkpoint, and ``load_best_model_at_end`` loads the best checkpoint's average with its weights.
-    ``predict`` uses the training weights; wrap it in ``with trainer.ema.ema_weights(trainer.model):``
-    for the average's predictions.
+    :meth:`predict` follows ``eval_weights`` too: ``"ema"`` the average's predictions (the training weights' before
+    the average starts), ``"training"`` the training weights', ``"both"`` the average's predictions with both sets
+    of metrics (``test_loss`` and ``test_training_loss``). The average is swapped in only inside ``evaluate`` and
+    ``predict``; checkpoints' model weights are always the training weights. ``train(resume_from_checkpoint=...)``
+    restores the average from the checkpoint, and ``load_best_model_at_end`` loads the best checkpoint's average
+    with its weights.
 
     Example::
 
@@ -138,6 +140,26 @@ class EMATrainerMixin(_MixedIntoTrainer):
         assert self.model is not None
         return self.model
 
+    @contextlib.contextmanager
+    def _measuring_by_eval_weights(self) -> Iterator[None]:
+        """Inside the block the model holds what ``eval_weights`` measures; :meth:`evaluate` and :meth:`predict` run
+        in it.
+
+        The average is swapped in (``ema.ema_weights``) when ``eval_weights`` is ``"ema"`` or ``"both"`` and the
+        average has started; with ``"both"`` the block's :meth:`evaluation_loop` also measures the training weights.
+        The training weights are back on exit, also when the block raises. Inside ``ema_weights(...)`` of the
+        caller's own (the average already swapped in) it measures what the model holds.
+        """
+        if self.eval_weights == TRAINING or not self.ema.started or self.ema.swapped:
+            yield
+            return
+        self._ema_measure_training = self.eval_weights == "both"  # taken up by the block's evaluation_loop
+        try:
+            with self.ema.ema_weights(self._trained_model()):
+                yield
+        finally:
+            self._ema_measure_training = False
+
     def evaluate(
         self,
         eval_dataset: Any = None,
@@ -152,19 +174,24 @@ class EMATrainerMixin(_MixedIntoTrainer):
         (``{prefix}_training_*``) together; :meth:`evaluation_loop` measures both.
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if (
-            isinstance(dataset, dict)  # Trainer.evaluate calls evaluate once per dataset: each lands below
-            or self.eval_weights == "training"
-            or not self.ema.started
-            or self.ema.swapped  # called inside ema_weights(...): evaluate what the model holds
-        ):
+        if isinstance(dataset, dict):  # Trainer.evaluate calls evaluate once per dataset: each lands below
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
-        self._ema_measure_training = self.eval_weights == "both"  # taken up by this evaluation's evaluation_loop
-        try:
-            with self.ema.ema_weights(self._trained_model()):
-                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
-        finally:
-            self._ema_measure_training = False
+        with self._measuring_by_eval_weights():
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test", **kwargs: Any
+    ) -> PredictionOutput:
+        """``Trainer.predict`` on the weights ``eval_weights`` names, as :meth:`evaluate` measures them.
+
+        ``"ema"``: the average's predictions and metrics (``test_*``), the training weights' before the average
+        has started; ``"training"``: the training weights'. ``"both"``: the predictions and label ids are the
+        average's, the metrics hold the average's (``{prefix}_*``) and the training weights' (``{prefix}_training_*``)
+        together, in one ``on_predict`` (``{prefix}_runtime`` and the throughputs cover both passes). The model
+        holds its training weights again on return, also when ``predict`` raises.
+        """
+        with self._measuring_by_eval_weights():
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix, **kwargs)
 
     def evaluation_loop(
         self,
@@ -175,12 +202,13 @@ class EMATrainerMixin(_MixedIntoTrainer):
         metric_key_prefix: str = "eval",
         **kwargs: Any,
     ) -> EvalLoopOutput:
-        """``Trainer.evaluation_loop``; inside an :meth:`evaluate` with ``eval_weights="both"`` it loops twice.
+        """``Trainer.evaluation_loop``; inside :meth:`evaluate` or :meth:`predict` with ``eval_weights="both"`` it loops
+        twice.
 
         First over the model as :meth:`evaluate` left it (the average swapped in), then, with the
         training weights put back for the second loop only, under ``metric_key_prefix + "_training"``;
         the second loop's metrics join the first's in the returned output, predictions and labels are the
-        average's. ``predict`` and other calls loop once, over what the model holds.
+        average's. Other calls loop once, over what the model holds.
         """
         output = super().evaluation_loop(
             dataloader,
@@ -192,7 +220,7 @@ class EMATrainerMixin(_MixedIntoTrainer):
         )
         if not getattr(self, "_ema_measure_training", False):
             return output
-        self._ema_measure_training = False  # once per evaluate
+        self._ema_measure_training = False  # once per evaluate or predict
         training_prefix = f"{metric_key_prefix}_{TRAINING}"
         self.ema.get_training_model(self._trained_model())  # out of the average for this loop only
         try:
