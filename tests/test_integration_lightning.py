@@ -416,3 +416,64 @@ def test_import_emakit_imports_no_integration_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ end_with
+class SaveOnTrainEnd(pl.Callback):
+    """Writes a checkpoint in on_train_end (listed after the EMA), as ModelCheckpoint(save_last=True) may."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("end_with", ["training", "average"])
+def test_end_with_says_what_the_module_holds_after_fit_and_checkpoints_keep_the_training_weights(tmp_path, end_with):
+    recorder, ema, module = StepRecorder(), EMACallback(smoothing=SMOOTHING, end_with=end_with), TinyModule()
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = make_trainer(tmp_path, [recorder, ema, saver, SaveOnTrainEnd(tmp_path / "end.ckpt")], max_epochs=2)
+    trainer.fit(module, loader(1), loader(2))
+    last = recorder.steps[trainer.global_step]
+    expected = closed_form(recorder.steps) if end_with == "average" else last
+    assert_close_to(weights64(module), expected)
+    if end_with == "average":
+        assert not torch.allclose(weights64(module)["net.0.weight"], last["net.0.weight"])
+        for name, value in ema.ema_model.state_dict().items():
+            assert torch.equal(module.state_dict()[name], value), name
+    else:
+        for name, value in last.items():
+            assert torch.equal(weights64(module)[name], value), name
+    for path in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "end.ckpt"):  # the last epoch's, on_train_end's
+        checkpoint = torch.load(path, weights_only=False)
+        for name, value in last.items():
+            assert torch.equal(checkpoint["state_dict"][name].double(), value), (path.name, name)
+
+
+def test_end_with_average_before_the_average_started_warns_and_keeps_the_training_weights(tmp_path):
+    recorder, ema, module = (
+        StepRecorder(),
+        EMACallback(smoothing=SMOOTHING, ema_start="5ep", end_with="average"),
+        TinyModule(),
+    )
+    trainer = make_trainer(tmp_path, [recorder, ema], enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"end_with='average'\): the average has not started \(ema_start='5ep'"):
+        trainer.fit(module, loader(1))
+    for name, value in recorder.steps[12].items():
+        assert torch.equal(weights64(module)[name], value), name
+
+
+def test_end_with_and_save_best_refuse_other_values():
+    with pytest.raises(ValueError, match=r"end_with='ema'\): must be one of 'training', 'average'$"):
+        EMACallback(smoothing=SMOOTHING, end_with="ema")
+    with pytest.raises(ValueError, match=r"save_best='best'\): must be one of 'training', 'average'$"):
+        EMACallback(smoothing=SMOOTHING, save_best="best")
+
+
+def test_the_state_key_of_existing_configurations_is_unchanged():
+    """Old checkpoints find their state by this key: new options enter it only when not at their default."""
+    assert EMACallback(smoothing=SMOOTHING).state_key == "EMACallback{'smoothing': 0.8, 'update_interval': '1ba'}"
+    same = EMACallback(smoothing=SMOOTHING, end_with="average", save_best="average")
+    assert same.state_key == "EMACallback{'smoothing': 0.8, 'update_interval': '1ba'}"
+    assert EMACallback(half_life="0.1dur").state_key == "EMACallback{'smoothing': '0.1dur', 'update_interval': '1ba'}"
