@@ -477,3 +477,146 @@ def test_the_state_key_of_existing_configurations_is_unchanged():
     same = EMACallback(smoothing=SMOOTHING, end_with="average", save_best="average")
     assert same.state_key == "EMACallback{'smoothing': 0.8, 'update_interval': '1ba'}"
     assert EMACallback(half_life="0.1dur").state_key == "EMACallback{'smoothing': '0.1dur', 'update_interval': '1ba'}"
+
+
+# ------------------------------------------------------------- should_update
+@pytest.mark.parametrize(
+    ("rule", "chosen"),
+    [
+        (lambda step, epoch: step % 3 == 0, lambda step, epoch: step % 3 == 0),
+        (lambda step, epoch: epoch >= 1, lambda step, epoch: epoch >= 1),
+    ],
+    ids=["every third step", "from epoch 1"],
+)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_should_update_chooses_the_optimizer_steps_that_update(tmp_path, rule, chosen, accumulate):
+    asked: list[tuple[int, int]] = []
+
+    def should_update(step: int, epoch: int) -> bool:
+        asked.append((step, epoch))
+        return rule(step, epoch)
+
+    recorder, ema = StepRecorder(), EMACallback(smoothing=SMOOTHING, should_update=should_update)
+    trainer = make_trainer(tmp_path, [recorder, ema], accumulate_grad_batches=accumulate, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1), loader(2))
+    per_epoch = 6 // accumulate
+    assert asked == [(step, (step - 1) // per_epoch) for step in range(1, 2 * per_epoch + 1)]
+    updated = {step: w for step, w in recorder.steps.items() if chosen(step, (step - 1) // per_epoch)}
+    assert ema.ema.num_updates == len(updated) < len(recorder.steps)
+    assert_close_to(ema.ema_model.state_dict(), closed_form(updated))  # each True: one update with the smoothing
+
+
+def test_should_update_starts_at_the_first_true_at_or_after_ema_start(tmp_path):
+    recorder = StepRecorder()
+    ema = EMACallback(smoothing=SMOOTHING, ema_start="5ba", should_update=lambda step, epoch: step % 2 == 0)
+    make_trainer(tmp_path, [recorder, ema], enable_checkpointing=False).fit(TinyModule(), loader(1))
+    updated = {step: w for step, w in recorder.steps.items() if step >= 5 and step % 2 == 0}
+    assert sorted(updated) == [6, 8, 10, 12] and ema.ema.num_updates == 4
+    assert_close_to(ema.ema_model.state_dict(), closed_form(updated))
+
+
+def test_should_update_refuses_an_update_interval_it_would_contradict():
+    def every_other(step: int, epoch: int) -> bool:
+        return step % 2 == 0
+
+    with pytest.raises(
+        ValueError, match=r"replaces update_interval's rule, so update_interval must be '1ba' \(got '2ba'"
+    ):
+        EMACallback(half_life="10ba", update_interval="2ba", should_update=every_other)
+    with pytest.raises(ValueError, match=r"update_interval must be '1ba' \(got '1ep'"):
+        EMACallback(half_life="2ep", should_update=every_other)
+    with pytest.raises(ValueError, match=r"should_update=3 must be a callable \(step, epoch\) -> bool"):
+        EMACallback(smoothing=SMOOTHING, should_update=3)
+    key = EMACallback(smoothing=SMOOTHING, should_update=every_other).state_key
+    assert key.endswith(
+        "'should_update': 'test_should_update_refuses_an_update_interval_it_would_contradict.<locals>.every_other'}"
+    )
+
+
+# ------------------------------------------------------ update_interval in ep
+class EpochRecorder(pl.Callback):
+    """The module's weights at each epoch's end (after its last optimizer step)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs[trainer.current_epoch] = weights64(pl_module)
+
+
+class ValidatedAverage(pl.Callback):
+    """The average validation measures (listed after the EMA, which swapped it in), by epoch."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.epochs[trainer.current_epoch] = weights64(pl_module)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "smoothing", "every"),
+    [
+        ({"half_life": "2ep", "update_interval": "1ep"}, 2**-0.5, 1),
+        ({"half_life": "2ep"}, 2**-0.5, 1),  # update_interval defaults to 1 of the half-life's unit
+        ({"smoothing": SMOOTHING, "update_interval": "1ep"}, SMOOTHING, 1),
+        ({"smoothing": SMOOTHING, "update_interval": "2ep"}, SMOOTHING, 2),
+    ],
+)
+@pytest.mark.parametrize("limit", [None, 4])
+def test_update_interval_in_epochs_updates_at_epoch_ends(tmp_path, arguments, smoothing, every, limit):
+    epochs, ema, validated = EpochRecorder(), EMACallback(**arguments), ValidatedAverage()
+    trainer = make_trainer(
+        tmp_path, [epochs, ema, validated], max_epochs=4, limit_train_batches=limit, enable_checkpointing=False
+    )
+    trainer.fit(TinyModule(), loader(1), loader(2))
+    assert trainer.global_step == 4 * (limit or 6)
+    due = {epoch: w for epoch, w in epochs.epochs.items() if (epoch + 1) % every == 0}
+    assert ema.ema.num_updates == len(due) == 4 // every
+    assert ema.ema.smoothing == smoothing
+    assert_close_to(ema.ema_model.state_dict(), closed_form(due, smoothing=smoothing))
+    # the epoch-end validation (before on_train_epoch_end) measures the average with that epoch's update in it
+    for epoch, average in validated.epochs.items():
+        if epoch + 1 >= every:
+            upto = {e: w for e, w in due.items() if e <= epoch}
+            assert_close_to(average, closed_form(upto, smoothing=smoothing))
+
+
+def test_update_interval_in_epochs_updates_an_epoch_cut_short_at_its_end(tmp_path):
+    epochs, ema = EpochRecorder(), EMACallback(smoothing=SMOOTHING, update_interval="1ep")
+    trainer = make_trainer(tmp_path, [epochs, ema], max_epochs=4, max_steps=9, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1))
+    assert trainer.global_step == 9 and sorted(epochs.epochs) == [0, 1]
+    assert ema.ema.num_updates == 2
+    assert_close_to(ema.ema_model.state_dict(), closed_form(epochs.epochs))
+
+
+def test_update_interval_in_epochs_with_ema_start_in_epochs(tmp_path):
+    epochs, ema = EpochRecorder(), EMACallback(smoothing=SMOOTHING, update_interval="1ep", ema_start="2ep")
+    make_trainer(tmp_path, [epochs, ema], max_epochs=4, enable_checkpointing=False).fit(TinyModule(), loader(1))
+    assert ema.ema.num_updates == 3  # the ends of epochs 1, 2, 3: two epochs done at the first
+    assert_close_to(ema.ema_model.state_dict(), closed_form({e: epochs.epochs[e] for e in (1, 2, 3)}))
+
+
+def test_update_interval_in_epochs_resumes_bit_for_bit(tmp_path):
+    def run(folder: Path, ckpt_path: Path | None = None) -> tuple[TinyModule, EMACallback]:
+        module, ema = TinyModule(), EMACallback(half_life="2ep", update_interval="1ep")
+        saver = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1)
+        make_trainer(folder, [ema, saver], max_epochs=3).fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
+        return module, ema
+
+    whole_module, whole_ema = run(tmp_path / "whole")
+    resumed_module, resumed_ema = run(tmp_path / "resumed", ckpt_path=tmp_path / "whole" / "epoch=0-step=6.ckpt")
+    assert resumed_ema.ema.num_updates == whole_ema.ema.num_updates == 3
+    for name, value in whole_module.state_dict().items():
+        assert torch.equal(resumed_module.state_dict()[name], value), name
+    for name, value in whole_ema.ema.state_dict()["weights"].items():
+        assert torch.equal(resumed_ema.ema.state_dict()["weights"][name], value), name
+
+
+def test_a_half_life_in_batches_with_an_interval_in_epochs_is_refused():
+    with pytest.raises(ValueError, match=r"update_interval='1ep' and half_life='10ba' must share a unit"):
+        EMACallback(half_life="10ba", update_interval="1ep")
+    with pytest.raises(ValueError, match=r"must share a unit \('ba' for a half-life in 'dur'\)"):
+        EMACallback(half_life="0.1dur", update_interval="1ep")
