@@ -599,6 +599,7 @@ def test_update_interval_in_epochs_with_ema_start_in_epochs(tmp_path):
     assert_close_to(ema.ema_model.state_dict(), closed_form({e: epochs.epochs[e] for e in (1, 2, 3)}))
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_update_interval_in_epochs_resumes_bit_for_bit(tmp_path):
     def run(folder: Path, ckpt_path: Path | None = None) -> tuple[TinyModule, EMACallback]:
         module, ema = TinyModule(), EMACallback(half_life="2ep", update_interval="1ep")
@@ -620,3 +621,80 @@ def test_a_half_life_in_batches_with_an_interval_in_epochs_is_refused():
         EMACallback(half_life="10ba", update_interval="1ep")
     with pytest.raises(ValueError, match=r"must share a unit \('ba' for a half-life in 'dur'\)"):
         EMACallback(half_life="0.1dur", update_interval="1ep")
+
+
+# ----------------------------------------------------------------- save_best
+def save_best_run(
+    folder: Path, ema_start: str | None = None, ckpt_path: Path | None = None, save_best: str = "average"
+) -> tuple[TinyModule, EMACallback, StepRecorder, AverageRecorder, pl.callbacks.ModelCheckpoint]:
+    """Three epochs validated on the average; the best epoch kept by val_loss, and every epoch's checkpoint."""
+    start = {} if ema_start is None else {"ema_start": ema_start}
+    module, ema = TinyModule(), EMACallback(smoothing=SMOOTHING, save_best=save_best, **start)
+    steps, averages = StepRecorder(), AverageRecorder(ema)
+    best = pl.callbacks.ModelCheckpoint(dirpath=folder / "best", monitor="val_loss", save_top_k=1)
+    every = pl.callbacks.ModelCheckpoint(dirpath=folder / "every", every_n_epochs=1, save_top_k=-1)
+    trainer = make_trainer(folder, [steps, ema, averages, best, every], max_epochs=3)
+    trainer.fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
+    return module, ema, steps, averages, best
+
+
+def test_save_best_average_keeps_the_average_that_validation_ranked(tmp_path):
+    from emakit.integrations.lightning_best import TRAINING_KEY
+
+    _, ema, steps, averages, best = save_best_run(tmp_path)
+    checkpoint = torch.load(best.best_model_path, weights_only=False)
+    step = checkpoint["global_step"]
+    average, training = averages.steps[step][1], steps.steps[step]
+    assert average is not None
+    saved_training = checkpoint["callbacks"][ema.state_key][TRAINING_KEY]
+    for name, value in average.items():
+        assert torch.equal(checkpoint["state_dict"][name].double(), value), name
+        assert torch.equal(saved_training[name].double(), training[name]), name
+    assert not torch.equal(checkpoint["state_dict"]["net.0.weight"].double(), training["net.0.weight"])
+    ranked = TinyModule()  # the saved weights score what the checkpoint was ranked by
+    ranked.load_state_dict(checkpoint["state_dict"])
+    x, y = loader(2).dataset.tensors
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(ranked.eval()(x), y))
+    assert loss == pytest.approx(float(best.best_model_score), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+@pytest.mark.parametrize("ema_start", [None, "1ep"])
+def test_save_best_average_resumes_bit_for_bit_from_each_checkpoint(tmp_path, ema_start):
+    from emakit.integrations.lightning_best import TRAINING_KEY
+
+    whole_module, whole_ema, whole_steps, _, best = save_best_run(tmp_path / "whole", ema_start)
+    paths = sorted((tmp_path / "whole" / "every").glob("*.ckpt"))
+    assert [p.name for p in paths] == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "epoch=2-step=18.ckpt"]
+    first = torch.load(paths[0], weights_only=False)
+    if ema_start == "1ep":  # not started: validation measured the training weights, and the checkpoint holds them
+        assert TRAINING_KEY not in first["callbacks"][whole_ema.state_key]
+        for name, value in whole_steps.steps[6].items():
+            assert torch.equal(first["state_dict"][name].double(), value), name
+    else:
+        assert TRAINING_KEY in first["callbacks"][whole_ema.state_key]
+    for index, path in enumerate([*paths[:2], Path(best.best_model_path)]):
+        module, ema, *_ = save_best_run(tmp_path / f"resumed{index}", ema_start, ckpt_path=path)
+        for name, value in whole_module.state_dict().items():
+            assert torch.equal(module.state_dict()[name], value), (path.name, name)
+        for name, value in whole_ema.ema.state_dict()["weights"].items():
+            assert torch.equal(ema.ema.state_dict()["weights"][name], value), (path.name, name)
+        assert ema.ema.num_updates == whole_ema.ema.num_updates
+
+
+def test_save_best_training_keeps_the_training_weights(tmp_path):
+    _, ema, steps, _, best = save_best_run(tmp_path, save_best="training")
+    checkpoint = torch.load(best.best_model_path, weights_only=False)
+    assert "training_state_dict" not in checkpoint["callbacks"][ema.state_key]
+    for name, value in steps.steps[checkpoint["global_step"]].items():
+        assert torch.equal(checkpoint["state_dict"][name].double(), value), name
+
+
+def test_save_best_average_is_refused_under_a_sharding_strategy():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False)
+    with pytest.raises(ValueError, match=r"save_best='average'\) is not supported under ModelParallelStrategy"):
+        EMACallback(smoothing=SMOOTHING, save_best="average").setup(trainer, TinyModule(), "fit")
+    EMACallback(smoothing=SMOOTHING).setup(trainer, TinyModule(), "fit")  # the default is fine
