@@ -651,8 +651,9 @@ def test_save_best_average_keeps_the_average_that_validation_ranked(tmp_path):
         assert torch.equal(checkpoint["state_dict"][name].double(), value), name
         assert torch.equal(saved_training[name].double(), training[name]), name
     assert not torch.equal(checkpoint["state_dict"]["net.0.weight"].double(), training["net.0.weight"])
-    ranked = TinyModule()  # the saved weights score what the checkpoint was ranked by
-    ranked.load_state_dict(checkpoint["state_dict"])
+    ranked = TinyModule.load_from_checkpoint(best.best_model_path)  # they score what the checkpoint was ranked by
+    for name, value in average.items():
+        assert torch.equal(ranked.state_dict()[name].double(), value), name
     x, y = loader(2).dataset.tensors
     with torch.no_grad():
         loss = float(nn.functional.cross_entropy(ranked.eval()(x), y))
@@ -698,3 +699,18 @@ def test_save_best_average_is_refused_under_a_sharding_strategy():
     with pytest.raises(ValueError, match=r"save_best='average'\) is not supported under ModelParallelStrategy"):
         EMACallback(smoothing=SMOOTHING, save_best="average").setup(trainer, TinyModule(), "fit")
     EMACallback(smoothing=SMOOTHING).setup(trainer, TinyModule(), "fit")  # the default is fine
+
+
+def test_save_best_average_during_validation_saves_the_average_and_the_training_weights(tmp_path):
+    from emakit.integrations.lightning_best import TRAINING_KEY
+
+    recorder, saver = StepRecorder(), SaveDuringValidation(tmp_path / "v.ckpt")
+    ema = EMACallback(smoothing=SMOOTHING, save_best="average")
+    trainer = make_trainer(tmp_path, [recorder, saver, ema], max_epochs=1, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1), loader(2))  # the saver runs while the average is swapped in
+    checkpoint = torch.load(tmp_path / "v.ckpt", weights_only=False)
+    average = weights64(ema.ema_model)
+    for name, value in recorder.steps[6].items():
+        assert torch.equal(checkpoint["state_dict"][name].double(), average[name]), name
+        assert torch.equal(checkpoint["callbacks"][ema.state_key][TRAINING_KEY][name].double(), value), name
+    assert not ema.ema.swapped
