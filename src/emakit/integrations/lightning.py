@@ -21,7 +21,7 @@ Validation and test run with the average swapped in (``on_*_epoch_start`` .. ``o
 nothing before the average starts, so the sanity check sees the training weights), or on the training
 weights with ``eval_weights="training"`` (:mod:`emakit.eval_weights`; ``"both"`` is refused: see
 :class:`EMACallback`); checkpoints
-always hold the training weights, and the callback's state (the average and its counters) rides in
+hold the training weights (by default), and the callback's state (the average and its counters) rides in
 them, so ``trainer.fit(..., ckpt_path=...)`` resumes exactly (with ``save_best="average"`` they hold the average
 where the module's weights go, and the training weights in the callback's state: :mod:`.lightning_best`).
 Training ends on the training weights (``end_with="average"``: on the average): export the average with
