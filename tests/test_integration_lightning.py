@@ -416,3 +416,301 @@ def test_import_emakit_imports_no_integration_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ end_with
+class SaveOnTrainEnd(pl.Callback):
+    """Writes a checkpoint in on_train_end (listed after the EMA), as ModelCheckpoint(save_last=True) may."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("end_with", ["training", "average"])
+def test_end_with_says_what_the_module_holds_after_fit_and_checkpoints_keep_the_training_weights(tmp_path, end_with):
+    recorder, ema, module = StepRecorder(), EMACallback(smoothing=SMOOTHING, end_with=end_with), TinyModule()
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = make_trainer(tmp_path, [recorder, ema, saver, SaveOnTrainEnd(tmp_path / "end.ckpt")], max_epochs=2)
+    trainer.fit(module, loader(1), loader(2))
+    last = recorder.steps[trainer.global_step]
+    expected = closed_form(recorder.steps) if end_with == "average" else last
+    assert_close_to(weights64(module), expected)
+    if end_with == "average":
+        assert not torch.allclose(weights64(module)["net.0.weight"], last["net.0.weight"])
+        for name, value in ema.ema_model.state_dict().items():
+            assert torch.equal(module.state_dict()[name], value), name
+    else:
+        for name, value in last.items():
+            assert torch.equal(weights64(module)[name], value), name
+    for path in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "end.ckpt"):  # the last epoch's, on_train_end's
+        checkpoint = torch.load(path, weights_only=False)
+        for name, value in last.items():
+            assert torch.equal(checkpoint["state_dict"][name].double(), value), (path.name, name)
+
+
+def test_end_with_average_before_the_average_started_warns_and_keeps_the_training_weights(tmp_path):
+    recorder, ema, module = (
+        StepRecorder(),
+        EMACallback(smoothing=SMOOTHING, ema_start="5ep", end_with="average"),
+        TinyModule(),
+    )
+    trainer = make_trainer(tmp_path, [recorder, ema], enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"end_with='average'\): the average has not started \(ema_start='5ep'"):
+        trainer.fit(module, loader(1))
+    for name, value in recorder.steps[12].items():
+        assert torch.equal(weights64(module)[name], value), name
+
+
+def test_end_with_and_save_best_refuse_other_values():
+    with pytest.raises(ValueError, match=r"end_with='ema'\): must be one of 'training', 'average'$"):
+        EMACallback(smoothing=SMOOTHING, end_with="ema")
+    with pytest.raises(ValueError, match=r"save_best='best'\): must be one of 'training', 'average'$"):
+        EMACallback(smoothing=SMOOTHING, save_best="best")
+
+
+def test_the_state_key_of_existing_configurations_is_unchanged():
+    """Old checkpoints find their state by this key: new options enter it only when not at their default."""
+    assert EMACallback(smoothing=SMOOTHING).state_key == "EMACallback{'smoothing': 0.8, 'update_interval': '1ba'}"
+    same = EMACallback(smoothing=SMOOTHING, end_with="average", save_best="average")
+    assert same.state_key == "EMACallback{'smoothing': 0.8, 'update_interval': '1ba'}"
+    assert EMACallback(half_life="0.1dur").state_key == "EMACallback{'smoothing': '0.1dur', 'update_interval': '1ba'}"
+
+
+# ------------------------------------------------------------- should_update
+@pytest.mark.parametrize(
+    ("rule", "chosen"),
+    [
+        (lambda step, epoch: step % 3 == 0, lambda step, epoch: step % 3 == 0),
+        (lambda step, epoch: epoch >= 1, lambda step, epoch: epoch >= 1),
+    ],
+    ids=["every third step", "from epoch 1"],
+)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_should_update_chooses_the_optimizer_steps_that_update(tmp_path, rule, chosen, accumulate):
+    asked: list[tuple[int, int]] = []
+
+    def should_update(step: int, epoch: int) -> bool:
+        asked.append((step, epoch))
+        return rule(step, epoch)
+
+    recorder, ema = StepRecorder(), EMACallback(smoothing=SMOOTHING, should_update=should_update)
+    trainer = make_trainer(tmp_path, [recorder, ema], accumulate_grad_batches=accumulate, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1), loader(2))
+    per_epoch = 6 // accumulate
+    assert asked == [(step, (step - 1) // per_epoch) for step in range(1, 2 * per_epoch + 1)]
+    updated = {step: w for step, w in recorder.steps.items() if chosen(step, (step - 1) // per_epoch)}
+    assert ema.ema.num_updates == len(updated) < len(recorder.steps)
+    assert_close_to(ema.ema_model.state_dict(), closed_form(updated))  # each True: one update with the smoothing
+
+
+def test_should_update_starts_at_the_first_true_at_or_after_ema_start(tmp_path):
+    recorder = StepRecorder()
+    ema = EMACallback(smoothing=SMOOTHING, ema_start="5ba", should_update=lambda step, epoch: step % 2 == 0)
+    make_trainer(tmp_path, [recorder, ema], enable_checkpointing=False).fit(TinyModule(), loader(1))
+    updated = {step: w for step, w in recorder.steps.items() if step >= 5 and step % 2 == 0}
+    assert sorted(updated) == [6, 8, 10, 12] and ema.ema.num_updates == 4
+    assert_close_to(ema.ema_model.state_dict(), closed_form(updated))
+
+
+def test_should_update_refuses_an_update_interval_it_would_contradict():
+    def every_other(step: int, epoch: int) -> bool:
+        return step % 2 == 0
+
+    with pytest.raises(
+        ValueError, match=r"replaces update_interval's rule, so update_interval must be '1ba' \(got '2ba'"
+    ):
+        EMACallback(half_life="10ba", update_interval="2ba", should_update=every_other)
+    with pytest.raises(ValueError, match=r"update_interval must be '1ba' \(got '1ep'"):
+        EMACallback(half_life="2ep", should_update=every_other)
+    with pytest.raises(ValueError, match=r"should_update=3 must be a callable \(step, epoch\) -> bool"):
+        EMACallback(smoothing=SMOOTHING, should_update=3)
+    key = EMACallback(smoothing=SMOOTHING, should_update=every_other).state_key
+    assert key.endswith(
+        "'should_update': 'test_should_update_refuses_an_update_interval_it_would_contradict.<locals>.every_other'}"
+    )
+
+
+# ------------------------------------------------------ update_interval in ep
+class EpochRecorder(pl.Callback):
+    """The module's weights at each epoch's end (after its last optimizer step)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs[trainer.current_epoch] = weights64(pl_module)
+
+
+class ValidatedAverage(pl.Callback):
+    """The average validation measures (listed after the EMA, which swapped it in), by epoch."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.epochs[trainer.current_epoch] = weights64(pl_module)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "smoothing", "every"),
+    [
+        ({"half_life": "2ep", "update_interval": "1ep"}, 2**-0.5, 1),
+        ({"half_life": "2ep"}, 2**-0.5, 1),  # update_interval defaults to 1 of the half-life's unit
+        ({"smoothing": SMOOTHING, "update_interval": "1ep"}, SMOOTHING, 1),
+        ({"smoothing": SMOOTHING, "update_interval": "2ep"}, SMOOTHING, 2),
+    ],
+)
+@pytest.mark.parametrize("limit", [None, 4])
+def test_update_interval_in_epochs_updates_at_epoch_ends(tmp_path, arguments, smoothing, every, limit):
+    epochs, ema, validated = EpochRecorder(), EMACallback(**arguments), ValidatedAverage()
+    trainer = make_trainer(
+        tmp_path, [epochs, ema, validated], max_epochs=4, limit_train_batches=limit, enable_checkpointing=False
+    )
+    trainer.fit(TinyModule(), loader(1), loader(2))
+    assert trainer.global_step == 4 * (limit or 6)
+    due = {epoch: w for epoch, w in epochs.epochs.items() if (epoch + 1) % every == 0}
+    assert ema.ema.num_updates == len(due) == 4 // every
+    assert ema.ema.smoothing == smoothing
+    assert_close_to(ema.ema_model.state_dict(), closed_form(due, smoothing=smoothing))
+    # the epoch-end validation (before on_train_epoch_end) measures the average with that epoch's update in it
+    for epoch, average in validated.epochs.items():
+        if epoch + 1 >= every:
+            upto = {e: w for e, w in due.items() if e <= epoch}
+            assert_close_to(average, closed_form(upto, smoothing=smoothing))
+
+
+def test_update_interval_in_epochs_updates_an_epoch_cut_short_at_its_end(tmp_path):
+    epochs, ema = EpochRecorder(), EMACallback(smoothing=SMOOTHING, update_interval="1ep")
+    trainer = make_trainer(tmp_path, [epochs, ema], max_epochs=4, max_steps=9, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1))
+    assert trainer.global_step == 9 and sorted(epochs.epochs) == [0, 1]
+    assert ema.ema.num_updates == 2
+    assert_close_to(ema.ema_model.state_dict(), closed_form(epochs.epochs))
+
+
+def test_update_interval_in_epochs_with_ema_start_in_epochs(tmp_path):
+    epochs, ema = EpochRecorder(), EMACallback(smoothing=SMOOTHING, update_interval="1ep", ema_start="2ep")
+    make_trainer(tmp_path, [epochs, ema], max_epochs=4, enable_checkpointing=False).fit(TinyModule(), loader(1))
+    assert ema.ema.num_updates == 3  # the ends of epochs 1, 2, 3: two epochs done at the first
+    assert_close_to(ema.ema_model.state_dict(), closed_form({e: epochs.epochs[e] for e in (1, 2, 3)}))
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_update_interval_in_epochs_resumes_bit_for_bit(tmp_path):
+    def run(folder: Path, ckpt_path: Path | None = None) -> tuple[TinyModule, EMACallback]:
+        module, ema = TinyModule(), EMACallback(half_life="2ep", update_interval="1ep")
+        saver = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1)
+        make_trainer(folder, [ema, saver], max_epochs=3).fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
+        return module, ema
+
+    whole_module, whole_ema = run(tmp_path / "whole")
+    resumed_module, resumed_ema = run(tmp_path / "resumed", ckpt_path=tmp_path / "whole" / "epoch=0-step=6.ckpt")
+    assert resumed_ema.ema.num_updates == whole_ema.ema.num_updates == 3
+    for name, value in whole_module.state_dict().items():
+        assert torch.equal(resumed_module.state_dict()[name], value), name
+    for name, value in whole_ema.ema.state_dict()["weights"].items():
+        assert torch.equal(resumed_ema.ema.state_dict()["weights"][name], value), name
+
+
+def test_a_half_life_in_batches_with_an_interval_in_epochs_is_refused():
+    with pytest.raises(ValueError, match=r"update_interval='1ep' and half_life='10ba' must share a unit"):
+        EMACallback(half_life="10ba", update_interval="1ep")
+    with pytest.raises(ValueError, match=r"must share a unit \('ba' for a half-life in 'dur'\)"):
+        EMACallback(half_life="0.1dur", update_interval="1ep")
+
+
+# ----------------------------------------------------------------- save_best
+def save_best_run(
+    folder: Path, ema_start: str | None = None, ckpt_path: Path | None = None, save_best: str = "average"
+) -> tuple[TinyModule, EMACallback, StepRecorder, AverageRecorder, pl.callbacks.ModelCheckpoint]:
+    """Three epochs validated on the average; the best epoch kept by val_loss, and every epoch's checkpoint."""
+    start = {} if ema_start is None else {"ema_start": ema_start}
+    module, ema = TinyModule(), EMACallback(smoothing=SMOOTHING, save_best=save_best, **start)
+    steps, averages = StepRecorder(), AverageRecorder(ema)
+    best = pl.callbacks.ModelCheckpoint(dirpath=folder / "best", monitor="val_loss", save_top_k=1)
+    every = pl.callbacks.ModelCheckpoint(dirpath=folder / "every", every_n_epochs=1, save_top_k=-1)
+    trainer = make_trainer(folder, [steps, ema, averages, best, every], max_epochs=3)
+    trainer.fit(module, loader(1), loader(2), ckpt_path=ckpt_path)
+    return module, ema, steps, averages, best
+
+
+def test_save_best_average_keeps_the_average_that_validation_ranked(tmp_path):
+    from emakit.integrations.lightning_best import TRAINING_KEY
+
+    _, ema, steps, averages, best = save_best_run(tmp_path)
+    checkpoint = torch.load(best.best_model_path, weights_only=False)
+    step = checkpoint["global_step"]
+    average, training = averages.steps[step][1], steps.steps[step]
+    assert average is not None
+    saved_training = checkpoint["callbacks"][ema.state_key][TRAINING_KEY]
+    for name, value in average.items():
+        assert torch.equal(checkpoint["state_dict"][name].double(), value), name
+        assert torch.equal(saved_training[name].double(), training[name]), name
+    assert not torch.equal(checkpoint["state_dict"]["net.0.weight"].double(), training["net.0.weight"])
+    ranked = TinyModule.load_from_checkpoint(best.best_model_path)  # they score what the checkpoint was ranked by
+    for name, value in average.items():
+        assert torch.equal(ranked.state_dict()[name].double(), value), name
+    x, y = loader(2).dataset.tensors
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(ranked.eval()(x), y))
+    assert loss == pytest.approx(float(best.best_model_score), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+@pytest.mark.parametrize("ema_start", [None, "1ep"])
+def test_save_best_average_resumes_bit_for_bit_from_each_checkpoint(tmp_path, ema_start):
+    from emakit.integrations.lightning_best import TRAINING_KEY
+
+    whole_module, whole_ema, whole_steps, _, best = save_best_run(tmp_path / "whole", ema_start)
+    paths = sorted((tmp_path / "whole" / "every").glob("*.ckpt"))
+    assert [p.name for p in paths] == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "epoch=2-step=18.ckpt"]
+    first = torch.load(paths[0], weights_only=False)
+    if ema_start == "1ep":  # not started: validation measured the training weights, and the checkpoint holds them
+        assert TRAINING_KEY not in first["callbacks"][whole_ema.state_key]
+        for name, value in whole_steps.steps[6].items():
+            assert torch.equal(first["state_dict"][name].double(), value), name
+    else:
+        assert TRAINING_KEY in first["callbacks"][whole_ema.state_key]
+    for index, path in enumerate([*paths[:2], Path(best.best_model_path)]):
+        module, ema, *_ = save_best_run(tmp_path / f"resumed{index}", ema_start, ckpt_path=path)
+        for name, value in whole_module.state_dict().items():
+            assert torch.equal(module.state_dict()[name], value), (path.name, name)
+        for name, value in whole_ema.ema.state_dict()["weights"].items():
+            assert torch.equal(ema.ema.state_dict()["weights"][name], value), (path.name, name)
+        assert ema.ema.num_updates == whole_ema.ema.num_updates
+
+
+def test_save_best_training_keeps_the_training_weights(tmp_path):
+    _, ema, steps, _, best = save_best_run(tmp_path, save_best="training")
+    checkpoint = torch.load(best.best_model_path, weights_only=False)
+    assert "training_state_dict" not in checkpoint["callbacks"][ema.state_key]
+    for name, value in steps.steps[checkpoint["global_step"]].items():
+        assert torch.equal(checkpoint["state_dict"][name].double(), value), name
+
+
+def test_save_best_average_is_refused_under_a_sharding_strategy():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False)
+    with pytest.raises(ValueError, match=r"save_best='average'\) is not supported under ModelParallelStrategy"):
+        EMACallback(smoothing=SMOOTHING, save_best="average").setup(trainer, TinyModule(), "fit")
+    EMACallback(smoothing=SMOOTHING).setup(trainer, TinyModule(), "fit")  # the default is fine
+
+
+def test_save_best_average_during_validation_saves_the_average_and_the_training_weights(tmp_path):
+    from emakit.integrations.lightning_best import TRAINING_KEY
+
+    recorder, saver = StepRecorder(), SaveDuringValidation(tmp_path / "v.ckpt")
+    ema = EMACallback(smoothing=SMOOTHING, save_best="average")
+    trainer = make_trainer(tmp_path, [recorder, saver, ema], max_epochs=1, enable_checkpointing=False)
+    trainer.fit(TinyModule(), loader(1), loader(2))  # the saver runs while the average is swapped in
+    checkpoint = torch.load(tmp_path / "v.ckpt", weights_only=False)
+    average = weights64(ema.ema_model)
+    for name, value in recorder.steps[6].items():
+        assert torch.equal(checkpoint["state_dict"][name].double(), average[name]), name
+        assert torch.equal(checkpoint["callbacks"][ema.state_key][TRAINING_KEY][name].double(), value), name
+    assert not ema.ema.swapped
