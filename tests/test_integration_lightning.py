@@ -479,6 +479,24 @@ def test_the_state_key_of_existing_configurations_is_unchanged():
     assert EMACallback(half_life="0.1dur").state_key == "EMACallback{'smoothing': '0.1dur', 'update_interval': '1ba'}"
 
 
+def test_callbacks_of_uniform_windowed_and_scheduled_averages_keep_their_states_apart():
+    """Without an exponential smoothing of their own, these share ``smoothing=None``: their averages' labels tell them
+    apart, so two of them in one Trainer resume each its own state."""
+    from emakit.schedules import cosine
+
+    callbacks = [
+        EMACallback(average="uniform"),
+        EMACallback(window="100ba"),
+        EMACallback(window="200ba"),
+        EMACallback(schedule=cosine(start=0.9, end=1.0)),
+        EMACallback(smoothing=SMOOTHING, window="100ba", average=["exponential", "window"]),
+        EMACallback(smoothing=SMOOTHING),
+    ]
+    keys = [callback.state_key for callback in callbacks]
+    assert len(set(keys)) == len(keys), keys
+    assert keys[1] == "EMACallback{'smoothing': None, 'update_interval': '1ba', 'averages': 'window@100ba'}"
+
+
 # ------------------------------------------------------------- should_update
 @pytest.mark.parametrize(
     ("rule", "chosen"),

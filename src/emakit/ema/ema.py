@@ -330,7 +330,7 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, Dep
                 "leave ema_weights(...) or call get_training_model(model) first"
             )
         count = self.batches_seen + 1
-        updated = self.update_at(model, count, self._start_reached(count, epoch))
+        updated = self.update_at(model, count, self.start_reached(count, epoch))
         self.batches_seen = count  # counted only once the update event went through
         return updated
 

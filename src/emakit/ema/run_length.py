@@ -17,7 +17,7 @@ __all__ = ["EMARunLength"]
 
 
 class EMARunLength:
-    """:class:`~emakit.EMA`'s clock: :meth:`_start_reached` and :meth:`set_run_length`."""
+    """:class:`~emakit.EMA`'s clock: :meth:`start_reached` and :meth:`set_run_length`."""
 
     ema_start: Time
     update_interval: Time
@@ -29,8 +29,10 @@ class EMARunLength:
     _run_batches: float | None
     _set_smoothings: Callable[[tuple[float, ...]], None]
 
-    def _start_reached(self, batch: int, epoch: int | None) -> bool:
-        """Whether ``ema_start`` is reached at optimizer step ``batch`` (counted from 1) of epoch ``epoch``."""
+    def start_reached(self, batch: int, epoch: int | None) -> bool:
+        """Whether ``ema_start`` is reached at optimizer step ``batch`` (counted from 1) of epoch ``epoch``: for loops
+        that keep their own clock and call :meth:`~emakit.EMA.update_at` (the Lightning callback's ``should_update``
+        and epoch updates)."""
         start = self.ema_start
         if start.value == 0:
             return True

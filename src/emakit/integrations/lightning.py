@@ -161,6 +161,9 @@ class EMACallback(pl.Callback):
         of_run = half_life is not None and half_life.unit is TimeUnit.DURATION  # its smoothing comes at fit start
         rate = str(half_life) if of_run else self.ema.smoothing
         key: dict[str, Any] = {"smoothing": rate, "update_interval": str(self.ema.update_interval)}
+        kinds = self.ema.averages.kinds
+        if rate is None or kinds != ("exponential",) * len(kinds):  # schedules, uniform and windowed averages
+            key["averages"] = ",".join(self.ema.labels)  # only then: exponential averages keep their keys
         if self.should_update is not None:  # only then: the key of every other configuration stays as it was
             key["should_update"] = getattr(self.should_update, "__qualname__", type(self.should_update).__name__)
         return self._generate_state_key(**key)  # save_best and end_with stay out: the state is the same
@@ -231,7 +234,7 @@ class EMACallback(pl.Callback):
             return
         count = ema.batches_seen + 1  # the EMA's count of optimizer steps, as ema.update keeps it
         if self.should_update(trainer.global_step, epoch):
-            ema.update_at(pl_module, count, ema._start_reached(count, epoch))  # update_interval is 1ba: due
+            ema.update_at(pl_module, count, ema.start_reached(count, epoch))  # update_interval is 1ba: due
         ema.batches_seen = count
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,7 +245,7 @@ class EMACallback(pl.Callback):
             return
         self._last_epoch = epoch
         done = epoch + 1
-        self.ema.update_at(pl_module, done, self.ema._start_reached(trainer.global_step, done))
+        self.ema.update_at(pl_module, done, self.ema.start_reached(trainer.global_step, done))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``end_with="average"``, copy the average into the module for good (``EMA.copy_to``).
