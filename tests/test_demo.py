@@ -98,8 +98,23 @@ def test_cli_has_the_demo_command(capsys: pytest.CaptureFixture) -> None:
     assert "--half-life" in capsys.readouterr().out
 
 
+# How far the default run's numbers move with the CPU's kernels and thread count (seen: AVX2 and AVX-512 machines,
+# 1 and 2 threads): the noisy SGD baseline's by up to 0.01 in accuracy and 0.015 in its std, the average's by 0.006.
+README_TOLERANCE = {"without EMA": (0.02, 0.02, 0.03), "with EMA": (0.01, 0.01, 0.002)}
+
+
+def _table_rows(text: str) -> dict[str, list[float]]:
+    return {
+        run: [float(value) for value in line[len(run) :].split()]
+        for line in text.splitlines()
+        for run in RUNS
+        if line.startswith(run + " ")
+    }
+
+
 def test_the_readme_shows_what_emakit_demo_prints(tmp_path) -> None:
-    """The README's demo table is the default run's output, row for row (a stale table failed nothing before)."""
+    """The README's demo table is the default run's output, row for row, to within what another CPU's rounding moves
+    it (a stale table failed nothing before; the exact digits differ between CPUs and thread counts)."""
     from pathlib import Path
 
     parser = argparse.ArgumentParser()
@@ -108,6 +123,8 @@ def test_the_readme_shows_what_emakit_demo_prints(tmp_path) -> None:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert demo.run(args) == 0
-    rows = [line for line in printed.getvalue().splitlines() if line.startswith(RUNS)]
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert len(rows) == 2 and all(row in readme.splitlines() for row in rows), rows
+    ran, shown = _table_rows(printed.getvalue()), _table_rows(readme)
+    assert set(ran) == set(shown) == set(RUNS), (ran, shown)
+    for run, tolerances in README_TOLERANCE.items():
+        assert all(abs(a - b) <= t for a, b, t in zip(ran[run], shown[run], tolerances)), (run, ran, shown)
