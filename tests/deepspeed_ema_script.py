@@ -27,12 +27,12 @@ weights: the EMA follows them, then the fp32 masters the engine makes), then upd
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import sys
 from pathlib import Path
 
+import collectives
 import deepspeed
 import deepspeed.comm
 import safetensors.torch
@@ -46,12 +46,6 @@ from emakit import EMA
 SMOOTHING = 2 ** (-1 / 4)  # a half-life of 4 updates
 STEPS = 6
 RESUME_AT = 3  # the state saved after this many updates resumes into a second EMA
-COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_coalesced", "reduce_scatter_tensor",
-    "reduce_scatter", "reduce_scatter_fn", "broadcast", "gather", "scatter", "reduce", "barrier", "send", "recv",
-    "isend", "irecv", "all_to_all_single", "all_to_all", "all_gather_object", "broadcast_object_list",
-    "_all_gather_base", "_reduce_scatter_base", "all_reduce_coalesced", "inference_all_reduce", "allgather_fn",
-)  # fmt: skip
 
 
 def make_model() -> nn.Module:
@@ -94,27 +88,9 @@ def train_step(engine: deepspeed.DeepSpeedEngine, step: int, dtype: torch.dtype)
     engine.step()
 
 
-@contextlib.contextmanager
-def counting_collectives():
+def counting_collectives() -> contextlib.AbstractContextManager[list[str]]:
     """Every call of a ``torch.distributed`` or ``deepspeed.comm`` collective inside the block, by name."""
-    calls: list[str] = []
-
-    def counted(name: str, function, *args, **kwargs):
-        calls.append(name)
-        return function(*args, **kwargs)
-
-    patched = []
-    for module in (dist, deepspeed.comm):
-        for name in COLLECTIVES:
-            function = getattr(module, name, None)
-            if callable(function):
-                patched.append((module, name, function))
-                setattr(module, name, functools.partial(counted, f"{module.__name__}.{name}", function))
-    try:
-        yield calls
-    finally:
-        for module, name, function in patched:
-            setattr(module, name, function)
+    return collectives.counting_collectives(deepspeed.comm)
 
 
 def followed_weights(engine: deepspeed.DeepSpeedEngine, stage: int) -> dict[str, torch.Tensor]:

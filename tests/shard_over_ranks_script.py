@@ -30,8 +30,6 @@ Every rank prints ``rank R: ok`` at the end.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import io
 import os
 import sys
@@ -41,6 +39,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from collectives import counting_collectives
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -50,12 +49,6 @@ SMOOTHING = 2 ** (-1 / 4)  # a half-life of 4 updates
 SECOND = 2 ** (-1 / 2)
 STEPS = 6
 RESUME_AT = 3
-COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter", "broadcast",
-    "gather", "scatter", "reduce", "barrier", "send", "recv", "isend", "irecv", "all_to_all_single", "all_to_all",
-    "all_gather_object", "broadcast_object_list", "gather_object", "_all_gather_base", "batch_isend_irecv",
-    "all_gather_single",
-)  # fmt: skip
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -76,25 +69,6 @@ def train_step(ddp: nn.Module, optimizer: torch.optim.Optimizer, step: int, dtyp
     ddp(batch(step, dtype)).float().pow(2).mean().backward()
     optimizer.step()
     optimizer.zero_grad()
-
-
-@contextlib.contextmanager
-def counting_collectives():
-    """Every call of a ``torch.distributed`` collective inside the block, by name."""
-    calls: list[str] = []
-
-    def counted(name: str, function, *args, **kwargs):
-        calls.append(name)
-        return function(*args, **kwargs)
-
-    patched = [(name, getattr(dist, name)) for name in COLLECTIVES if callable(getattr(dist, name, None))]
-    for name, function in patched:
-        setattr(dist, name, functools.partial(counted, name, function))
-    try:
-        yield calls
-    finally:
-        for name, function in patched:
-            setattr(dist, name, function)
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
