@@ -111,6 +111,8 @@ def main() -> None:
         print(f"step {trainer.global_step}: validation with the EMA swapped in: loss {swapped:.6f}")
         print(f"plain module with the exported EMA weights: loss {loss:.6f}")
         print(f"EMA bytes on rank 0: {ema.ema.shadow.nbytes} ({ema.ema.num_updates} updates)")
+    trainer.strategy.barrier()
+    torch.distributed.destroy_process_group()  # ended before exit: gloo's threads can abort a process at teardown
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def main() -> None:
         f"{out}/rank{rank}.pt",
     )
     dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def main() -> None:
         assert torch.equal(final["weights"][name], value), f"rank {rank}: resumed slice of {name} differs"
     print(f"rank {rank}: ok", flush=True)
     dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
