@@ -397,6 +397,29 @@ def test_ddp_on_two_processes_keeps_the_averages_identical(tmp_path):
     assert_close_to(ranks[0]["average"], closed_form(ranks[0]["steps"]))
 
 
+def test_save_best_average_under_ddp_saves_the_average_and_resumes_every_rank_bit_for_bit(tmp_path):
+    """Two processes, ``strategy="ddp"``: the first epoch's checkpoint holds the average where the module's weights go
+    and the training weights in the callback's state; resumed from it, both ranks end with the training weights and
+    average of the uninterrupted run."""
+    from emakit.integrations.lightning_best import TRAINING_KEY
+
+    result = torchrun(DDP_SCRIPT, str(tmp_path), "save_best", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"save_best-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    checkpoint = torch.load(tmp_path / "whole" / ranks[0]["first"], weights_only=False)
+    saved = checkpoint["callbacks"][ranks[0]["state_key"]]
+    average = saved["ema"]["weights"]
+    assert set(average) == set(checkpoint["state_dict"]) == set(saved[TRAINING_KEY])
+    for name, value in average.items():
+        assert torch.equal(checkpoint["state_dict"][name], value), name
+    assert not torch.equal(saved[TRAINING_KEY]["net.0.weight"], average["net.0.weight"])
+    for rank in ranks:
+        for what in ("training", "average"):
+            for name, value in ranks[0][f"whole_{what}"].items():
+                assert torch.equal(rank[f"whole_{what}"][name], value), (what, name)  # the ranks agree
+                assert torch.equal(rank[f"resumed_{what}"][name], value), (what, name)  # resumed = uninterrupted
+
+
 def test_the_docs_example_runs(tmp_path, monkeypatch):
     text = (Path(__file__).parents[1] / "docs" / "integrations" / "lightning.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
