@@ -5,7 +5,9 @@ Usage: python -m torch.distributed.run --nproc_per_node 2 posthoc_fsdp_script.py
 ``snapshots``: a model sharded by hand with ``fully_shard`` (float64, uneven shards, a BatchNorm's plain buffers
 beside the sharded parameters) trains 12 steps; a PostHocEMA updates every 2 steps and writes snapshots every 4
 into ``OUT_DIR/snapshots``. Rank 0 writes ``OUT_DIR/records.pt``: the full (gathered) weights after every step,
-the model's state_dict keys, and whether the averages were held as DTensor shards.
+the model's state_dict keys, and whether the averages were held as shards (DTensors). ``snapshots-fsdp1-flat`` and
+``snapshots-fsdp1-orig``: the same model wrapped in torch's FSDP1 per Linear (``use_orig_params`` False: the averages
+are of FlatParameter shards; True: of its 1-D views); sharded means each rank holds at most 60% of the averages.
 
 ``trainer``: the Trainer with ``parallelism="fsdp"`` runs 3 epochs uninterrupted (snapshots in ``OUT_DIR/whole``),
 then 1 epoch with a (DCP) checkpoint and a run resumed from it to 3 epochs (snapshots in ``OUT_DIR/resumed``).
@@ -42,9 +44,10 @@ def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: _full(value) for key, value in unwrap(model).state_dict().items()}
 
 
-def snapshots(out: Path) -> None:
+def snapshots(out: Path, engine: str = "fsdp2") -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -52,10 +55,17 @@ def snapshots(out: Path) -> None:
     torch.manual_seed(0)
     # 32 rows split 16/16, 5 rows 3/2; the BatchNorm's running statistics stay plain tensors (rank 0's are saved)
     model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 5)).double()
-    for layer in model:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if engine == "fsdp2":
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    else:  # FSDP1, one unit per Linear (FlatParameters padded to an even split), the BatchNorm in the root's
+        model = FullyShardedDataParallel(
+            model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), device_id=torch.device("cpu"),
+            use_orig_params=engine == "fsdp1-orig",
+        )  # fmt: skip
     phema = PostHocEMA(
         sigma_rels=(0.05, 0.10), snapshot_interval="4ba", update_interval="2ba", folder=out / "snapshots"
     )
@@ -71,9 +81,14 @@ def snapshots(out: Path) -> None:
         history[step] = _full_state(model)  # collective
         phema.update(model)  # collective when a snapshot is due
     averages = phema.shadows[0].state_dict()
-    sharded = all(isinstance(averages[phema.shadows[0].state_dict_keys[k]], DTensor) for k in ("0.weight", "3.bias"))
+    if engine == "fsdp2":
+        sharded = all(
+            isinstance(averages[phema.shadows[0].state_dict_keys[k]], DTensor) for k in ("0.weight", "3.bias")
+        )
+    else:
+        sharded = 0 < phema.shadows[0].nbytes <= 0.6 * full_bytes + 32 * 8 * 2  # + the BatchNorm's buffers, whole
+    keys = list(model.state_dict())  # every rank: FSDP1's state_dict gathers (a collective)
     if rank == 0:
-        keys = list(model.state_dict())
         torch.save({"history": history, "keys": keys, "sharded": sharded}, out / "records.pt")
     print(f"rank {rank}: ok", flush=True)
     dist.barrier()
@@ -131,7 +146,10 @@ def trainer(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"snapshots": snapshots, "trainer": trainer}[sys.argv[1]](Path(sys.argv[2]))
+    if sys.argv[1].startswith("snapshots-"):
+        snapshots(Path(sys.argv[2]), engine=sys.argv[1].removeprefix("snapshots-"))
+    else:
+        {"snapshots": snapshots, "trainer": trainer}[sys.argv[1]](Path(sys.argv[2]))
     # DTensor's caches keep the device meshes, and with them the gloo group, alive past destroy_process_group; a
     # gloo thread that still releases a finished collective's tensors aborts a finalizing interpreter. Everything
     # is written: leave without finalizing (as tests/sharded_ema_script.py does).

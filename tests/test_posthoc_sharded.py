@@ -1,4 +1,5 @@
-"""PostHocEMA of an FSDP2-sharded model, 2 processes on CPU (gloo): full snapshots, against the float64 closed form.
+"""PostHocEMA of an FSDP2- or FSDP1-sharded model, 2 processes on CPU (gloo): full snapshots, against the float64
+closed form.
 
 The runs are tests/posthoc_fsdp_script.py; the expected averages come from tests/posthoc_reference.py (EDM2's
 formulas written out without emakit).
@@ -34,9 +35,15 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_is_the_power_ema(weights: dict, history: dict, times: list[int], sigma_rel: float, rtol: float) -> None:
+def _keys(weights: dict, ordered: bool) -> list[str]:
+    return list(weights) if ordered else sorted(weights)
+
+
+def _assert_is_the_power_ema(
+    weights: dict, history: dict, times: list[int], sigma_rel: float, rtol: float, ordered: bool = True
+) -> None:
     expected = power_ema(history, times, gamma_of(sigma_rel))
-    assert list(weights) == list(expected), "a snapshot holds the model's state_dict keys, in order"
+    assert _keys(weights, ordered) == _keys(expected, ordered), "a snapshot holds the model's state_dict keys"
     for key, value in expected.items():
         assert type(weights[key]) is torch.Tensor, f"{key}: a {type(weights[key]).__name__}, not a plain tensor"
         assert weights[key].shape == value.shape, f"{key}: {tuple(weights[key].shape)}, not the full shape"
@@ -46,10 +53,14 @@ def _assert_is_the_power_ema(weights: dict, history: dict, times: list[int], sig
             assert torch.equal(weights[key], value), key
 
 
-def test_fsdp2_snapshots_hold_the_full_power_function_ema_and_synthesize(tmp_path):
-    _launch("snapshots", tmp_path)
+@pytest.mark.parametrize("mode", ["snapshots", "snapshots-fsdp1-flat", "snapshots-fsdp1-orig"])
+def test_fsdp_snapshots_hold_the_full_power_function_ema_and_synthesize(tmp_path, mode):
+    """FSDP2 (DTensor shards), and torch's FSDP1 with ``use_orig_params`` False (the averages of FlatParameter
+    shards stand for several tensors) and True."""
+    _launch(mode, tmp_path)
+    ordered = mode == "snapshots"  # under FSDP1 a snapshot lists the parameters first, then the buffers
     records = _load(tmp_path / "records.pt")
-    assert records["sharded"], "the averages must be DTensor shards for this test to mean anything"
+    assert records["sharded"], "the averages must be held in shards for this test to mean anything"
     history = records["history"]
     folder = tmp_path / "snapshots"
     found = snapshots_in(folder)
@@ -59,14 +70,15 @@ def test_fsdp2_snapshots_hold_the_full_power_function_ema_and_synthesize(tmp_pat
     for t, sigma_rel, path in found:
         snapshot = _load(path)
         assert (snapshot["t"], snapshot["sigma_rel"]) == (t, sigma_rel)
-        assert list(snapshot["weights"]) == records["keys"]
-        _assert_is_the_power_ema(snapshot["weights"], history, list(range(2, t + 1, 2)), sigma_rel, rtol=1e-12)
+        assert _keys(snapshot["weights"], ordered) == _keys(records["keys"], ordered)
+        times = list(range(2, t + 1, 2))
+        _assert_is_the_power_ema(snapshot["weights"], history, times, sigma_rel, rtol=1e-12, ordered=ordered)
         expected.append(power_ema(history, list(range(2, t + 1, 2)), gamma_of(sigma_rel)))
     # the synthesized EMA is EDM2's least-squares mix of those snapshots
     x = snapshot_mix([t for t, _, _ in found], [gamma_of(s) for _, s, _ in found], at=12, gamma=gamma_of(0.08))
     reference = mixed(expected, x)
     weights = synthesize(folder, sigma_rel=0.08)
-    assert list(weights) == records["keys"]
+    assert _keys(weights, ordered) == _keys(records["keys"], ordered)
     for key, value in reference.items():
         if value.is_floating_point():
             torch.testing.assert_close(weights[key], value, rtol=1e-9, atol=1e-9, msg=key)

@@ -125,7 +125,10 @@ class PostHocEMA(DeprecatedAlgorithmMethods):
         for shadow, sigma_rel in zip(self.shadows, self.sigma_rels):
             average = shadow.state_dict()
             keys = dict(shadow.state_dict_keys)
-            missing = sorted({name for name in keys.values() if name not in average})
+            # laid out for a model, every name is exported (an FSDP1 FlatParameter's average stands for several);
+            # loaded from a state and not laid out since, only the names the state holds
+            laid_out = shadow.attached_model() is not None
+            missing = [] if laid_out else sorted({name for name in keys.values() if name not in average})
             if not average or not keys or missing:
                 what = f"misses {missing[:5]}" if missing else "has no weights"
                 raise RuntimeError(
