@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 
@@ -172,6 +173,15 @@ def test_uniform_and_window_averages_split_across_ranks_under_fsdp2_and_shard_ov
     result = torchrun(Path(__file__).parent / "averages_script.py", timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count(": fsdp2 ok") == 2 and result.stdout.count(": shard_over_ranks ok") == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_uniform_and_window_averages_of_zero3_partitions(deepspeed_cpu):
+    """DeepSpeed ZeRO-3 on 2 CPU processes: each rank averages its fp32 master partitions, the window's blocks too;
+    see ``averages_zero_script.py`` for what each step checks."""
+    result = torchrun(Path(__file__).parent / "averages_zero_script.py", timeout=240, **deepspeed_cpu)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count(": ok") == 2, result.stdout[-3000:]
 
 
 def test_lightning_and_hugging_face_keep_uniform_and_window_averages(tmp_path):

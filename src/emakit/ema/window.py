@@ -61,6 +61,8 @@ class Window:
         """Average ``model``'s weights into the block being filled; complete it when full."""
         block = self.filling if self.completed else self.visible  # the first block fills the visible average
         assert block is not None  # made when the first block completed
+        if self.visible.attached_model() is None:  # loaded from a state: laid out now, as what an update writes is
+            self.visible.attach(model)  # (ZeRO-3 partitions, FSDP1 shards and slices export only once laid out)
         if self.in_block == 0:
             block.copy_from_model(model)
         else:
