@@ -5,7 +5,7 @@
 
 Both train on the same batches as a plain model (FSDP2: each rank its half of the batch, the same gradients up to
 rounding), and every average, gathered, must equal its float64 definition over the weights of the update steps;
-a state saved mid-block and loaded by fresh EMAs must continue bit for bit.
+a state saved at a block boundary or mid-block and loaded by fresh EMAs must continue and export.
 """
 
 import sys
@@ -22,7 +22,7 @@ from closed_form import uniform_mean, window_mean
 
 from emakit import EMA
 
-STEPS, RESUME_AT = 13, 7  # 7: mid-block (blocks of 2 updates)
+STEPS, RESUME_AT = 13, (6, 9)  # after 6 updates: a block boundary (blocks of 2); after 9: mid-block
 
 
 def make_model() -> nn.Module:
@@ -61,7 +61,7 @@ def run(sharded: bool, rank: int, world: int) -> None:
     plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.2)
     ema, history = make_ema(shard_over_ranks=not sharded), []
     for index in range(STEPS):
-        if index == RESUME_AT:
+        if index in RESUME_AT:
             state = ema.state_dict()  # this rank's shards or slice
             ema = make_ema(shard_over_ranks=not sharded)
             ema.load_state_dict(state)
