@@ -12,6 +12,7 @@ the plain module. Prints ``CASE rank R: ok`` once every check of the case passed
   the uninterrupted run (every rank's shards); ``save_ema_weights`` writes on rank 0 a file that loads into the
   plain module and equals the closed form; ``validate(ckpt_path=folder)`` with a fresh callback validates the
   saved average.
+- ``end_with``: ``EMACallback(end_with="average")``: the sharded module holds the closed form after ``fit``.
 - ``file`` (the model built in ``configure_model``; ``save_distributed_checkpoint=False``: one file of full tensors
   from rank 0): resuming from it ends bit for bit as the uninterrupted run; and a callback whose average started
   in a DDP fit (whole tensors) carries on, shard by shard, in a ModelParallelStrategy fit of the same module: the
@@ -305,9 +306,20 @@ def case_file(out: Path, rank: int) -> None:
     assert_equal(local_shards(resumed), local_shards(whole), f"rank {rank}'s resumed EMA shards")
 
 
+def case_end_with(out: Path, rank: int) -> None:
+    """``end_with="average"``: after ``fit`` the sharded module holds the average, shard by shard."""
+    recorder, ema, module = StepRecorder(), EMACallback(smoothing=SMOOTHING, end_with="average"), ShardedModule()
+    trainer = run(out / "end_with", [recorder, ema], module, enable_checkpointing=False)
+    assert trainer.global_step == 8 == len(recorder.steps) == ema.ema.num_updates
+    assert not ema.ema.swapped
+    ended = full_weights(module)  # collective
+    assert_close(ended, closed_form(recorder.steps), "the module after fit")
+    assert not torch.equal(ended["net.0.weight"], recorder.steps[-1]["net.0.weight"]), "still the training weights"
+
+
 def main(out: str, case: str) -> None:
     torch.set_num_threads(1)
-    cases = {"folder": case_folder, "file": case_file}
+    cases = {"folder": case_folder, "file": case_file, "end_with": case_end_with}
     os.makedirs(out, exist_ok=True)
     if not dist.is_initialized():
         dist.init_process_group("gloo")

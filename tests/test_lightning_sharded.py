@@ -43,6 +43,11 @@ def test_model_parallel_fsdp2_average_eval_training_resume_export_and_bytes(tmp_
     run_script(tmp_path, "folder")
 
 
+def test_model_parallel_module_ends_with_the_average(tmp_path):
+    """``EMACallback(end_with="average")`` under FSDP2: each rank's shards of the module become the average's."""
+    run_script(tmp_path, "end_with")
+
+
 def test_model_parallel_one_file_checkpoint_and_an_average_carried_over_from_ddp(tmp_path):
     """The model built in ``configure_model``; ``save_distributed_checkpoint=False``; an average started under DDP."""
     run_script(tmp_path, "file")
