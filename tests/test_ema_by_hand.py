@@ -115,6 +115,21 @@ def test_update_interval_updates_only_when_the_batch_count_is_a_multiple():
     assert returned == [step % 3 == 0 for step in range(1, 21)]
 
 
+def test_a_batch_counted_without_an_update_is_skipped_by_the_average():
+    """``update(model, due=False)``: the batch counts (for ``ema_start``), the average does not move."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema, reference = EMA(smoothing=0.8, ema_start="2ba"), ClosedForm(0.8)
+    chosen = {2, 3, 5, 8}
+    for step, batch in enumerate(make_batches(9), start=1):
+        train_step(model, optimizer, batch)
+        if step in chosen:
+            reference.update(weights64(model))
+        assert ema.update(model, due=step in chosen) == (step in chosen)
+    assert ema.batches_seen == 9 and ema.num_updates == len(chosen)
+    assert_close_to(ema.ema_model.state_dict(), reference.ema)
+
+
 @pytest.mark.parametrize(("interval", "first"), [("1ba", 5), ("3ba", 6), ("5ba", 5)])
 def test_ema_start_initialises_at_the_first_due_batch_at_or_after_it(interval, first):
     model = make_model()

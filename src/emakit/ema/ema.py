@@ -306,13 +306,15 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, Dep
         self.last_scheduled = (step, tuple(used))
         return used
 
-    def update(self, model: nn.Module, *, epoch: int | None = None) -> bool:
+    def update(self, model: nn.Module, *, epoch: int | None = None, due: bool = True) -> bool:
         """Count one batch (one optimizer step) of ``model``; update the average when one is due.
 
         Returns whether the average was updated. For loops without an emakit Trainer, where
         ``update_interval`` counts batches. ``epoch`` (the current epoch, from 0) is needed only
         when ``ema_start`` is in epochs: the average starts at the first due batch of that epoch.
-        ``ema_start`` in ``dur`` needs the run's length (:meth:`set_run_length`).
+        ``ema_start`` in ``dur`` needs the run's length (:meth:`set_run_length`). ``due=False`` counts the
+        batch without an update: for loops that choose their update steps themselves (the Lightning callback's
+        ``should_update``), where each chosen step is one update (``update_interval`` ``"1ba"``).
 
         Example::
 
@@ -330,7 +332,7 @@ class EMA(EMASwaps, EMAExports, EMAState, EMAOnStep, EMARunLength, EMANames, Dep
                 "leave ema_weights(...) or call get_training_model(model) first"
             )
         count = self.batches_seen + 1
-        updated = self.update_at(model, count, self.start_reached(count, epoch))
+        updated = due and self.update_at(model, count, self.start_reached(count, epoch))
         self.batches_seen = count  # counted only once the update event went through
         return updated
 

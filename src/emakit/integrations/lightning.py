@@ -228,14 +228,9 @@ class EMACallback(pl.Callback):
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One optimizer step: an update event when due (every step by default; where ``should_update`` says)."""
-        ema, epoch = self.ema, trainer.current_epoch  # the epoch, for ema_start in 'ep'
-        if self.should_update is None:
-            ema.update(pl_module, epoch=epoch)
-            return
-        count = ema.batches_seen + 1  # the EMA's count of optimizer steps, as ema.update keeps it
-        if self.should_update(trainer.global_step, epoch):
-            ema.update_at(pl_module, count, ema.start_reached(count, epoch))  # update_interval is 1ba: due
-        ema.batches_seen = count
+        epoch = trainer.current_epoch  # for ema_start in 'ep'
+        due = self.should_update is None or bool(self.should_update(trainer.global_step, epoch))
+        self.ema.update(pl_module, epoch=epoch, due=due)  # update_interval is 1ba with should_update
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Epoch ``trainer.current_epoch`` ended (once each): update event number ``current_epoch + 1``, due when a
